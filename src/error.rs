@@ -1,0 +1,103 @@
+//! The one error type of the library.
+//!
+//! Every fallible function in distq returns [`Result<T>`](Result). The variants are the
+//! situations a caller may want to tell apart: a queue that was empty or full (ordinary
+//! flow control, mirroring Python's `queue.Empty` / `queue.Full`), a deadline that passed,
+//! a wrong authkey, a peer that broke the protocol, an I/O failure, or an exception raised
+//! on the remote side.
+
+use std::fmt;
+use std::io;
+
+/// A `Result` whose error defaults to distq's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in distq.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The queue had no item before the timeout (Python's `queue.Empty`).
+    Empty,
+    /// The bounded queue had no free slot before the timeout (Python's `queue.Full`).
+    Full,
+    /// A network deadline passed: connecting, the handshake, or waiting for a reply.
+    Timeout(&'static str),
+    /// The peer's authkey differs from ours (one side sent or received `#FAILURE#`).
+    AuthFailed(String),
+    /// The peer sent bytes that do not follow Python's wire protocol.
+    Protocol(String),
+    /// A frame announced a length above the configured maximum; nothing was allocated.
+    FrameTooLarge {
+        /// The length the peer announced.
+        len: u64,
+        /// The maximum this side accepts.
+        max: usize,
+    },
+    /// The remote side raised an exception (`#ERROR`) other than `Empty`/`Full`.
+    Remote {
+        /// Dotted class name as pickled, e.g. `builtins.KeyError`.
+        class: String,
+        /// The exception's arguments rendered as text.
+        message: String,
+    },
+    /// The remote side reported a fault as text (`#TRACEBACK` or `#UNSERIALIZABLE`).
+    Traceback(String),
+    /// The peer closed the connection.
+    Closed,
+    /// A value cannot be represented (e.g. a pickle nesting deeper than the limit).
+    Value(String),
+    /// An operating-system I/O error, with what distq was doing at the time.
+    Io {
+        /// What distq was doing, e.g. `connecting to 10.0.0.5:5000`.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with a short description of what was being attempted.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn protocol(msg: impl Into<String>) -> Error {
+        Error::Protocol(msg.into())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Empty => write!(f, "queue is empty"),
+            Error::Full => write!(f, "queue is full"),
+            Error::Timeout(what) => write!(f, "timed out while {what}"),
+            Error::AuthFailed(why) => write!(
+                f,
+                "authentication failed: {why} (check that both sides use the same authkey)"
+            ),
+            Error::Protocol(msg) => write!(f, "protocol error: {msg}"),
+            Error::FrameTooLarge { len, max } => write!(
+                f,
+                "frame of {len} bytes exceeds the limit of {max} bytes (raise --max-frame if this is expected)"
+            ),
+            Error::Remote { class, message } => write!(f, "remote exception {class}: {message}"),
+            Error::Traceback(text) => write!(f, "remote error: {}", text.trim_end()),
+            Error::Closed => write!(f, "connection closed by peer"),
+            Error::Value(msg) => write!(f, "unsupported value: {msg}"),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
