@@ -1,4 +1,6 @@
+pub mod auth;
 pub mod error;
+pub mod frame;
 pub mod pickle;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Python's length-prefixed frames.
