@@ -1,0 +1,377 @@
+//! The blocking client: a [`Manager`] for one server and [`QueueProxy`] handles on its
+//! queues.
+//!
+//! The client follows the exact connection sequence of Python's `BaseManager` clients,
+//! so it works against `distq-server` and against a real Python manager alike:
+//! every public function (`dummy`, `create`, `decref`, `shutdown`) is a one-shot
+//! connection with its own handshake, and method calls go over a long-lived channel
+//! opened with `accept_connection`. Each [`QueueProxy`] owns its channel, so a thread
+//! blocked in `get` on one queue never holds up a `put` on another.
+//!
+//! Reference counting matters against a Python server: it forgets an object when its
+//! count reaches zero. A proxy keeps the reference `create` gave it and returns it with
+//! one `decref` when dropped, never more.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::auth::AuthKey;
+use crate::conn::{Connection, Role};
+use crate::frame::DEFAULT_MAX_FRAME;
+use crate::protocol::{Reply, Request};
+use crate::{Error, Result, Value};
+
+/// Deadlines and limits of a client. Start from [`ClientConfig::default`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// How long establishing the TCP connection may take.
+    pub connect_timeout: Duration,
+    /// How long the authentication handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long to wait for a reply, on top of any time the call itself may block
+    /// (a `get` with a 10 s timeout waits up to 10 s + this).
+    pub call_timeout: Duration,
+    /// The largest reply frame accepted.
+    pub max_frame: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(30),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// A client of one manager server (distq's or Python's).
+///
+/// Cheap to clone; clones share the address, key and settings.
+///
+/// # Example
+/// ```no_run
+/// use distq::{AuthKey, Manager};
+/// use std::time::Duration;
+///
+/// let manager = Manager::connect("127.0.0.1:5000", AuthKey::new("abc"))?;
+/// let tasks = manager.queue("get_task_queue")?;
+/// let results = manager.queue("get_result_queue")?;
+/// loop {
+///     match tasks.get(Duration::from_secs(1)) {
+///         Ok(task) => results.put(format!("done: {task}"))?,
+///         Err(distq::Error::Empty) => break,
+///         Err(e) => return Err(e),
+///     }
+/// }
+/// # Ok::<(), distq::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    addrs: Vec<SocketAddr>,
+    authkey: AuthKey,
+    config: ClientConfig,
+    /// After `shutdown` the server is gone: proxies skip their final decref, as Python's do.
+    shut_down: AtomicBool,
+}
+
+impl Manager {
+    /// Connects to a server with default settings and checks the authkey (Python's
+    /// `BaseManager.connect()`, which calls `dummy`).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the server cannot be reached, [`Error::AuthFailed`] for a wrong
+    /// key, [`Error::Timeout`] if it does not answer in time.
+    pub fn connect(addr: impl ToSocketAddrs, authkey: AuthKey) -> Result<Manager> {
+        Manager::connect_with(addr, authkey, ClientConfig::default())
+    }
+
+    /// [`Manager::connect`] with explicit settings.
+    pub fn connect_with(
+        addr: impl ToSocketAddrs,
+        authkey: AuthKey,
+        config: ClientConfig,
+    ) -> Result<Manager> {
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|e| Error::io("resolving the server address", e))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(Error::io(
+                "resolving the server address",
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no address found"),
+            ));
+        }
+        let manager = Manager {
+            inner: Arc::new(Inner {
+                addrs,
+                authkey,
+                config,
+                shut_down: AtomicBool::new(false),
+            }),
+        };
+        manager.call_public("dummy", vec![])?;
+        Ok(manager)
+    }
+
+    /// The server's address (the first one the name resolved to).
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addrs[0]
+    }
+
+    /// Opens and authenticates a new connection.
+    fn open(&self) -> Result<Connection> {
+        let cfg = &self.inner.config;
+        let mut last = None;
+        for addr in &self.inner.addrs {
+            match TcpStream::connect_timeout(addr, cfg.connect_timeout) {
+                Ok(stream) => {
+                    return Connection::handshake(
+                        stream,
+                        Role::Client,
+                        &self.inner.authkey,
+                        cfg.max_frame,
+                        cfg.handshake_timeout,
+                    )
+                }
+                Err(e) => last = Some((addr, e)),
+            }
+        }
+        let (addr, e) = last.expect("addrs is never empty");
+        let hint = match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => " (is the server running on that port?)",
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Timeout("connecting to the server"))
+            }
+            _ => "",
+        };
+        Err(Error::io(format!("cannot connect to {addr}{hint}"), e))
+    }
+
+    /// Calls a public function on a fresh one-shot connection, as Python's `dispatch` does.
+    pub fn call_public(&self, method: &str, args: Vec<Value>) -> Result<Value> {
+        let mut conn = self.open()?;
+        conn.set_read_timeout(Some(self.inner.config.call_timeout))?;
+        conn.set_write_timeout(Some(self.inner.config.call_timeout))?;
+        conn.write_value(&Request::new(None, method, args).to_value())?;
+        Reply::from_value(&conn.read_value()?)?.into_result()
+    }
+
+    /// A handle on the queue the server registers under `typeid` (e.g. `get_task_queue`).
+    ///
+    /// # Errors
+    /// [`Error::Traceback`] if the server does not know the typeid.
+    pub fn queue(&self, typeid: &str) -> Result<QueueProxy> {
+        let reply = self.call_public("create", vec![Value::str(typeid)])?;
+        let ident = match reply.as_tuple() {
+            Some([Value::Str(ident), _exposed]) => ident.to_string(),
+            _ => {
+                return Err(Error::protocol(
+                    "create must return (ident, exposed); is this a manager server?",
+                ))
+            }
+        };
+        Ok(QueueProxy {
+            manager: self.clone(),
+            typeid: typeid.to_string(),
+            ident,
+            channel: Mutex::new(None),
+        })
+    }
+
+    /// Asks the server to stop (only the owner should). Proxies of this manager will not
+    /// send their final `decref`, since the server is gone.
+    pub fn shutdown(&self) -> Result<()> {
+        self.call_public("shutdown", vec![])?;
+        self.inner.shut_down.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The number of objects clients hold references to (`number_of_objects()`).
+    pub fn number_of_objects(&self) -> Result<i64> {
+        self.call_public("number_of_objects", vec![])?
+            .as_int()
+            .ok_or_else(|| Error::protocol("number_of_objects did not return an int"))
+    }
+}
+
+/// A handle on one remote queue; Python's `AutoProxy` for a `queue.Queue`.
+///
+/// Thread-safe: concurrent calls on one proxy take turns on its channel (the protocol has
+/// no request ids). Use one proxy per thread for concurrent blocking calls.
+#[derive(Debug)]
+pub struct QueueProxy {
+    manager: Manager,
+    typeid: String,
+    ident: String,
+    channel: Mutex<Option<Connection>>,
+}
+
+impl QueueProxy {
+    /// The typeid this proxy was created from.
+    pub fn typeid(&self) -> &str {
+        &self.typeid
+    }
+
+    /// The server's ident for the queue.
+    pub fn ident(&self) -> &str {
+        &self.ident
+    }
+
+    /// Calls `method` on the queue over this proxy's channel. `blocks_for` is how long
+    /// the server may legitimately take (a `get` timeout); `None` means no limit.
+    pub fn call(
+        &self,
+        method: &str,
+        args: Vec<Value>,
+        kwargs: Vec<(String, Value)>,
+        blocks_for: Option<Duration>,
+    ) -> Result<Value> {
+        let mut guard = self
+            .channel
+            .lock()
+            .map_err(|_| Error::Value("a proxy lock was poisoned by a panicking thread".into()))?;
+        if guard.is_none() {
+            *guard = Some(self.open_channel()?);
+        }
+        let conn = guard.as_mut().expect("channel was just opened");
+        let call_timeout = self.manager.inner.config.call_timeout;
+        let request = Request {
+            ident: Some(self.ident.clone()),
+            method: method.to_string(),
+            args,
+            kwargs,
+        };
+        let result = conn
+            .set_read_timeout(blocks_for.map(|b| b + call_timeout))
+            .and_then(|()| conn.write_value(&request.to_value()))
+            .and_then(|()| conn.read_value())
+            .and_then(|v| Reply::from_value(&v));
+        match result {
+            Ok(reply) => reply.into_result(),
+            Err(e) => {
+                // The channel may be out of step (a late reply could still arrive): drop it
+                // and open a fresh one on the next call.
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn open_channel(&self) -> Result<Connection> {
+        let mut conn = self.manager.open()?;
+        let timeout = self.manager.inner.config.call_timeout;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        let name = format!("distq-{}", std::process::id());
+        conn.write_value(&Request::new(None, "accept_connection", vec![Value::str(&name)]).to_value())?;
+        Reply::from_value(&conn.read_value()?)?.into_result()?;
+        Ok(conn)
+    }
+
+    /// Appends an item, waiting as long as it takes for room in a bounded queue.
+    pub fn put(&self, item: impl Into<Value>) -> Result<()> {
+        self.call("put", vec![item.into()], vec![], None).map(drop)
+    }
+
+    /// Appends an item, waiting at most `timeout` for room.
+    ///
+    /// # Errors
+    /// [`Error::Full`] if the queue stayed full.
+    pub fn put_timeout(&self, item: impl Into<Value>, timeout: Duration) -> Result<()> {
+        let kwargs = vec![("timeout".to_string(), Value::Float(timeout.as_secs_f64()))];
+        self.call("put", vec![item.into()], kwargs, Some(timeout))
+            .map(drop)
+    }
+
+    /// Appends an item if there is room right now.
+    ///
+    /// # Errors
+    /// [`Error::Full`] if the queue is full.
+    pub fn put_nowait(&self, item: impl Into<Value>) -> Result<()> {
+        self.call("put_nowait", vec![item.into()], vec![], Some(Duration::ZERO))
+            .map(drop)
+    }
+
+    /// Takes the oldest item, waiting at most `timeout` (Python's `get(timeout=...)`).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if nothing arrived in time.
+    pub fn get(&self, timeout: Duration) -> Result<Value> {
+        let kwargs = vec![("timeout".to_string(), Value::Float(timeout.as_secs_f64()))];
+        self.call("get", vec![], kwargs, Some(timeout))
+    }
+
+    /// Takes the oldest item, waiting as long as it takes (Python's `get()`).
+    pub fn get_blocking(&self) -> Result<Value> {
+        self.call("get", vec![], vec![], None)
+    }
+
+    /// Takes the oldest item if there is one.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if the queue is empty.
+    pub fn get_nowait(&self) -> Result<Value> {
+        self.call("get_nowait", vec![], vec![], Some(Duration::ZERO))
+    }
+
+    /// The number of waiting items (`qsize()`).
+    pub fn qsize(&self) -> Result<usize> {
+        let n = self.call("qsize", vec![], vec![], Some(Duration::ZERO))?;
+        n.as_int()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| Error::protocol("qsize did not return a non-negative int"))
+    }
+
+    /// Whether no item is waiting (`empty()`).
+    pub fn empty(&self) -> Result<bool> {
+        self.bool_call("empty")
+    }
+
+    /// Whether a bounded queue has no room (`full()`).
+    pub fn full(&self) -> Result<bool> {
+        self.bool_call("full")
+    }
+
+    fn bool_call(&self, method: &str) -> Result<bool> {
+        match self.call(method, vec![], vec![], Some(Duration::ZERO))? {
+            Value::Bool(b) => Ok(b),
+            other => Err(Error::protocol(format!("{method} returned {other}, not a bool"))),
+        }
+    }
+
+    /// Marks one fetched item as processed (`task_done()`).
+    pub fn task_done(&self) -> Result<()> {
+        self.call("task_done", vec![], vec![], Some(Duration::ZERO))
+            .map(drop)
+    }
+
+    /// Waits until every item put has been marked done (`join()`).
+    pub fn join(&self) -> Result<()> {
+        self.call("join", vec![], vec![], None).map(drop)
+    }
+}
+
+impl Drop for QueueProxy {
+    /// Returns the reference `create` gave this proxy. Errors are ignored, as in Python:
+    /// the server may already be gone.
+    fn drop(&mut self) {
+        if let Ok(mut channel) = self.channel.lock() {
+            channel.take();
+        }
+        if !self.manager.inner.shut_down.load(Ordering::SeqCst) {
+            let _ = self
+                .manager
+                .call_public("decref", vec![Value::str(&self.ident)]);
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The manager protocol: what each request *means*. Turns a [`Request`] into a [`Reply`]
+//! using the [`QueueMap`]; no sockets here, so every rule is testable without a network.
+//!
+//! Two kinds of call exist, as in Python's `multiprocessing.managers.Server`:
+//! public functions (`ident` is `None`: `create`, `incref`, `accept_connection`, ...) on
+//! one-shot connections, and methods on a queue (`get`, `put`, ...) on a method channel
+//! opened by `accept_connection`. Python semantics are kept to the letter where a client
+//! could observe them: argument binding (`block`/`timeout` positional or keyword), the
+//! `ValueError` for a negative timeout, and which faults are `#ERROR` (an exception the
+//! method raised, re-raised by the client) versus `#TRACEBACK` (a fault around the call).
+
+use std::time::Duration;
+
+use crate::protocol::{exceptions, Reply, Request};
+use crate::queues::{Queue, QueueMap, Wait};
+use crate::{Error, Value};
+
+/// The methods of a queue proxy, in the order Python 3.8–3.12 list them for `queue.Queue`.
+pub const QUEUE_METHODS: &[&str] = &[
+    "empty",
+    "full",
+    "get",
+    "get_nowait",
+    "join",
+    "put",
+    "put_nowait",
+    "qsize",
+    "task_done",
+];
+
+/// What the connection loop must do after a public function.
+#[derive(Debug, PartialEq)]
+pub enum Public {
+    /// Send this reply and close the connection (a one-shot call).
+    Reply(Reply),
+    /// Send `#RETURN None` and keep serving method calls on this connection.
+    AcceptConnection,
+    /// Send `#RETURN None` (twice, as Python does) and stop the whole server.
+    Shutdown,
+}
+
+/// Handles a request whose `ident` is `None`.
+pub fn public(map: &QueueMap, req: &Request) -> Public {
+    let reply = match req.method.as_str() {
+        "dummy" => Reply::Return(Value::None),
+        "accept_connection" => return Public::AcceptConnection,
+        "shutdown" => return Public::Shutdown,
+        "create" => create(map, req),
+        "incref" | "decref" => match req.args.first().and_then(Value::as_str) {
+            Some(ident) => {
+                let done = if req.method == "incref" {
+                    map.incref(ident)
+                } else {
+                    map.decref(ident)
+                };
+                match done {
+                    Ok(()) => Reply::Return(Value::None),
+                    Err(_) => Reply::traceback("KeyError", &format!("{ident:?}")),
+                }
+            }
+            None => Reply::traceback(
+                "TypeError",
+                &format!("{}() takes one str argument (an ident)", req.method),
+            ),
+        },
+        "get_methods" => Reply::Return(exposed()),
+        "debug_info" => match map.debug_info() {
+            Ok(text) => Reply::Return(Value::str(&text)),
+            Err(e) => Reply::traceback("RuntimeError", &e.to_string()),
+        },
+        "number_of_objects" => match map.number_of_objects() {
+            Ok(n) => Reply::Return(Value::Int(n as i64)),
+            Err(e) => Reply::traceback("RuntimeError", &e.to_string()),
+        },
+        other => Reply::traceback("AssertionError", &format!("{other:?} unrecognized")),
+    };
+    Public::Reply(reply)
+}
+
+fn exposed() -> Value {
+    Value::tuple(QUEUE_METHODS.iter().map(|m| Value::str(m)).collect())
+}
+
+/// `create(typeid)`: every typeid names a shared queue, created unbounded on first use,
+/// which is what the classic `register('get_task_queue', callable=lambda: q)` scripts mean.
+fn create(map: &QueueMap, req: &Request) -> Reply {
+    let Some(typeid) = req.args.first().and_then(Value::as_str) else {
+        return Reply::traceback("TypeError", "create() needs a typeid (str) argument");
+    };
+    match map.create(typeid) {
+        Ok(q) => Reply::Return(Value::tuple(vec![Value::str(q.ident()), exposed()])),
+        Err(e) => Reply::traceback("RuntimeError", &e.to_string()),
+    }
+}
+
+/// Handles a method call on the object `req.ident` (a method-channel request).
+pub fn method(map: &QueueMap, req: &Request) -> Reply {
+    let Some(ident) = req.ident.as_deref() else {
+        return Reply::traceback("TypeError", "method call without an ident");
+    };
+    let Some(queue) = map.by_ident(ident) else {
+        return Reply::traceback("KeyError", &format!("{ident:?}"));
+    };
+    match req.method.as_str() {
+        // Python's fallbacks for every proxied object.
+        "__str__" | "__repr__" => {
+            let len = queue.len().unwrap_or(0);
+            Reply::Return(Value::str(&format!(
+                "<distq queue {:?} with {len} items>",
+                queue.name()
+            )))
+        }
+        "#GETVALUE" => Reply::Unserializable(
+            "TypeError: a distq queue cannot be pickled; call its methods instead\n".into(),
+        ),
+        name if QUEUE_METHODS.contains(&name) => match call(&queue, req) {
+            Ok(v) => Reply::Return(v),
+            Err(exc) => Reply::Error(exc),
+        },
+        other => Reply::traceback(
+            "AttributeError",
+            &format!(
+                "method {other:?} of queue {:?} is not in exposed={:?}",
+                queue.name(),
+                QUEUE_METHODS
+            ),
+        ),
+    }
+}
+
+/// Calls a queue method; `Err` holds the exception instance for an `#ERROR` reply.
+fn call(queue: &Queue, req: &Request) -> Result<Value, Value> {
+    let mut args = Args::new(req);
+    let result = match req.method.as_str() {
+        "put" => {
+            let item = args.required(0, "item")?;
+            let wait = args.wait(1)?;
+            args.finish()?;
+            queue.put(item, wait)
+        }
+        "put_nowait" => {
+            let item = args.required(0, "item")?;
+            args.finish()?;
+            queue.put(item, Wait::No)
+        }
+        "get" => {
+            let wait = args.wait(0)?;
+            args.finish()?;
+            return queue.get(wait).map_err(to_exception);
+        }
+        "get_nowait" => {
+            args.finish()?;
+            return queue.get(Wait::No).map_err(to_exception);
+        }
+        "qsize" => {
+            args.finish()?;
+            return queue.len().map(|n| Value::Int(n as i64)).map_err(to_exception);
+        }
+        "empty" => {
+            args.finish()?;
+            return queue.is_empty().map(Value::Bool).map_err(to_exception);
+        }
+        "full" => {
+            args.finish()?;
+            return queue.is_full().map(Value::Bool).map_err(to_exception);
+        }
+        "task_done" => {
+            args.finish()?;
+            queue.task_done()
+        }
+        "join" => {
+            args.finish()?;
+            queue.join(Wait::Forever)
+        }
+        other => {
+            return Err(exceptions::builtin(
+                "AttributeError",
+                &format!("queue has no method {other:?}"),
+            ))
+        }
+    };
+    result.map(|()| Value::None).map_err(to_exception)
+}
+
+fn to_exception(e: Error) -> Value {
+    match e {
+        Error::Empty => exceptions::empty(),
+        Error::Full => exceptions::full(),
+        Error::Value(msg) => exceptions::builtin("ValueError", &msg),
+        Error::Closed => exceptions::builtin("EOFError", "the distq server is shutting down"),
+        other => exceptions::builtin("RuntimeError", &other.to_string()),
+    }
+}
+
+/// Python-style argument binding for `f(item, block=True, timeout=None)`-shaped methods:
+/// each parameter may come by position or by keyword, never both, and nothing may be left
+/// over. Violations are `TypeError`, as Python would raise inside the method.
+struct Args<'a> {
+    req: &'a Request,
+    used_pos: usize,
+    used_kw: usize,
+}
+
+impl<'a> Args<'a> {
+    fn new(req: &'a Request) -> Args<'a> {
+        Args {
+            req,
+            used_pos: 0,
+            used_kw: 0,
+        }
+    }
+
+    fn type_error(&self, msg: String) -> Value {
+        exceptions::builtin("TypeError", &format!("{}() {msg}", self.req.method))
+    }
+
+    fn optional(&mut self, pos: usize, name: &str) -> Result<Option<Value>, Value> {
+        let by_pos = self.req.args.get(pos).cloned();
+        let by_kw = self
+            .req
+            .kwargs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone());
+        if by_pos.is_some() {
+            self.used_pos = self.used_pos.max(pos + 1);
+        }
+        if by_kw.is_some() {
+            self.used_kw += 1;
+        }
+        match (by_pos, by_kw) {
+            (Some(_), Some(_)) => Err(self.type_error(format!("got multiple values for argument {name:?}"))),
+            (v, None) | (None, v) => Ok(v),
+        }
+    }
+
+    fn required(&mut self, pos: usize, name: &str) -> Result<Value, Value> {
+        self.optional(pos, name)?
+            .ok_or_else(|| self.type_error(format!("missing required argument {name:?}")))
+    }
+
+    /// Binds `block` at `pos` and `timeout` at `pos + 1` the way `queue.Queue` reads them.
+    fn wait(&mut self, pos: usize) -> Result<Wait, Value> {
+        let block = self.optional(pos, "block")?.map_or(true, |b| truthy(&b));
+        let timeout = self.optional(pos + 1, "timeout")?;
+        if !block {
+            return Ok(Wait::No);
+        }
+        let secs = match timeout {
+            None | Some(Value::None) => return Ok(Wait::Forever),
+            Some(Value::Int(n)) => n as f64,
+            Some(Value::Float(x)) => x,
+            Some(Value::Bool(b)) => f64::from(u8::from(b)),
+            Some(Value::BigInt(_)) => return Ok(Wait::Forever),
+            Some(other) => {
+                return Err(self.type_error(format!("timeout must be a number, not {other}")))
+            }
+        };
+        if secs.is_nan() || secs < 0.0 {
+            return Err(exceptions::builtin(
+                "ValueError",
+                "'timeout' must be a non-negative number",
+            ));
+        }
+        // Infinite or absurdly long timeouts do not fit a Duration: they mean "forever".
+        Ok(Duration::try_from_secs_f64(secs).map_or(Wait::Forever, Wait::For))
+    }
+
+    fn finish(&self) -> Result<(), Value> {
+        if self.req.args.len() > self.used_pos {
+            return Err(self.type_error(format!(
+                "takes at most {} positional arguments ({} given)",
+                self.used_pos,
+                self.req.args.len()
+            )));
+        }
+        if self.req.kwargs.len() > self.used_kw {
+            return Err(self.type_error("got an unexpected keyword argument".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Python truthiness for the values a `block` flag can plausibly be.
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::None => false,
+        Value::Bool(b) => *b,
+        Value::Int(n) => *n != 0,
+        Value::Float(x) => *x != 0.0,
+        Value::Str(s) => !s.is_empty(),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ident: &str, method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>) -> Request {
+        Request {
+            ident: Some(ident.into()),
+            method: method.into(),
+            args,
+            kwargs: kwargs.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+        }
+    }
+
+    fn setup() -> (QueueMap, String) {
+        let map = QueueMap::new();
+        let Public::Reply(Reply::Return(v)) =
+            public(&map, &Request::new(None, "create", vec![Value::str("q")]))
+        else {
+            panic!("create failed")
+        };
+        let ident = v.as_tuple().unwrap()[0].as_str().unwrap().to_string();
+        (map, ident)
+    }
+
+    #[test]
+    fn put_and_get_with_keyword_and_positional_arguments() {
+        let (map, id) = setup();
+        let put = method(&map, &req(&id, "put", vec![Value::from(5)], vec![]));
+        assert_eq!(put, Reply::Return(Value::None));
+        let put = method(&map, &req(&id, "put", vec![], vec![("item", Value::from(6)), ("block", Value::Bool(false))]));
+        assert_eq!(put, Reply::Return(Value::None));
+        let get = method(&map, &req(&id, "get", vec![], vec![("timeout", Value::from(1))]));
+        assert_eq!(get, Reply::Return(Value::from(5)));
+        let get = method(&map, &req(&id, "get", vec![Value::Bool(true), Value::Float(0.5)], vec![]));
+        assert_eq!(get, Reply::Return(Value::from(6)));
+        let get = method(&map, &req(&id, "get", vec![Value::Bool(false)], vec![]));
+        assert_eq!(get, Reply::Error(exceptions::empty()));
+        assert_eq!(method(&map, &req(&id, "qsize", vec![], vec![])), Reply::Return(Value::Int(0)));
+    }
+
+    #[test]
+    fn negative_timeout_is_value_error() {
+        let (map, id) = setup();
+        let r = method(&map, &req(&id, "get", vec![], vec![("timeout", Value::Float(-1.0))]));
+        assert_eq!(
+            r,
+            Reply::Error(exceptions::builtin("ValueError", "'timeout' must be a non-negative number"))
+        );
+    }
+
+    #[test]
+    fn binding_errors_are_type_errors() {
+        let (map, id) = setup();
+        for r in [
+            req(&id, "put", vec![], vec![]),
+            req(&id, "get", vec![], vec![("bogus", Value::None)]),
+            req(&id, "qsize", vec![Value::None], vec![]),
+            req(&id, "get", vec![Value::Bool(false)], vec![("block", Value::Bool(false))]),
+        ] {
+            match method(&map, &r) {
+                Reply::Error(e) => assert_eq!(e.class_name(), Some(("builtins", "TypeError")), "{r:?}"),
+                other => panic!("{r:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_ident_method_and_function_are_tracebacks() {
+        let (map, id) = setup();
+        assert!(matches!(method(&map, &req("nope", "get", vec![], vec![])), Reply::Traceback(_)));
+        assert!(matches!(method(&map, &req(&id, "bogus", vec![], vec![])), Reply::Traceback(_)));
+        assert!(matches!(
+            public(&map, &Request::new(None, "bogus", vec![])),
+            Public::Reply(Reply::Traceback(_))
+        ));
+        assert!(matches!(
+            public(&map, &Request::new(None, "decref", vec![Value::from(1)])),
+            Public::Reply(Reply::Traceback(_))
+        ));
+    }
+
+    #[test]
+    fn create_returns_the_same_ident_and_counts_references() {
+        let (map, id) = setup();
+        let Public::Reply(Reply::Return(v)) =
+            public(&map, &Request::new(None, "create", vec![Value::str("q")]))
+        else {
+            panic!()
+        };
+        assert_eq!(v.as_tuple().unwrap()[0].as_str(), Some(id.as_str()));
+        assert_eq!(
+            public(&map, &Request::new(None, "number_of_objects", vec![])),
+            Public::Reply(Reply::Return(Value::Int(1)))
+        );
+    }
+}

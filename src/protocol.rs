@@ -1,0 +1,278 @@
+//! Manager messages: requests and replies as Rust types, and their pickled form.
+//!
+//! After the handshake every frame carries one pickle. A request is the 4-tuple
+//! `(ident, methodname, args, kwds)`; a reply is the 2-tuple `(kind, result)` where kind
+//! is one of the strings in [`Reply`]. Strictly one request then one reply: there are no
+//! request ids, so a connection can never have two calls in flight.
+//!
+//! # Format
+//! ```text
+//! request  (None, 'create', ('get_task_queue',), {})
+//!          ('d15700000000', 'get', (), {'timeout': 1})
+//! reply    ('#RETURN', value) | ('#ERROR', exception) | ('#TRACEBACK', str)
+//!          | ('#UNSERIALIZABLE', str) | ('#PROXY', (exposed, token))
+//! ```
+
+use crate::frame;
+use crate::pickle::{self, Value};
+use crate::{Error, Result};
+
+/// One call: a public function (`ident` is `None`) or a method on an object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The object the method is called on; `None` for the manager's public functions.
+    pub ident: Option<String>,
+    /// The function or method name.
+    pub method: String,
+    /// Positional arguments.
+    pub args: Vec<Value>,
+    /// Keyword arguments, in the order sent.
+    pub kwargs: Vec<(String, Value)>,
+}
+
+impl Request {
+    /// A request with no keyword arguments.
+    pub fn new(ident: Option<&str>, method: &str, args: Vec<Value>) -> Request {
+        Request {
+            ident: ident.map(str::to_string),
+            method: method.to_string(),
+            args,
+            kwargs: Vec::new(),
+        }
+    }
+
+    /// Builds a request from a decoded pickle, checking its shape.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] naming what was wrong, for anything but
+    /// `(None|str, str, tuple, dict[str, ...])`.
+    pub fn from_value(v: &Value) -> Result<Request> {
+        let parts = v
+            .as_tuple()
+            .filter(|t| t.len() == 4)
+            .ok_or_else(|| Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)"))?;
+        let ident = match &parts[0] {
+            Value::None => None,
+            Value::Str(s) => Some(s.to_string()),
+            _ => return Err(Error::protocol("request ident must be None or a str")),
+        };
+        let method = parts[1]
+            .as_str()
+            .ok_or_else(|| Error::protocol("request method name must be a str"))?
+            .to_string();
+        let args = match &parts[2] {
+            Value::Tuple(t) => t.to_vec(),
+            _ => return Err(Error::protocol("request args must be a tuple")),
+        };
+        let kwargs = match &parts[3] {
+            Value::Dict(d) => d
+                .iter()
+                .map(|(k, v)| match k {
+                    Value::Str(k) => Ok((k.to_string(), v.clone())),
+                    _ => Err(Error::protocol("keyword argument names must be str")),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            _ => return Err(Error::protocol("request kwds must be a dict")),
+        };
+        Ok(Request {
+            ident,
+            method,
+            args,
+            kwargs,
+        })
+    }
+
+    /// The request as the 4-tuple Python expects.
+    pub fn to_value(&self) -> Value {
+        Value::tuple(vec![
+            self.ident.as_deref().map_or(Value::None, Value::str),
+            Value::str(&self.method),
+            Value::tuple(self.args.clone()),
+            Value::dict(
+                self.kwargs
+                    .iter()
+                    .map(|(k, v)| (Value::str(k), v.clone()))
+                    .collect(),
+            ),
+        ])
+    }
+}
+
+/// A reply, by kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// `#RETURN`: the call succeeded with this value.
+    Return(Value),
+    /// `#ERROR`: the method raised this exception instance (a Python client re-raises it).
+    Error(Value),
+    /// `#TRACEBACK`: a fault outside the method (unknown ident, bad request), as text.
+    Traceback(String),
+    /// `#UNSERIALIZABLE`: the result could not be pickled, as text.
+    Unserializable(String),
+    /// `#PROXY`: `(exposed, token)` for a method that returns a new shared object.
+    Proxy(Value),
+}
+
+impl Reply {
+    /// A `#TRACEBACK` reply shaped like Python's `format_exc()` output, so that a Python
+    /// client's `RemoteError` prints something familiar.
+    pub fn traceback(exc_type: &str, msg: &str) -> Reply {
+        Reply::Traceback(format!(
+            "Traceback (most recent call last):\n  File \"distq\", in server\n{exc_type}: {msg}\n"
+        ))
+    }
+
+    /// The reply as the 2-tuple Python expects.
+    pub fn to_value(&self) -> Value {
+        let (kind, result) = match self {
+            Reply::Return(v) => ("#RETURN", v.clone()),
+            Reply::Error(v) => ("#ERROR", v.clone()),
+            Reply::Traceback(s) => ("#TRACEBACK", Value::str(s)),
+            Reply::Unserializable(s) => ("#UNSERIALIZABLE", Value::str(s)),
+            Reply::Proxy(v) => ("#PROXY", v.clone()),
+        };
+        Value::tuple(vec![Value::str(kind), result])
+    }
+
+    /// Reads a reply from a decoded pickle.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] for anything but a `(kind, result)` pair with a known kind.
+    pub fn from_value(v: &Value) -> Result<Reply> {
+        let (kind, result) = match v.as_tuple() {
+            Some([Value::Str(kind), result]) => (kind, result),
+            _ => return Err(Error::protocol("a reply must be a 2-tuple (kind, result)")),
+        };
+        let text = || match result {
+            Value::Str(s) => Ok(s.to_string()),
+            _ => Err(Error::protocol(format!("{kind} reply must carry a str"))),
+        };
+        Ok(match &**kind {
+            "#RETURN" => Reply::Return(result.clone()),
+            "#ERROR" => Reply::Error(result.clone()),
+            "#TRACEBACK" => Reply::Traceback(text()?),
+            "#UNSERIALIZABLE" => Reply::Unserializable(text()?),
+            "#PROXY" => Reply::Proxy(result.clone()),
+            other => return Err(Error::protocol(format!("unknown reply kind {other:?}"))),
+        })
+    }
+
+    /// Turns the reply into the caller's result: `#RETURN` is `Ok`, everything else an
+    /// [`Error`] a caller can match (`Empty`, `Full`, `Remote`, `Traceback`).
+    pub fn into_result(self) -> Result<Value> {
+        match self {
+            Reply::Return(v) => Ok(v),
+            Reply::Error(exc) => Err(exception_to_error(&exc)),
+            Reply::Traceback(text) => Err(Error::Traceback(text)),
+            Reply::Unserializable(text) => {
+                Err(Error::Traceback(format!("unserializable message: {text}")))
+            }
+            Reply::Proxy(_) => Err(Error::protocol(
+                "unexpected #PROXY reply (distq clients do not build proxies)",
+            )),
+        }
+    }
+}
+
+/// Maps a pickled exception instance to an [`Error`]. Both `_queue.Empty` (what CPython
+/// sends) and `queue.Empty` (what distq sends) mean [`Error::Empty`].
+pub fn exception_to_error(exc: &Value) -> Error {
+    match exc.class_name() {
+        Some(("_queue" | "queue", "Empty")) => Error::Empty,
+        Some(("queue", "Full")) => Error::Full,
+        Some((module, name)) => {
+            let message = match exc {
+                Value::Object(o) => match o.args.as_tuple() {
+                    Some([Value::Str(s)]) => s.to_string(),
+                    Some(args) => Value::tuple(args.to_vec()).to_string(),
+                    None => o.args.to_string(),
+                },
+                _ => String::new(),
+            };
+            Error::Remote {
+                class: format!("{module}.{name}"),
+                message,
+            }
+        }
+        None => Error::Remote {
+            class: "unknown".into(),
+            message: exc.to_string(),
+        },
+    }
+}
+
+/// The exception instances a server sends in `#ERROR` replies. Class names are the
+/// importable ones (`queue.Empty`, not the C module's `_queue.Empty`) so they resolve on
+/// every Python that has a `queue` module.
+pub mod exceptions {
+    use crate::Value;
+
+    /// `queue.Empty()`: `except queue.Empty:` catches it in a Python client.
+    pub fn empty() -> Value {
+        Value::exception("queue", "Empty", vec![])
+    }
+
+    /// `queue.Full()`.
+    pub fn full() -> Value {
+        Value::exception("queue", "Full", vec![])
+    }
+
+    /// `builtins.<name>(msg)`, e.g. `ValueError`, `TypeError`, `KeyError`.
+    pub fn builtin(name: &str, msg: &str) -> Value {
+        Value::exception("builtins", name, vec![Value::str(msg)])
+    }
+}
+
+/// Encodes `value` as a pickle into `buf`, leaving room for the frame header in front so
+/// the frame goes out in one write (see [`frame::finish_and_write`]).
+pub fn encode_frame(value: &Value, buf: &mut Vec<u8>) -> Result<()> {
+    buf.clear();
+    buf.resize(frame::HEADER_RESERVE, 0);
+    pickle::encode_into(value, buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip() {
+        let mut r = Request::new(Some("abc"), "get", vec![]);
+        r.kwargs.push(("timeout".into(), Value::from(1)));
+        assert_eq!(Request::from_value(&r.to_value()).unwrap(), r);
+    }
+
+    #[test]
+    fn malformed_requests_are_protocol_errors() {
+        for v in [
+            Value::None,
+            Value::tuple(vec![Value::None, Value::str("x"), Value::tuple(vec![])]),
+            Value::tuple(vec![Value::from(1), Value::str("x"), Value::tuple(vec![]), Value::dict(vec![])]),
+            Value::tuple(vec![Value::None, Value::str("x"), Value::list(vec![]), Value::dict(vec![])]),
+            Value::tuple(vec![
+                Value::None,
+                Value::str("x"),
+                Value::tuple(vec![]),
+                Value::dict(vec![(Value::from(1), Value::None)]),
+            ]),
+        ] {
+            assert!(matches!(Request::from_value(&v), Err(Error::Protocol(_))), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn replies_map_to_errors() {
+        let empty_from_cpython = Value::exception("_queue", "Empty", vec![]);
+        assert!(matches!(Reply::Error(empty_from_cpython).into_result(), Err(Error::Empty)));
+        assert!(matches!(Reply::Error(exceptions::full()).into_result(), Err(Error::Full)));
+        match Reply::Error(exceptions::builtin("KeyError", "missing")).into_result() {
+            Err(Error::Remote { class, message }) => {
+                assert_eq!(class, "builtins.KeyError");
+                assert_eq!(message, "missing");
+            }
+            other => panic!("{other:?}"),
+        }
+        let tb = Reply::traceback("KeyError", "'x'");
+        assert_eq!(Reply::from_value(&tb.to_value()).unwrap(), tb);
+    }
+}

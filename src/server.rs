@@ -1,0 +1,406 @@
+//! The server loop: a `TcpListener`, one thread per connection, and shutdown.
+//!
+//! Each accepted socket gets its own thread, which authenticates the peer (with a
+//! deadline), reads one request and either answers it and closes (a one-shot public
+//! function such as `create`), or, for `accept_connection`, keeps serving method calls
+//! until the peer hangs up. This is Python's `managers.Server` design; it keeps a blocked
+//! `get` on one connection from delaying anyone else, at the price of one thread per
+//! connection (cheap at the scale of a task queue: threads mostly sleep in `read` or on
+//! a queue's condition variable).
+//!
+//! Shutdown follows "join your threads": set a flag, wake every waiter on every queue,
+//! shut every live socket down, wake the blocking `accept` by connecting to ourselves,
+//! then join every connection thread before [`Server::run`] returns.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::auth::AuthKey;
+use crate::conn::{Connection, Role};
+use crate::dispatch::{self, Public};
+use crate::frame::DEFAULT_MAX_FRAME;
+use crate::log::log_at;
+use crate::protocol::{Reply, Request};
+use crate::queues::QueueMap;
+use crate::{Error, Result, Value};
+
+/// Settings of a [`Server`]. Start from [`ServerConfig::new`] and adjust fields.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// The shared secret every client must prove it knows.
+    pub authkey: AuthKey,
+    /// The largest request frame accepted after authentication (Python has no limit).
+    pub max_frame: usize,
+    /// How long a new connection may take to authenticate.
+    pub handshake_timeout: Duration,
+    /// How long sending a reply may block on a client that does not read.
+    pub write_timeout: Duration,
+    /// The most connections served at once; more are closed right after `accept`.
+    pub max_connections: usize,
+}
+
+impl ServerConfig {
+    /// Defaults: 64 MiB frames, a 10 s handshake deadline, a 30 s write timeout and
+    /// 1024 connections.
+    pub fn new(authkey: AuthKey) -> ServerConfig {
+        ServerConfig {
+            authkey,
+            max_frame: DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// A queue server bound to a TCP address.
+///
+/// # Example
+/// ```
+/// use distq::{AuthKey, Manager, Server, ServerConfig, Value};
+/// use std::time::Duration;
+///
+/// let server = Server::bind("127.0.0.1:0", ServerConfig::new(AuthKey::new("abc")))?;
+/// let addr = server.local_addr();
+/// let running = server.spawn()?;
+///
+/// let manager = Manager::connect(addr, AuthKey::new("abc"))?;
+/// let tasks = manager.queue("get_task_queue")?;
+/// tasks.put(Value::from(3))?;
+/// assert_eq!(tasks.get(Duration::from_secs(1))?, Value::from(3));
+///
+/// running.shutdown()?;
+/// # Ok::<(), distq::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: ServerConfig,
+    queues: QueueMap,
+    local_addr: SocketAddr,
+    stopping: AtomicBool,
+    next_conn: AtomicU64,
+    /// A second handle on every live socket, so shutdown can unblock their threads.
+    live: Mutex<HashMap<u64, TcpStream>>,
+}
+
+/// A cheap, cloneable handle that can stop a running server and reach its queues.
+#[derive(Clone, Debug)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+/// A server running on a background thread (see [`Server::spawn`]).
+#[derive(Debug)]
+pub struct RunningServer {
+    handle: ServerHandle,
+    thread: JoinHandle<Result<()>>,
+}
+
+impl Server {
+    /// Binds `addr` (e.g. `"0.0.0.0:5000"`, or port 0 for any free port).
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the address, e.g. when it is already in use.
+    pub fn bind(addr: impl ToSocketAddrs + std::fmt::Debug, config: ServerConfig) -> Result<Server> {
+        let listener = TcpListener::bind(&addr).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => " (another server is using this port; pick another with --bind)",
+                std::io::ErrorKind::AddrNotAvailable => " (this machine has no such address)",
+                std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+                _ => "",
+            };
+            Error::io(format!("cannot listen on {addr:?}{hint}"), e)
+        })?;
+        Server::from_listener(listener, config)
+    }
+
+    /// Serves on an already-bound listener.
+    pub fn from_listener(listener: TcpListener, config: ServerConfig) -> Result<Server> {
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the listener's address", e))?;
+        Ok(Server {
+            listener,
+            shared: Arc::new(Shared {
+                config,
+                queues: QueueMap::new(),
+                local_addr,
+                stopping: AtomicBool::new(false),
+                next_conn: AtomicU64::new(0),
+                live: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// The server's queues, e.g. to declare bounded ones before clients arrive.
+    pub fn queues(&self) -> &QueueMap {
+        &self.shared.queues
+    }
+
+    /// A handle that can shut the server down from another thread.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Runs [`Server::run`] on a background thread.
+    pub fn spawn(self) -> Result<RunningServer> {
+        let handle = self.handle();
+        let thread = thread::Builder::new()
+            .name("distq-accept".into())
+            .spawn(move || self.run())
+            .map_err(|e| Error::io("starting the server thread", e))?;
+        Ok(RunningServer { handle, thread })
+    }
+
+    /// Accepts and serves connections until a client calls `shutdown` or
+    /// [`ServerHandle::shutdown`] is called; then joins every connection thread.
+    pub fn run(self) -> Result<()> {
+        log_at!(Info, "listening on {}", self.shared.local_addr);
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for incoming in self.listener.incoming() {
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let stream = match incoming {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    log_at!(Warn, "accept failed: {e}");
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            threads.retain(|t| !t.is_finished());
+            if threads.len() >= self.shared.config.max_connections {
+                log_at!(
+                    Warn,
+                    "{}: refused, already serving {} connections (the limit)",
+                    peer_name(&stream),
+                    threads.len()
+                );
+                continue;
+            }
+            let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+            if let Ok(clone) = stream.try_clone() {
+                if let Ok(mut live) = self.shared.live.lock() {
+                    live.insert(id, clone);
+                }
+            }
+            let shared = self.shared.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("distq-conn-{id}"))
+                .stack_size(512 * 1024)
+                .spawn(move || {
+                    shared.serve(stream);
+                    if let Ok(mut live) = shared.live.lock() {
+                        live.remove(&id);
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => log_at!(Warn, "cannot start a connection thread: {e}"),
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        log_at!(Info, "server on {} stopped", self.shared.local_addr);
+        Ok(())
+    }
+}
+
+fn peer_name(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map_or_else(|_| "unknown peer".to_string(), |a| a.to_string())
+}
+
+impl Shared {
+    fn serve(&self, stream: TcpStream) {
+        let peer = peer_name(&stream);
+        let mut conn = match Connection::handshake(
+            stream,
+            Role::Server,
+            &self.config.authkey,
+            self.config.max_frame,
+            self.config.handshake_timeout,
+        ) {
+            Ok(conn) => conn,
+            Err(e @ Error::AuthFailed(_)) => return log_at!(Warn, "{peer}: {e}"),
+            Err(Error::Closed) => return log_at!(Debug, "{peer}: closed during the handshake"),
+            Err(e) => return log_at!(Warn, "{peer}: handshake failed: {e}"),
+        };
+        let setup = conn
+            .set_read_timeout(None)
+            .and_then(|()| conn.set_write_timeout(Some(self.config.write_timeout)));
+        if let Err(e) = setup {
+            return log_at!(Warn, "{peer}: {e}");
+        }
+        let req = match self.read_request(&mut conn) {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => return log_at!(Warn, "{peer}: {e}"),
+        };
+        log_at!(Debug, "{peer}: {}{:?}", req.method, req.args);
+        let result = match dispatch::public(&self.queues, &req) {
+            Public::Reply(reply) => send(&mut conn, &reply),
+            Public::AcceptConnection => {
+                let name = req.args.first().map(Value::to_string).unwrap_or_default();
+                log_at!(Info, "{peer}: method channel opened by {name}");
+                send(&mut conn, &Reply::Return(Value::None)).and_then(|()| self.serve_methods(&mut conn))
+            }
+            Public::Shutdown => {
+                log_at!(Info, "{peer}: asked the server to shut down");
+                // Python's server answers shutdown twice; Python clients read only one.
+                let sent = send(&mut conn, &Reply::Return(Value::None))
+                    .and_then(|()| send(&mut conn, &Reply::Return(Value::None)));
+                self.shutdown();
+                sent
+            }
+        };
+        match result {
+            Ok(()) | Err(Error::Closed) => {}
+            Err(e) => log_at!(Warn, "{peer}: {e}"),
+        }
+    }
+
+    /// Reads and parses one request. `Ok(None)` means the peer hung up or the request was
+    /// malformed and has been answered with a `#TRACEBACK`; framing errors are `Err` and
+    /// end the connection, because the stream can no longer be trusted to be in step.
+    fn read_request(&self, conn: &mut Connection) -> Result<Option<Request>> {
+        match conn.read_frame() {
+            Ok(()) => {}
+            Err(Error::Closed) => return Ok(None),
+            Err(e @ Error::FrameTooLarge { .. }) => {
+                let _ = send(conn, &Reply::traceback("OSError", &e.to_string()));
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+        match conn.decode_frame().and_then(|v| Request::from_value(&v)) {
+            Ok(req) => Ok(Some(req)),
+            Err(e) => {
+                log_at!(Warn, "{}: bad request: {e}", conn.peer());
+                send(conn, &Reply::traceback("UnpicklingError", &e.to_string()))?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The method channel: requests on queues until the peer hangs up. A malformed
+    /// request is answered with a `#TRACEBACK` and the loop goes on, as in Python.
+    fn serve_methods(&self, conn: &mut Connection) -> Result<()> {
+        loop {
+            match conn.read_frame() {
+                Ok(()) => {}
+                Err(Error::Closed) => return Ok(()),
+                Err(e @ Error::FrameTooLarge { .. }) => {
+                    let _ = send(conn, &Reply::traceback("OSError", &e.to_string()));
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+            let reply = match conn.decode_frame().and_then(|v| Request::from_value(&v)) {
+                Ok(req) => {
+                    log_at!(Debug, "{}: {}.{}", conn.peer(), req.ident.as_deref().unwrap_or("-"), req.method);
+                    dispatch::method(&self.queues, &req)
+                }
+                Err(e) => {
+                    log_at!(Warn, "{}: bad request: {e}", conn.peer());
+                    Reply::traceback("UnpicklingError", &e.to_string())
+                }
+            };
+            send(conn, &reply)?;
+        }
+    }
+
+    fn shutdown(&self) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.queues.close_all();
+        if let Ok(live) = self.live.lock() {
+            for stream in live.values() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        // Wake the accept loop: it checks the flag after each accepted connection.
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => [127, 0, 0, 1].into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+    }
+}
+
+/// Sends a reply. A reply that cannot be pickled becomes `#UNSERIALIZABLE`, as in Python.
+fn send(conn: &mut Connection, reply: &Reply) -> Result<()> {
+    match conn.write_value(&reply.to_value()) {
+        Err(Error::Value(msg)) => conn.write_value(&Reply::Unserializable(msg).to_value()),
+        other => other,
+    }
+}
+
+impl ServerHandle {
+    /// Stops the server: wakes every blocked caller with an error, closes every
+    /// connection, and makes [`Server::run`] return once its threads are joined.
+    pub fn shutdown(&self) {
+        self.shared.shutdown();
+    }
+
+    /// The server's queues.
+    pub fn queues(&self) -> &QueueMap {
+        &self.shared.queues
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+}
+
+impl RunningServer {
+    /// A handle on the running server.
+    pub fn handle(&self) -> &ServerHandle {
+        &self.handle
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    /// Shuts the server down and waits until every thread has finished.
+    pub fn shutdown(self) -> Result<()> {
+        self.handle.shutdown();
+        self.join()
+    }
+
+    /// Waits until the server stops (a client called `shutdown`).
+    pub fn join(self) -> Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| Error::Value("internal error: the server thread panicked".into()))?
+    }
+}
