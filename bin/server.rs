@@ -1,1 +1,82 @@
-fn main(){}
+//! `distq-server`: a standalone queue server, compatible with Python's managers.
+
+use distq::cli::{self, CommonFlags};
+use lexopt::ValueExt;
+use distq::{Server, ServerConfig};
+
+const HELP: &str = "\
+distq-server: serve named queues to distq and Python multiprocessing.managers clients
+
+USAGE:
+    distq-server [OPTIONS]
+
+OPTIONS:
+    --bind ADDR           address to listen on [default: 0.0.0.0:5000]
+    --queue NAME[:MAX]    declare a queue, optionally bounded to MAX items (repeatable);
+                          other names are created unbounded on first use
+    --max-frame BYTES     largest request accepted [default: 67108864]
+    --authkey KEY         shared secret (visible in `ps`; prefer the next two)
+    --authkey-file PATH   read the shared secret from a file
+                          (or set DISTQ_AUTHKEY)
+    -v, -q                more / less logging on stderr
+    -h, --help            this text;  -V, --version
+
+EXAMPLES:
+    DISTQ_AUTHKEY=abc distq-server --bind 127.0.0.1:5000 --queue jobs:1000
+    distq-server --authkey-file /etc/distq/key --bind 0.0.0.0:5000
+
+The server runs until a client calls shutdown() (e.g. `distq-master --connect`'s owner, or
+Python's manager.shutdown()).
+";
+
+fn main() {
+    let mut common = CommonFlags::default();
+    let mut bind = "0.0.0.0:5000".to_string();
+    let mut queues: Vec<(String, usize)> = Vec::new();
+    let mut max_frame = distq::frame::DEFAULT_MAX_FRAME;
+    let parsed: Result<(), lexopt::Error> = (|| {
+        let mut parser = lexopt::Parser::from_env();
+        while let Some(flag) = cli::next(&mut parser)? {
+            if common.take(&flag, &mut parser, HELP)? {
+                continue;
+            }
+            match flag.name().as_str() {
+                "--bind" => bind = parser.value()?.string()?,
+                "--queue" => {
+                    let spec = parser.value()?.string()?;
+                    queues.push(parse_queue(&spec)?);
+                }
+                "--max-frame" => max_frame = parser.value()?.parse()?,
+                _ => return Err(flag.unexpected()),
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = parsed {
+        cli::fail(format!("{e} (see --help)"), 2);
+    }
+    common.init_logging();
+    let authkey = common.authkey().unwrap_or_else(|e| cli::fail(e, 2));
+    let mut config = ServerConfig::new(authkey);
+    config.max_frame = max_frame;
+    let server = Server::bind(bind.as_str(), config).unwrap_or_else(|e| cli::fail(e, 1));
+    for (name, max) in &queues {
+        if let Err(e) = server.queues().declare(name, *max) {
+            cli::fail(e, 1);
+        }
+    }
+    if let Err(e) = server.run() {
+        cli::fail(e, 1);
+    }
+}
+
+fn parse_queue(spec: &str) -> Result<(String, usize), lexopt::Error> {
+    match spec.rsplit_once(':') {
+        Some((name, max)) if !name.is_empty() => match max.parse() {
+            Ok(max) => Ok((name.to_string(), max)),
+            Err(_) => Err(format!("--queue {spec:?}: {max:?} is not a number of items").into()),
+        },
+        _ if !spec.is_empty() => Ok((spec.to_string(), 0)),
+        _ => Err("--queue needs a name".into()),
+    }
+}

@@ -64,8 +64,9 @@ impl AuthKey {
         AuthKey(key.into())
     }
 
-    /// The raw key, for computing MACs.
-    pub(crate) fn as_bytes(&self) -> &[u8] {
+    /// The raw key: for computing MACs, or for handing to a child process through its
+    /// environment. Never print it.
+    pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }

@@ -18,42 +18,70 @@ pub struct CommonFlags {
     verbosity: i8,
 }
 
-/// What [`CommonFlags::parse`] did with an argument.
-pub enum Parsed {
-    /// The argument was a common flag and has been consumed.
-    Consumed,
-    /// Not a common flag: the binary handles it.
-    NotMine(lexopt::Arg<'static>),
+/// A command-line argument, owned, so that matching on it does not borrow the parser.
+#[derive(Debug)]
+pub enum Flag {
+    /// `--name` (stored without the dashes).
+    Long(String),
+    /// `-c`.
+    Short(char),
+    /// A positional argument.
+    Value(OsString),
+}
+
+impl Flag {
+    /// The flag as typed (`--bind`, `-v`), or `""` for a positional argument.
+    pub fn name(&self) -> String {
+        match self {
+            Flag::Long(l) => format!("--{l}"),
+            Flag::Short(c) => format!("-{c}"),
+            Flag::Value(_) => String::new(),
+        }
+    }
+
+    /// The error for a flag the binary does not know.
+    pub fn unexpected(self) -> lexopt::Error {
+        match self {
+            Flag::Value(v) => lexopt::Error::UnexpectedArgument(v),
+            other => lexopt::Error::UnexpectedOption(other.name()),
+        }
+    }
+}
+
+/// The next argument, owned.
+pub fn next(parser: &mut lexopt::Parser) -> Result<Option<Flag>, lexopt::Error> {
+    Ok(parser.next()?.map(|arg| match arg {
+        lexopt::Arg::Long(l) => Flag::Long(l.to_string()),
+        lexopt::Arg::Short(c) => Flag::Short(c),
+        lexopt::Arg::Value(v) => Flag::Value(v),
+    }))
 }
 
 impl CommonFlags {
-    /// Consumes `--authkey`, `--authkey-file`, `-v` and `-q`; `--help`/`--version` print
-    /// and exit. Anything else is handed back.
-    pub fn parse(
+    /// Consumes `--authkey`, `--authkey-file`, `-v` and `-q` (returning `true`);
+    /// `--help`/`--version` print and exit. Anything else is left to the binary.
+    pub fn take(
         &mut self,
-        arg: lexopt::Arg<'_>,
+        flag: &Flag,
         parser: &mut lexopt::Parser,
         help: &str,
-    ) -> Result<Parsed, lexopt::Error> {
-        use lexopt::Arg::{Long, Short};
-        match arg {
-            Long("authkey") => self.authkey = Some(parser.value()?),
-            Long("authkey-file") => self.authkey_file = Some(parser.value()?.into()),
-            Short('v') | Long("verbose") => self.verbosity += 1,
-            Short('q') | Long("quiet") => self.verbosity -= 1,
-            Short('h') | Long("help") => {
+    ) -> Result<bool, lexopt::Error> {
+        match flag.name().as_str() {
+            "--authkey" => self.authkey = Some(parser.value()?),
+            "--authkey-file" => self.authkey_file = Some(parser.value()?.into()),
+            "-v" | "--verbose" => self.verbosity = self.verbosity.saturating_add(1),
+            "-q" | "--quiet" => self.verbosity = self.verbosity.saturating_sub(1),
+            "-h" | "--help" => {
                 print!("{help}");
                 std::process::exit(0);
             }
-            Short('V') | Long("version") => {
+            "-V" | "--version" => {
                 println!("distq {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
             }
-            Short(c) => return Ok(Parsed::NotMine(Short(c))),
-            Long(l) => return Ok(Parsed::NotMine(Long(leak(l)))),
-            lexopt::Arg::Value(v) => return Ok(Parsed::NotMine(lexopt::Arg::Value(v))),
+            _ => return Ok(false),
         }
-        Ok(Parsed::Consumed)
+        Ok(true)
     }
 
     /// Applies `-v`/`-q` to the library's logger.
@@ -90,15 +118,6 @@ impl CommonFlags {
         Err("no authkey given: pass --authkey KEY, --authkey-file PATH, or set DISTQ_AUTHKEY \
              (the classic Python scripts use abc)"
             .into())
-    }
-}
-
-/// lexopt lends long flag names from the parser; the few that reach the binaries' own
-/// match statements are copied to `'static` so the borrow does not outlive parsing.
-fn leak(s: &str) -> &'static str {
-    match s {
-        // Known flags map to literals: no allocation for well-formed command lines.
-        _ => Box::leak(s.to_string().into_boxed_str()),
     }
 }
 

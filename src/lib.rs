@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod conn;
 pub mod dispatch;
