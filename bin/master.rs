@@ -86,6 +86,7 @@ fn run(flags: &Flags, authkey: AuthKey) -> distq::Result<()> {
         Some(addr) => (None, addr.clone()),
         None => {
             let server = Server::bind(flags.bind.as_str(), ServerConfig::new(authkey.clone()))?;
+            println!("Listening on {}", server.local_addr());
             let addr = loopback(server.local_addr());
             (Some(server.spawn()?), addr.to_string())
         }

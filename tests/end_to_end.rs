@@ -1,0 +1,228 @@
+//! The binaries and the Rust client against distq's server: the demo, several workers,
+//! failures that must be reported clearly.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use distq::{AuthKey, Error, Manager, Value};
+
+fn squares_in(out: &str) -> usize {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("Result: "))
+        .filter(|r| {
+            let Some((lhs, rhs)) = r.split_once(" = ") else { return false };
+            let n: i128 = lhs.split(" * ").next().and_then(|n| n.parse().ok()).unwrap_or(-1);
+            rhs.parse::<i128>().ok() == Some(n * n)
+        })
+        .count()
+}
+
+#[test]
+fn demo_with_local_workers_completes() {
+    let child = bin("distq-master")
+        .args(["--bind", "127.0.0.1:0", "--local-workers", "2", "--tasks", "10"])
+        .env("DISTQ_AUTHKEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_deadline(child, Duration::from_secs(30));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert_eq!(stdout.matches("Put task ").count(), 10, "{stdout}");
+    assert_eq!(squares_in(&stdout), 10, "{stdout}");
+    assert!(stdout.trim_end().ends_with("Master exit."), "{stdout}");
+}
+
+/// Three workers connect before any task exists; a master on the same server then puts
+/// 30 tasks and gets all 30 results.
+#[test]
+fn several_workers_started_before_the_master() {
+    let server = server();
+    let addr = server.local_addr().to_string();
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            bin("distq-worker")
+                .args(["--connect", &addr, "--tasks", "40", "--get-timeout", "0.2", "--authkey", KEY])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let master = bin("distq-master")
+        .args(["--connect", &addr, "--tasks", "30", "--authkey", KEY])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mout = wait_with_deadline(master, Duration::from_secs(30));
+    let mtext = text(&mout.stdout);
+    assert!(mout.status.success(), "{mtext}{}", text(&mout.stderr));
+    assert_eq!(squares_in(&mtext), 30, "{mtext}");
+    let mut ran = 0;
+    for w in workers {
+        let out = wait_with_deadline(w, Duration::from_secs(30));
+        let t = text(&out.stdout);
+        assert!(out.status.success(), "{t}{}", text(&out.stderr));
+        ran += t.matches("Running task").count();
+    }
+    assert_eq!(ran, 30);
+    // --connect does not own the server: it must still be up.
+    Manager::connect(server.local_addr(), AuthKey::new(KEY)).expect("server still serving");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn master_without_workers_fails_clearly() {
+    let child = bin("distq-master")
+        .args(["--bind", "127.0.0.1:0", "--tasks", "3", "--result-timeout", "0.3", "--authkey", KEY])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("only 0 of 3 results"), "{err}");
+}
+
+#[test]
+fn binaries_refuse_to_start_without_an_authkey() {
+    for (name, args) in [
+        ("distq-server", ["--bind", "127.0.0.1:0"]),
+        ("distq-master", ["--bind", "127.0.0.1:0"]),
+        ("distq-worker", ["--connect", "127.0.0.1:9"]),
+    ] {
+        let out = bin(name).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        assert!(text(&out.stderr).contains("no authkey given"), "{name}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn authkey_file_and_unknown_flags() {
+    let dir = std::env::temp_dir().join(format!("distq-key-{}", std::process::id()));
+    std::fs::write(&dir, "abc\n").unwrap();
+    let server = server();
+    let out = bin("distq-worker")
+        .args(["--connect", &server.local_addr().to_string(), "--tasks", "1", "--get-timeout", "0.1"])
+        .arg("--authkey-file")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Task queue is empty."));
+    let out = bin("distq-server").arg("--bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--bogus"));
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn port_in_use_and_unreachable_server_are_one_clear_line() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = bin("distq-server").args(["--bind", &addr, "--authkey", KEY]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot listen") && err.contains("in use"), "{err}");
+
+    drop(taken); // nothing listens there now
+    let out = bin("distq-worker").args(["--connect", &addr, "--authkey", KEY]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot connect") && err.contains("refused"), "{err}");
+}
+
+#[test]
+fn wrong_authkey_is_refused_quickly_and_the_server_keeps_serving() {
+    let server = server();
+    let start = Instant::now();
+    match Manager::connect(server.local_addr(), AuthKey::new("wrong")) {
+        Err(Error::AuthFailed(msg)) => assert!(!msg.contains("wrong\""), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(1));
+    let m = Manager::connect(server.local_addr(), AuthKey::new(KEY)).unwrap();
+    m.queue("q").unwrap().put(1).unwrap();
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn rust_client_queue_semantics() {
+    let server = server();
+    server.handle().queues().declare("bounded", 1).unwrap();
+    let m = Manager::connect(server.local_addr(), AuthKey::new(KEY)).unwrap();
+    let q = m.queue("fifo").unwrap();
+    for i in 0..100 {
+        q.put(Value::from(i)).unwrap();
+    }
+    assert_eq!(q.qsize().unwrap(), 100);
+    for i in 0..100 {
+        assert_eq!(q.get(Duration::from_secs(1)).unwrap(), Value::from(i));
+    }
+    assert!(q.empty().unwrap());
+    let t = Instant::now();
+    assert!(matches!(q.get(Duration::from_millis(200)), Err(Error::Empty)));
+    assert!(t.elapsed() >= Duration::from_millis(195));
+    let b = m.queue("bounded").unwrap();
+    b.put(1).unwrap();
+    assert!(b.full().unwrap());
+    assert!(matches!(b.put_timeout(2, Duration::from_millis(50)), Err(Error::Full)));
+    assert!(matches!(b.put_nowait(2), Err(Error::Full)));
+    b.get_nowait().unwrap();
+    b.task_done().unwrap();
+    b.join().unwrap();
+    assert!(matches!(b.task_done(), Err(Error::Remote { ref class, .. }) if class == "builtins.ValueError"));
+    server.shutdown().unwrap();
+}
+
+/// A get blocked on one queue delays neither another queue nor another connection.
+#[test]
+fn a_blocked_get_does_not_delay_anyone_else() {
+    let server = server();
+    let addr = server.local_addr();
+    let blocker = std::thread::spawn(move || {
+        let m = Manager::connect(addr, AuthKey::new(KEY)).unwrap();
+        let q = m.queue("idle").unwrap();
+        q.get(Duration::from_secs(3))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let m = Manager::connect(addr, AuthKey::new(KEY)).unwrap();
+    let busy = m.queue("busy").unwrap();
+    let idle = m.queue("idle").unwrap();
+    let start = Instant::now();
+    for i in 0..50 {
+        busy.put(i).unwrap();
+        busy.get(Duration::from_secs(1)).unwrap();
+    }
+    idle.put("wake").unwrap();
+    assert!(start.elapsed() < Duration::from_secs(2), "other traffic was held up");
+    assert_eq!(blocker.join().unwrap().unwrap(), Value::from("wake"));
+    server.shutdown().unwrap();
+}
+
+/// Shutdown wakes a client blocked in get with an error instead of leaving it hanging.
+#[test]
+fn shutdown_wakes_blocked_clients() {
+    let server = server();
+    let addr = server.local_addr();
+    let blocker = std::thread::spawn(move || {
+        let m = Manager::connect(addr, AuthKey::new(KEY)).unwrap();
+        m.queue("q").unwrap().get_blocking()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    server.shutdown().unwrap();
+    assert!(blocker.join().unwrap().is_err());
+    assert!(start.elapsed() < Duration::from_secs(3));
+}

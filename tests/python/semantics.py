@@ -1,0 +1,62 @@
+# Queue semantics as a Python client sees them through distq-server. Queue 'bounded' must
+# have been declared with maxsize 2 by the server.
+import sys, time, queue
+from multiprocessing.managers import BaseManager
+
+class M(BaseManager):
+    pass
+
+for name in ('get_fifo', 'bounded', 'get_join'):
+    M.register(name)
+host, port, key = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+m = M(address=(host, port), authkey=key)
+m.connect()
+
+q = m.get_fifo()
+for i in range(5):
+    q.put(i)
+assert q.qsize() == 5 and not q.empty() and not q.full()
+assert [q.get() for _ in range(5)] == list(range(5)), 'FIFO order'
+assert q.empty()
+
+start = time.monotonic()
+try:
+    q.get(timeout=0.2)
+    raise AssertionError('get on an empty queue returned')
+except queue.Empty:
+    took = time.monotonic() - start
+assert 0.19 <= took < 1.5, 'Empty after %.3f s, expected ~0.2' % took
+for call in (lambda: q.get(False), q.get_nowait, lambda: q.get(True, 0)):
+    try:
+        call()
+        raise AssertionError('expected Empty')
+    except queue.Empty:
+        pass
+try:
+    q.get(timeout=-1)
+    raise AssertionError('negative timeout accepted')
+except ValueError as e:
+    assert 'non-negative' in str(e), e
+
+b = m.bounded()
+b.put('a'); b.put('b', block=True, timeout=0.1)
+assert b.full() and b.qsize() == 2
+for call in (lambda: b.put('c', timeout=0.1), lambda: b.put_nowait('c'), lambda: b.put('c', False)):
+    try:
+        call()
+        raise AssertionError('expected Full')
+    except queue.Full:
+        pass
+assert b.get_nowait() == 'a' and b.get(timeout=1) == 'b'
+
+j = m.get_join()
+j.put(1); j.put(2)
+assert j.get() == 1 and j.get() == 2
+j.task_done(); j.task_done()
+j.join()
+try:
+    j.task_done()
+    raise AssertionError('extra task_done accepted')
+except ValueError:
+    pass
+print('semantics ok')

@@ -1,0 +1,206 @@
+//! distq against real Python: the classic scripts in both directions, values, queue
+//! semantics, both handshakes, and distq's client against Python's own server.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use distq::{AuthKey, Error, Manager, Value};
+
+const WORKER: &str = include_str!("python/task_worker.py");
+const MASTER: &str = include_str!("python/task_master.py");
+const VALUES: &str = include_str!("python/values.py");
+const SEMANTICS: &str = include_str!("python/semantics.py");
+const PY_SERVER: &str = include_str!("python/manager_server.py");
+
+/// distq-master (hosting its server) with the classic Python worker, on every version.
+#[test]
+fn rust_master_with_classic_python_worker() {
+    for py in require_pythons() {
+        let mut master = bin("distq-master")
+            .args(["--bind", "127.0.0.1:0", "--tasks", "10", "--authkey", KEY])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start distq-master");
+        let addr = read_line_starting(&mut master, "Listening on ");
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let worker = py.spawn(WORKER, &[host, port, KEY, "10"]);
+        let wout = wait_with_deadline(worker, Duration::from_secs(60));
+        let mout = wait_with_deadline(master, Duration::from_secs(60));
+        let (wtext, mtext) = (text(&wout.stdout), text(&mout.stdout));
+        assert!(wout.status.success(), "python {:?} worker failed: {}", py.version, text(&wout.stderr));
+        assert!(mout.status.success(), "master failed: {}{}", mtext, text(&mout.stderr));
+        assert_eq!(wtext.matches("run task").count(), 10, "worker output:\n{wtext}");
+        let results: Vec<_> = mtext.lines().filter(|l| l.starts_with("Result: ")).collect();
+        assert_eq!(results.len(), 10, "master output:\n{mtext}");
+        for line in results {
+            let (lhs, rhs) = line["Result: ".len()..].split_once(" = ").expect("n * n = m");
+            let n: i64 = lhs.split(" * ").next().unwrap().parse().unwrap();
+            assert_eq!(rhs.parse::<i64>().unwrap(), n * n, "{line}");
+        }
+        assert!(mtext.trim_end().ends_with("Master exit."), "{mtext}");
+    }
+}
+
+/// The classic Python master (manager.start()) with distq-worker.
+#[test]
+fn python_master_with_rust_worker() {
+    for py in require_pythons() {
+        let mut master = py.spawn(MASTER, &[KEY, "10"]);
+        let addr = read_line_starting(&mut master, "ADDRESS ");
+        let addr = addr.replace(' ', ":");
+        let worker = bin("distq-worker")
+            .args(["--connect", &addr, "--tasks", "10", "--authkey", KEY])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start distq-worker");
+        let wout = wait_with_deadline(worker, Duration::from_secs(60));
+        let mout = wait_with_deadline(master, Duration::from_secs(60));
+        let (wtext, mtext) = (text(&wout.stdout), text(&mout.stdout));
+        assert!(wout.status.success(), "worker failed against {:?}: {wtext}{}", py.version, text(&wout.stderr));
+        assert!(mout.status.success(), "python {:?} master failed: {mtext}{}", py.version, text(&mout.stderr));
+        assert_eq!(wtext.matches("Running task").count(), 10, "{wtext}");
+        assert!(wtext.trim_end().ends_with("Worker exit."), "{wtext}");
+        // The master read every result (the first line is consumed by read_line_starting).
+        assert_eq!(mtext.matches("Result: ").count(), 10, "{mtext}");
+        assert!(mtext.contains("master exit."), "{mtext}");
+    }
+}
+
+/// Values round-trip through distq-server between two Python clients, judged by Python.
+#[test]
+fn values_round_trip_between_python_clients() {
+    let pythons = require_pythons();
+    let server = server();
+    let port = server.local_addr().port().to_string();
+    // Every producer version against every consumer version would be slow; pair each
+    // version with the next so every version both sends and receives.
+    for (i, producer) in pythons.iter().enumerate() {
+        let consumer = &pythons[(i + 1) % pythons.len()];
+        producer.run_ok(VALUES, &["127.0.0.1", &port, KEY, "put"]);
+        let out = consumer.run_ok(VALUES, &["127.0.0.1", &port, KEY, "check"]);
+        assert!(out.contains("checked"), "{:?} -> {:?}: {out}", producer.version, consumer.version);
+    }
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn queue_semantics_seen_from_python() {
+    for py in require_pythons() {
+        let server = server();
+        server.handle().queues().declare("bounded", 2).unwrap();
+        let port = server.local_addr().port().to_string();
+        let out = py.run_ok(SEMANTICS, &["127.0.0.1", &port, KEY]);
+        assert!(out.contains("semantics ok"), "{out}");
+        server.shutdown().unwrap();
+    }
+}
+
+/// Wrong key from Python: an AuthenticationError within a second; the server keeps serving.
+#[test]
+fn wrong_authkey_from_python_is_refused_quickly() {
+    let (legacy, modern) = legacy_and_modern();
+    let server = server();
+    let port = server.local_addr().port().to_string();
+    let script = "import sys, time, multiprocessing\n\
+        from multiprocessing.managers import BaseManager\n\
+        m = BaseManager(address=('127.0.0.1', int(sys.argv[1])), authkey=sys.argv[2].encode())\n\
+        t = time.monotonic()\n\
+        try:\n    m.connect()\n    print('CONNECTED')\n\
+        except multiprocessing.AuthenticationError as e:\n    print('AUTHFAIL %.3f %s' % (time.monotonic() - t, e))\n";
+    for py in legacy.iter().chain(modern.iter()) {
+        let out = py.run_ok(script, &[&port, "wrong"]);
+        let secs: f64 = out
+            .strip_prefix("AUTHFAIL ")
+            .unwrap_or_else(|| panic!("{:?}: {out}", py.version))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(secs < 1.0, "took {secs} s");
+        assert_eq!(py.run_ok(script, &[&port, KEY]).trim(), "CONNECTED");
+    }
+    server.shutdown().unwrap();
+}
+
+/// distq's client against Python's own BaseManager server, on every version: queue calls,
+/// Empty and Full mapping, a wrong key, refcounts kept correct, and shutdown.
+#[test]
+fn rust_client_against_python_server() {
+    for py in require_pythons() {
+        let mut server = py.spawn(PY_SERVER, &[KEY]);
+        let addr = read_line_starting(&mut server, "ADDRESS ").replace(' ', ":");
+        let manager = Manager::connect(addr.as_str(), AuthKey::new(KEY)).expect("connect");
+        let tasks = manager.queue("get_task_queue").unwrap();
+        tasks.put(Value::from(2201)).unwrap();
+        tasks.put("text").unwrap();
+        assert_eq!(tasks.qsize().unwrap(), 2);
+        assert_eq!(tasks.get(Duration::from_secs(1)).unwrap(), Value::from(2201));
+        assert_eq!(tasks.get_nowait().unwrap(), Value::from("text"));
+        let start = Instant::now();
+        assert!(matches!(tasks.get(Duration::from_millis(200)), Err(Error::Empty)));
+        assert!(start.elapsed() >= Duration::from_millis(190));
+        let bounded = manager.queue("get_bounded_queue").unwrap();
+        bounded.put_nowait(1).unwrap();
+        assert!(matches!(bounded.put_nowait(2), Err(Error::Full)));
+        assert_eq!(manager.number_of_objects().unwrap(), 2);
+        drop(bounded);
+        assert_eq!(manager.number_of_objects().unwrap(), 1, "decref on drop");
+        match Manager::connect(addr.as_str(), AuthKey::new("wrong")) {
+            Err(Error::AuthFailed(_)) => {}
+            other => panic!("python {:?}: wrong key gave {other:?}", py.version),
+        }
+        // A second proxy on the same queue keeps working after the first is dropped.
+        let again = manager.queue("get_task_queue").unwrap();
+        drop(tasks);
+        again.put(1).unwrap();
+        manager.shutdown().unwrap();
+        let out = wait_with_deadline(server, Duration::from_secs(10));
+        assert!(out.status.success(), "python {:?} server: {}", py.version, text(&out.stderr));
+    }
+}
+
+/// The modern (3.12+) SHA-256 handshake and the legacy MD5 one, each against a real Python.
+#[test]
+fn both_handshakes_against_real_python() {
+    let (legacy, modern) = legacy_and_modern();
+    let script = "import sys\n\
+        from multiprocessing.connection import Client\n\
+        c = Client(('127.0.0.1', int(sys.argv[1])), authkey=sys.argv[2].encode())\n\
+        print('OK')\n";
+    let server = server();
+    let port = server.local_addr().port().to_string();
+    for py in legacy.iter().chain(modern.iter()) {
+        assert_eq!(py.run_ok(script, &[&port, KEY]).trim(), "OK", "{:?}", py.version);
+    }
+    server.shutdown().unwrap();
+    // And the other direction: distq as the client of a Python listener.
+    let listener = "import sys\n\
+        from multiprocessing.connection import Listener\n\
+        l = Listener(('127.0.0.1', 0), authkey=sys.argv[1].encode())\n\
+        print('ADDRESS %s %d' % l.address, flush=True)\n\
+        c = l.accept()\n\
+        c.send(c.recv())\n";
+    for py in legacy.iter().chain(modern.iter()) {
+        let mut child = py.spawn(listener, &[KEY]);
+        let addr = read_line_starting(&mut child, "ADDRESS ").replace(' ', ":");
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        let mut conn = distq::conn::Connection::handshake(
+            stream,
+            distq::conn::Role::Client,
+            &AuthKey::new(KEY),
+            1 << 20,
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("{:?}: {e}", py.version));
+        let v = Value::tuple(vec![Value::from("echo"), Value::from(7)]);
+        conn.write_value(&v).unwrap();
+        assert_eq!(conn.read_value().unwrap(), v);
+        wait_with_deadline(child, Duration::from_secs(10));
+    }
+}
