@@ -307,7 +307,7 @@ impl<'a> Machine<'a> {
             self.pos += 1;
             if op == STOP {
                 let root = self.pop()?;
-                return Converter::new(&self.arena).item(&root, 0).map(|(v, _)| v);
+                return Converter::new(&self.arena).root(&root);
             }
             self.step(op)?;
         }
@@ -696,13 +696,15 @@ fn long_from_le(mut bytes: &[u8]) -> Value {
 /// Conversion state of one arena node.
 enum Slot {
     Todo,
-    /// Being converted: meeting it again means the structure contains itself.
+    /// On the current conversion path: meeting it again means the structure contains itself.
     Busy,
     /// Converted, with its nesting height (a container of scalars has height 1).
     Done(Value, usize),
 }
 
-/// Turns arena nodes into values, each node once.
+/// Turns arena nodes into values, each node once, depth first with an explicit stack, so
+/// that neither hostile nesting nor a debug build's large frames can overflow the thread's
+/// stack.
 struct Converter<'n> {
     arena: &'n [Node],
     slots: Vec<Slot>,
@@ -716,46 +718,99 @@ impl<'n> Converter<'n> {
         }
     }
 
-    /// Converts an item found inside `depth` containers; returns it and its height.
-    fn item(&mut self, item: &Item, depth: usize) -> Result<(Value, usize)> {
-        let idx = match item {
-            Item::Val(v) => return Ok((v.clone(), 0)),
-            Item::Node(idx) => *idx,
+    /// Converts the root item.
+    fn root(mut self, root: &Item) -> Result<Value> {
+        let Item::Node(root) = root else {
+            return self.get(root).map(|(v, _)| v);
         };
-        match self.slots.get(idx) {
-            Some(Slot::Done(v, height)) => return Ok((v.clone(), *height)),
-            Some(Slot::Busy) => {
-                return Err(Error::Value(
-                    "pickle references itself; recursive structures are not supported".into(),
-                ))
+        // The path from the root: node index and the next child to look at.
+        let mut path: Vec<(usize, usize)> = vec![(*root, 0)];
+        self.enter(*root)?;
+        while let Some((idx, next)) = path.last_mut() {
+            let node = self.node(*idx)?;
+            match child(node, *next) {
+                Some(Item::Node(c)) => {
+                    *next += 1;
+                    let c = *c;
+                    match self.slots.get(c) {
+                        Some(Slot::Done(..)) => {}
+                        Some(Slot::Busy) => {
+                            return Err(Error::Value(
+                                "pickle references itself; recursive structures are not supported"
+                                    .into(),
+                            ))
+                        }
+                        _ => {
+                            if path.len() >= MAX_DEPTH {
+                                return Err(too_deep());
+                            }
+                            self.enter(c)?;
+                            path.push((c, 0));
+                        }
+                    }
+                }
+                Some(Item::Val(_)) => *next += 1,
+                None => {
+                    let idx = *idx;
+                    let done = self.build(node)?;
+                    self.set_slot(idx, done);
+                    path.pop();
+                }
             }
-            Some(Slot::Todo) => {}
-            None => return Err(Error::protocol("pickle: internal node index out of range")),
         }
-        if depth >= MAX_DEPTH {
-            return Err(too_deep());
-        }
-        let node = self
-            .arena
+        self.get(&Item::Node(*root)).map(|(v, _)| v)
+    }
+
+    fn node(&self, idx: usize) -> Result<&'n Node> {
+        let arena: &'n [Node] = self.arena;
+        arena
             .get(idx)
-            .ok_or_else(|| Error::protocol("pickle: internal node index out of range"))?;
+            .ok_or_else(|| Error::protocol("pickle: internal node index out of range"))
+    }
+
+    fn enter(&mut self, idx: usize) -> Result<()> {
+        self.node(idx)?;
         self.set_slot(idx, Slot::Busy);
+        Ok(())
+    }
+
+    fn set_slot(&mut self, idx: usize, slot: Slot) {
+        if let Some(s) = self.slots.get_mut(idx) {
+            *s = slot;
+        }
+    }
+
+    /// The value and height of an item whose node (if any) is converted already.
+    fn get(&self, item: &Item) -> Result<(Value, usize)> {
+        match item {
+            Item::Val(v) => Ok((v.clone(), 0)),
+            Item::Node(idx) => match self.slots.get(*idx) {
+                Some(Slot::Done(v, height)) => Ok((v.clone(), *height)),
+                _ => Err(Error::protocol("pickle: internal conversion order error")),
+            },
+        }
+    }
+
+    /// Builds a node's value once all its children are converted.
+    fn build(&self, node: &Node) -> Result<Slot> {
         let mut height = 0;
         let mut conv = |it: &Item| -> Result<Value> {
-            let (v, h) = self.item(it, depth + 1)?;
+            let (v, h) = self.get(it)?;
             height = height.max(h);
             Ok(v)
         };
         let value = match node {
-            Node::Tuple(items) => Value::Tuple(convert_all(items, &mut conv)?),
-            Node::List(items) => Value::List(convert_all(items, &mut conv)?),
-            Node::Set(items) => Value::Set(convert_all(items, &mut conv)?),
-            Node::FrozenSet(items) => Value::FrozenSet(convert_all(items, &mut conv)?),
+            Node::Tuple(items) => Value::Tuple(items.iter().map(&mut conv).collect::<Result<_>>()?),
+            Node::List(items) => Value::List(items.iter().map(&mut conv).collect::<Result<_>>()?),
+            Node::Set(items) => Value::Set(items.iter().map(&mut conv).collect::<Result<_>>()?),
+            Node::FrozenSet(items) => {
+                Value::FrozenSet(items.iter().map(&mut conv).collect::<Result<_>>()?)
+            }
             Node::Dict(pairs) => Value::Dict(
                 pairs
                     .iter()
                     .map(|(k, v)| Ok((conv(k)?, conv(v)?)))
-                    .collect::<Result<Arc<[_]>>>()?,
+                    .collect::<Result<_>>()?,
             ),
             Node::Object {
                 construct,
@@ -769,26 +824,37 @@ impl<'n> Converter<'n> {
                 state: state.as_ref().map(&mut conv).transpose()?,
             })),
         };
+        // Heights come from cached children too, so a deep node first met near the root
+        // still counts in full wherever else it is referenced.
         let height = height + 1;
         if height > MAX_DEPTH {
             return Err(too_deep());
         }
-        self.set_slot(idx, Slot::Done(value.clone(), height));
-        Ok((value, height))
-    }
-
-    fn set_slot(&mut self, idx: usize, slot: Slot) {
-        if let Some(s) = self.slots.get_mut(idx) {
-            *s = slot;
-        }
+        Ok(Slot::Done(value, height))
     }
 }
 
-fn convert_all(
-    items: &[Item],
-    conv: &mut impl FnMut(&Item) -> Result<Value>,
-) -> Result<Arc<[Value]>> {
-    items.iter().map(conv).collect()
+/// The `k`-th child of a node, in conversion order.
+fn child(node: &Node, k: usize) -> Option<&Item> {
+    match node {
+        Node::Tuple(items) | Node::List(items) | Node::Set(items) | Node::FrozenSet(items) => {
+            items.get(k)
+        }
+        Node::Dict(pairs) => pairs
+            .get(k / 2)
+            .map(|(key, value)| if k % 2 == 0 { key } else { value }),
+        Node::Object {
+            callable,
+            args,
+            state,
+            ..
+        } => match k {
+            0 => Some(callable),
+            1 => Some(args),
+            2 => state.as_ref(),
+            _ => None,
+        },
+    }
 }
 
 fn too_deep() -> Error {
@@ -882,4 +948,523 @@ fn op_name(op: u8) -> Option<&'static str> {
         0x84 => "EXT4",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses spaced hex; `'text'` inserts the text's bytes (for long idents).
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("test hex"))
+            .collect()
+    }
+
+    fn s(text: &str) -> Value {
+        Value::str(text)
+    }
+
+    fn t(items: Vec<Value>) -> Value {
+        Value::tuple(items)
+    }
+
+    fn empty_dict() -> Value {
+        Value::dict(vec![])
+    }
+
+    const CREATE_REQUEST: &str = "80 04 95 23 00 00 00 00 00 00 00 28 4e 8c 06 63 72 65 61 74 65 94 8c 0e 67 65 74 5f 74 61 73 6b 5f 71 75 65 75 65 94 85 94 7d 94 74 94 2e";
+    const CREATE_REPLY: &str = "80 04 95 71 00 00 00 00 00 00 00 8c 07 23 52 45 54 55 52 4e 94 8c 0c 37 66 33 66 39 31 61 37 64 62 31 30 94 28 8c 05 65 6d 70 74 79 94 8c 04 66 75 6c 6c 94 8c 03 67 65 74 94 8c 0a 67 65 74 5f 6e 6f 77 61 69 74 94 8c 04 6a 6f 69 6e 94 8c 03 70 75 74 94 8c 0a 70 75 74 5f 6e 6f 77 61 69 74 94 8c 05 71 73 69 7a 65 94 8c 09 74 61 73 6b 5f 64 6f 6e 65 94 74 94 86 94 86 94 2e";
+    const PUT_INT: &str = "80 04 95 20 00 00 00 00 00 00 00 28 8c 0c 37 66 33 66 39 31 61 37 64 62 31 30 94 8c 03 70 75 74 94 4d 99 08 85 94 7d 94 74 94 2e";
+    const PUT_STR: &str = "80 04 95 35 00 00 00 00 00 00 00 28 8c 0c 37 66 33 66 39 31 61 37 66 38 64 30 94 8c 03 70 75 74 94 8c 15 32 32 30 31 20 2a 20 32 32 30 31 20 3d 20 34 38 34 34 34 30 31 94 85 94 7d 94 74 94 2e";
+    const GET_TIMEOUT: &str = "80 04 95 29 00 00 00 00 00 00 00 28 8c 0c 37 66 33 66 39 31 61 37 64 62 31 30 94 8c 03 67 65 74 94 29 7d 94 8c 07 74 69 6d 65 6f 75 74 94 4b 01 73 74 94 2e";
+    const ERROR_EMPTY: &str = "80 04 95 22 00 00 00 00 00 00 00 8c 06 23 45 52 52 4f 52 94 8c 06 5f 71 75 65 75 65 94 8c 05 45 6d 70 74 79 94 93 94 29 52 94 86 94 2e";
+    const ERROR_FULL: &str = "80 04 95 20 00 00 00 00 00 00 00 8c 06 23 45 52 52 4f 52 94 8c 05 71 75 65 75 65 94 8c 04 46 75 6c 6c 94 93 94 29 52 94 86 94 2e";
+    const ERROR_KEYERROR: &str = "80 04 95 32 00 00 00 00 00 00 00 8c 06 23 45 52 52 4f 52 94 8c 08 62 75 69 6c 74 69 6e 73 94 8c 08 4b 65 79 45 72 72 6f 72 94 93 94 8c 07 6d 69 73 73 69 6e 67 94 85 94 52 94 86 94 2e";
+    /// `object().zzz` pickled by 3.12.1: REDUCE, then BUILD with a state dict whose
+    /// `args` entry is a BINGET of the args tuple.
+    const ERROR_ATTRIBUTE_312: &str = "80 04 95 72 00 00 00 00 00 00 00 8c 06 23 45 52 52 4f 52 94 8c 08 62 75 69 6c 74 69 6e 73 94 8c 0e 41 74 74 72 69 62 75 74 65 45 72 72 6f 72 94 93 94 8c 26 27 6f 62 6a 65 63 74 27 20 6f 62 6a 65 63 74 20 68 61 73 20 6e 6f 20 61 74 74 72 69 62 75 74 65 20 27 7a 7a 7a 27 94 85 94 52 94 7d 94 28 8c 04 6e 61 6d 65 94 8c 03 7a 7a 7a 94 8c 04 61 72 67 73 94 68 05 75 62 86 94 2e";
+
+    /// Every valid pickle of this module, for the truncation test.
+    const ALL_VALID: [&str; 9] = [
+        CREATE_REQUEST,
+        CREATE_REPLY,
+        PUT_INT,
+        PUT_STR,
+        GET_TIMEOUT,
+        ERROR_EMPTY,
+        ERROR_FULL,
+        ERROR_KEYERROR,
+        ERROR_ATTRIBUTE_312,
+    ];
+
+    fn protocol_error(bytes: &[u8]) -> String {
+        match decode(bytes) {
+            Err(Error::Protocol(msg)) => msg,
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    }
+
+    fn value_error(bytes: &[u8]) -> String {
+        match decode(bytes) {
+            Err(Error::Value(msg)) => msg,
+            other => panic!("expected a value error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_from_python_wire_md() {
+        let v = decode(&hex(CREATE_REQUEST)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![
+                Value::None,
+                s("create"),
+                t(vec![s("get_task_queue")]),
+                empty_dict()
+            ])
+        );
+        let v = decode(&hex(PUT_INT)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![
+                s("7f3f91a7db10"),
+                s("put"),
+                t(vec![Value::Int(2201)]),
+                empty_dict()
+            ])
+        );
+        let v = decode(&hex(PUT_STR)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![
+                s("7f3f91a7f8d0"),
+                s("put"),
+                t(vec![s("2201 * 2201 = 4844401")]),
+                empty_dict()
+            ])
+        );
+        let v = decode(&hex(GET_TIMEOUT)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![
+                s("7f3f91a7db10"),
+                s("get"),
+                t(vec![]),
+                Value::dict(vec![(s("timeout"), Value::Int(1))])
+            ])
+        );
+    }
+
+    #[test]
+    fn create_reply() {
+        let names = [
+            "empty",
+            "full",
+            "get",
+            "get_nowait",
+            "join",
+            "put",
+            "put_nowait",
+            "qsize",
+            "task_done",
+        ];
+        let v = decode(&hex(CREATE_REPLY)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![
+                s("#RETURN"),
+                t(vec![
+                    s("7f3f91a7db10"),
+                    t(names.iter().map(|n| s(n)).collect())
+                ])
+            ])
+        );
+    }
+
+    #[test]
+    fn error_replies() {
+        let v = decode(&hex(ERROR_EMPTY)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![
+                s("#ERROR"),
+                Value::exception("_queue", "Empty", vec![])
+            ])
+        );
+        let v = decode(&hex(ERROR_FULL)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![s("#ERROR"), Value::exception("queue", "Full", vec![])])
+        );
+        let v = decode(&hex(ERROR_KEYERROR)).unwrap();
+        assert_eq!(
+            v,
+            t(vec![
+                s("#ERROR"),
+                Value::exception("builtins", "KeyError", vec![s("missing")])
+            ])
+        );
+        assert_eq!(v.to_string(), "('#ERROR', builtins.KeyError('missing'))");
+    }
+
+    #[test]
+    fn attribute_error_with_build_and_binget() {
+        let v = decode(&hex(ERROR_ATTRIBUTE_312)).unwrap();
+        let msg = s("'object' object has no attribute 'zzz'");
+        let Value::Object(obj) = &v.as_tuple().unwrap()[1] else {
+            panic!("not an object: {v:?}");
+        };
+        assert_eq!(obj.construct, Construct::Reduce);
+        assert_eq!(obj.callable, Value::global("builtins", "AttributeError"));
+        assert_eq!(obj.args, t(vec![msg.clone()]));
+        let state = obj.state.as_ref().unwrap();
+        assert_eq!(
+            *state,
+            Value::dict(vec![(s("name"), s("zzz")), (s("args"), t(vec![msg]))])
+        );
+        // The state's `args` is a memo reference to the very same tuple.
+        let (Value::Tuple(args), Value::Dict(pairs)) = (&obj.args, state) else {
+            panic!("shape");
+        };
+        let Value::Tuple(state_args) = &pairs[1].1 else {
+            panic!("shape");
+        };
+        assert!(Arc::ptr_eq(args, state_args));
+    }
+
+    #[test]
+    fn minimal_frames_of_section_4_3() {
+        let ret_none = decode(&hex("80 04 8c 07 23 52 45 54 55 52 4e 4e 86 2e")).unwrap();
+        assert_eq!(ret_none, t(vec![s("#RETURN"), Value::None]));
+        let ret_int = decode(&hex("80 04 8c 07 23 52 45 54 55 52 4e 4d 99 08 86 2e")).unwrap();
+        assert_eq!(ret_int, t(vec![s("#RETURN"), Value::Int(2201)]));
+        let empty = t(vec![
+            s("#ERROR"),
+            Value::exception("_queue", "Empty", vec![]),
+        ]);
+        let stack_global = "80 04 8c 06 23 45 52 52 4f 52 8c 06 5f 71 75 65 75 65 8c 05 45 6d 70 74 79 93 29 52 86 2e";
+        assert_eq!(decode(&hex(stack_global)).unwrap(), empty);
+        let global =
+            "80 02 8c 06 23 45 52 52 4f 52 63 71 75 65 75 65 0a 45 6d 70 74 79 0a 29 52 86 2e";
+        assert_eq!(
+            decode(&hex(global)).unwrap(),
+            t(vec![
+                s("#ERROR"),
+                Value::exception("queue", "Empty", vec![])
+            ])
+        );
+        let dummy = decode(&hex("80 04 28 4e 8c 05 64 75 6d 6d 79 29 7d 74 2e")).unwrap();
+        assert_eq!(
+            dummy,
+            t(vec![Value::None, s("dummy"), t(vec![]), empty_dict()])
+        );
+    }
+
+    #[test]
+    fn protocol_2_and_3_forms() {
+        // What 3.8–3.13 emit at protocols 2/3 for bytes, bytearray, set, frozenset, Full.
+        let cases: [(&[u8], Value); 9] = [
+            (
+                b"\x80\x02c_codecs\nencode\nX\x04\x00\x00\x00ab\xc3\xbfX\x06\x00\x00\x00latin1\x86R.",
+                Value::from(b"ab\xff".to_vec()),
+            ),
+            (
+                b"\x80\x02c__builtin__\nbytes\n)R.",
+                Value::from(Vec::new()),
+            ),
+            (
+                b"\x80\x02c__builtin__\nbytearray\nc_codecs\nencode\nX\x02\x00\x00\x00a\x00X\x06\x00\x00\x00latin1\x86R\x85R.",
+                Value::ByteArray(Arc::from(&b"a\x00"[..])),
+            ),
+            (
+                b"\x80\x02c__builtin__\nbytearray\nX\x02\x00\x00\x00\xc3\xbfX\x07\x00\x00\x00latin-1\x86R.",
+                Value::ByteArray(Arc::from(&b"\xff"[..])),
+            ),
+            (
+                b"\x80\x03cbuiltins\nbytearray\nC\x01z\x85R.",
+                Value::ByteArray(Arc::from(&b"z"[..])),
+            ),
+            (
+                b"\x80\x02c__builtin__\nbytearray\n)R.",
+                Value::ByteArray(Arc::from(&b""[..])),
+            ),
+            (
+                b"\x80\x02c__builtin__\nset\n]q\x00(K\x01K\x02e\x85R.",
+                Value::Set(Arc::from(vec![Value::Int(1), Value::Int(2)])),
+            ),
+            (
+                b"\x80\x03cbuiltins\nfrozenset\n]\x85R.",
+                Value::FrozenSet(Arc::from(vec![])),
+            ),
+            (
+                b"\x80\x02cQueue\nFull\n)R.",
+                Value::exception("queue", "Full", vec![]),
+            ),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(decode(bytes).unwrap(), want, "{bytes:?}");
+        }
+        // Python 2 names are only mapped below protocol 3, as Python does.
+        assert_eq!(
+            decode(b"\x80\x03cexceptions\nKeyError\n.").unwrap(),
+            Value::global("exceptions", "KeyError")
+        );
+        assert_eq!(
+            decode(b"\x80\x02cexceptions\nKeyError\n.").unwrap(),
+            Value::global("builtins", "KeyError")
+        );
+    }
+
+    #[test]
+    fn ints() {
+        let long = |payload: &[u8]| {
+            let mut p = vec![0x80, 4, LONG1, payload.len() as u8];
+            p.extend_from_slice(payload);
+            p.push(STOP);
+            decode(&p).unwrap()
+        };
+        assert_eq!(long(&[]), Value::Int(0));
+        assert_eq!(long(&[0xff]), Value::Int(-1));
+        assert_eq!(long(&[0xff, 0xff, 0xff]), Value::Int(-1));
+        assert_eq!(long(&[0, 0, 0, 0x80, 0]), Value::Int(1 << 31));
+        assert_eq!(long(&[0, 0, 0, 0, 0, 0, 0, 0x80]), Value::Int(i64::MIN));
+        assert_eq!(
+            long(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0]),
+            Value::BigInt(Arc::from(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0][..]))
+        );
+        let four = decode(b"\x80\x04\x8b\x02\x00\x00\x00\x01\x00.").unwrap();
+        assert_eq!(four, Value::Int(1));
+        assert_eq!(
+            decode(b"\x80\x04J\xff\xff\xff\xff.").unwrap(),
+            Value::Int(-1)
+        );
+        assert_eq!(decode(b"\x80\x04M\xff\xff.").unwrap(), Value::Int(65535));
+    }
+
+    #[test]
+    fn several_frames_and_data_outside_frames() {
+        // FRAME(3) [EMPTY_LIST MARK K1] FRAME(0) then K2 APPENDS STOP outside any frame.
+        let p = b"\x80\x04\x95\x04\x00\x00\x00\x00\x00\x00\x00](K\x01\x95\x00\x00\x00\x00\x00\x00\x00\x00K\x02e.";
+        assert_eq!(
+            decode(p).unwrap(),
+            Value::list(vec![Value::Int(1), Value::Int(2)])
+        );
+        // Trailing bytes after STOP are ignored, as in Python.
+        assert_eq!(decode(b"\x80\x04N.garbage").unwrap(), Value::None);
+    }
+
+    #[test]
+    fn shared_megabyte_costs_one_megabyte() {
+        // [b, b, b, ...] with one 1 MB bytes and 999 BINGETs of it.
+        let mut p = vec![0x80, 4, EMPTY_LIST, MARK, BINBYTES];
+        p.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        p.resize(p.len() + (1 << 20), b'x');
+        p.push(MEMOIZE);
+        for _ in 0..999 {
+            p.extend_from_slice(&[BINGET, 0]);
+        }
+        p.extend_from_slice(&[APPENDS, STOP]);
+        let Value::List(items) = decode(&p).unwrap() else {
+            panic!("not a list");
+        };
+        assert_eq!(items.len(), 1000);
+        let Value::Bytes(first) = &items[0] else {
+            panic!("not bytes");
+        };
+        assert_eq!(first.len(), 1 << 20);
+        for item in items.iter() {
+            let Value::Bytes(b) = item else {
+                panic!("not bytes")
+            };
+            assert!(Arc::ptr_eq(first, b));
+        }
+    }
+
+    #[test]
+    fn memo_bomb_stays_linear() {
+        // l0 = ['x']; l(k+1) = [l(k), l(k)]: a DAG of 2**60 leaves in a few hundred bytes.
+        let mut p = vec![0x80, 4, EMPTY_LIST, SHORT_BINUNICODE, 1, b'x', APPEND];
+        for k in 0..60u32 {
+            p.extend_from_slice(&[LONG_BINPUT]);
+            p.extend_from_slice(&k.to_le_bytes());
+            p.extend_from_slice(&[EMPTY_LIST, MARK, LONG_BINGET]);
+            p.extend_from_slice(&k.to_le_bytes());
+            p.push(LONG_BINGET);
+            p.extend_from_slice(&k.to_le_bytes());
+            p.push(APPENDS);
+        }
+        p.push(STOP);
+        let mut v = decode(&p).unwrap();
+        for _ in 0..60 {
+            let Value::List(pair) = v else {
+                panic!("shape")
+            };
+            let (Value::List(a), Value::List(b)) = (&pair[0], &pair[1]) else {
+                panic!("shape")
+            };
+            assert!(Arc::ptr_eq(a, b));
+            v = pair[0].clone();
+        }
+        assert_eq!(v, Value::list(vec![s("x")]));
+    }
+
+    #[test]
+    fn set_amplification_is_refused() {
+        // A 1000-item list, then set(list) 1000 times: a million copies from 3 KB.
+        let mut p = b"\x80\x02]q\x00(".to_vec();
+        p.extend(std::iter::repeat([NONE]).take(1000).flatten());
+        p.extend_from_slice(b"e(");
+        for _ in 0..1000 {
+            p.extend_from_slice(b"c__builtin__\nset\nh\x00\x85R");
+        }
+        p.extend_from_slice(b"t.");
+        assert!(protocol_error(&p).contains("amplification"));
+    }
+
+    #[test]
+    fn cycles_are_refused() {
+        // l = []; l.append(l)
+        let msg = value_error(b"\x80\x04]\x94h\x00a.");
+        assert!(
+            msg.contains("recursive structures are not supported"),
+            "{msg}"
+        );
+        // d = {}; d['k'] = (d,)
+        let msg = value_error(b"\x80\x04}\x94\x8c\x01kh\x00\x85s.");
+        assert!(msg.contains("recursive"), "{msg}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        // 100000 EMPTY_LISTs, then 99999 APPENDs: a 100000-deep list.
+        let mut p = vec![0x80, 4];
+        p.extend(std::iter::repeat(EMPTY_LIST).take(100_000));
+        p.extend(std::iter::repeat(APPEND).take(99_999));
+        p.push(STOP);
+        assert!(value_error(&p).contains("deeper than"));
+        // 100000 MARKs then 100000 TUPLEs.
+        let mut p = vec![0x80, 4];
+        p.extend(std::iter::repeat(MARK).take(100_000));
+        p.extend(std::iter::repeat(TUPLE).take(100_000));
+        p.push(STOP);
+        assert!(value_error(&p).contains("deeper than"));
+    }
+
+    #[test]
+    fn depth_limit_is_exact() {
+        let nested = |n: usize| {
+            let mut p = vec![0x80, 4];
+            p.extend(std::iter::repeat(EMPTY_LIST).take(n));
+            p.extend(std::iter::repeat(APPEND).take(n - 1));
+            p.push(STOP);
+            p
+        };
+        assert!(decode(&nested(MAX_DEPTH)).is_ok());
+        assert!(decode(&nested(MAX_DEPTH + 1)).is_err());
+        // A shallow first reference to a deep shared node must not hide its depth:
+        // x = 499 nested lists; root = [x, ([x],)] nests 501 deep through the tuple.
+        let mut p = vec![0x80, 4];
+        p.extend(std::iter::repeat(EMPTY_LIST).take(MAX_DEPTH - 1));
+        p.extend(std::iter::repeat(APPEND).take(MAX_DEPTH - 2));
+        p.extend_from_slice(&[MEMOIZE, EMPTY_LIST, MARK, BINGET, 0]);
+        p.extend_from_slice(&[EMPTY_LIST, BINGET, 0, APPEND, TUPLE1, APPENDS, STOP]);
+        assert!(value_error(&p).contains("deeper than"));
+    }
+
+    #[test]
+    fn malformed_inputs_give_precise_errors() {
+        assert_eq!(
+            protocol_error(b"\x80\x04\x95\x03\x00\x00\x00\x00\x00\x00\x00Nc."),
+            "pickle: truncated: unterminated line (GLOBAL at offset 12)"
+        );
+        assert_eq!(
+            protocol_error(b"\x80\x04N\xff."),
+            "pickle: unknown opcode 0xff at offset 3"
+        );
+        assert!(protocol_error(b"\x80\x04Q.").contains("unsupported opcode BINPERSID"));
+        assert!(protocol_error(b"\x80\x04\x97.").contains("NEXT_BUFFER"));
+        assert!(protocol_error(b"\x80\x04\x92.").contains("NEWOBJ_EX"));
+        assert!(protocol_error(b"\x80\x06N.").contains("unsupported protocol 6"));
+        assert!(protocol_error(b"\x80\x04N").contains("no STOP"));
+        assert!(protocol_error(b"\x80\x04.").contains("stack underflow"));
+        assert!(protocol_error(b"\x80\x04N\x86.").contains("stack underflow (TUPLE2"));
+        assert!(protocol_error(b"\x80\x04Nt.").contains("no MARK before (TUPLE"));
+        assert!(protocol_error(b"\x80\x04h\x07.").contains("memo get of unknown index 7"));
+        assert!(protocol_error(b"\x80\x04NNa.").contains("target is not a list"));
+        assert!(protocol_error(b"\x80\x04}(Nu.").contains("odd number"));
+        assert!(protocol_error(b"\x80\x04NNb.").contains("target is not an object"));
+        assert!(protocol_error(b"\x80\x04)NRNbNb.").contains("second BUILD"));
+        assert!(protocol_error(b"\x80\x04K\x01N\x93.").contains("must be strs"));
+        // A pop may not cross the innermost MARK (Python's stack fence).
+        assert!(protocol_error(b"\x80\x04N(\x85.").contains("stack underflow"));
+        assert!(protocol_error(b"\x80\x04\x8c\x01\xff.").contains("not valid utf-8"));
+        // "\ud800" as Python writes it with surrogatepass.
+        let msg = value_error(b"\x80\x04\x8c\x03\xed\xa0\x80.");
+        assert!(msg.contains("lone surrogates are unsupported"), "{msg}");
+    }
+
+    #[test]
+    fn huge_declared_lengths_allocate_nothing() {
+        let cases: [&[u8]; 8] = [
+            b"\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\xffab.",
+            b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\x7fab.",
+            b"\x80\x05\x96\x00\x00\x00\x00\x00\x00\x00\x01ab.",
+            b"\x80\x04X\xff\xff\xff\xffab.",
+            b"\x80\x04B\xff\xff\xff\xffab.",
+            b"\x80\x04\x8b\xff\xff\xff\x7fab.",
+            b"\x80\x04\x8b\xff\xff\xff\xffab.",
+            b"\x80\x04\x95\xff\xff\xff\xff\xff\xff\xff\xffN.",
+        ];
+        for p in cases {
+            let msg = protocol_error(p);
+            assert!(
+                msg.contains("truncated") || msg.contains("negative length"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncation_at_every_offset_fails_cleanly() {
+        for pickle in ALL_VALID {
+            let bytes = hex(pickle);
+            assert!(decode(&bytes).is_ok());
+            for end in 0..bytes.len() {
+                assert!(decode(&bytes[..end]).is_err(), "{pickle} cut at {end}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let seeds: Vec<Vec<u8>> = ALL_VALID.iter().map(|p| hex(p)).collect();
+        for i in 0..20_000 {
+            let mut bytes = if i % 2 == 0 {
+                // Pure noise, biased to opcodes by a valid header.
+                let len = (next() % 64) as usize;
+                let mut b = vec![0x80, 4];
+                b.extend((0..len).map(|_| next() as u8));
+                b
+            } else {
+                // A valid pickle with a few bytes flipped.
+                let seed = &seeds[(next() % seeds.len() as u64) as usize];
+                let mut b = seed.clone();
+                for _ in 0..=(next() % 4) {
+                    let at = (next() % b.len() as u64) as usize;
+                    b[at] = next() as u8;
+                }
+                b
+            };
+            bytes.push(STOP);
+            let _ = decode(&bytes);
+        }
+    }
 }
