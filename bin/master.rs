@@ -108,7 +108,10 @@ fn run(flags: &Flags, authkey: AuthKey) -> distq::Result<()> {
         match results.get(flags.result_timeout) {
             Ok(r) => {
                 received += 1;
-                println!("Result: {}", r.as_str().map_or_else(|| r.to_string(), str::to_string));
+                println!(
+                    "Result: {}",
+                    r.as_str().map_or_else(|| r.to_string(), str::to_string)
+                );
             }
             Err(Error::Empty) => {
                 outcome = Err(Error::Protocol(format!(
@@ -157,7 +160,10 @@ fn spawn_workers(k: u32, addr: &str, authkey: &AuthKey) -> distq::Result<Vec<Chi
         .map(|_| {
             Command::new(&exe)
                 .args(["--connect", addr, "--forever", "-q"])
-                .env("DISTQ_AUTHKEY", std::ffi::OsStr::from_bytes(authkey.as_bytes()))
+                .env(
+                    "DISTQ_AUTHKEY",
+                    std::ffi::OsStr::from_bytes(authkey.as_bytes()),
+                )
                 .spawn()
                 .map_err(|e| Error::io(format!("starting {}", exe.display()), e))
         })

@@ -1,8 +1,8 @@
 //! `distq-server`: a standalone queue server, compatible with Python's managers.
 
 use distq::cli::{self, CommonFlags};
-use lexopt::ValueExt;
 use distq::{Server, ServerConfig};
+use lexopt::ValueExt;
 
 const HELP: &str = "\
 distq-server: serve named queues to distq and Python multiprocessing.managers clients

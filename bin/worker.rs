@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use distq::cli::{self, CommonFlags};
-use lexopt::ValueExt;
 use distq::{Error, Manager, Value};
+use lexopt::ValueExt;
 
 const HELP: &str = "\
 distq-worker: take tasks from a distq or Python manager, square them, put results back
@@ -52,9 +52,7 @@ fn main() {
                 "--connect" => flags.connect = parser.value()?.string()?,
                 "--tasks" => flags.rounds = Some(parser.value()?.parse()?),
                 "--forever" => flags.rounds = None,
-                "--get-timeout" => {
-                    flags.get_timeout = cli::seconds(parser.value()?)?
-                }
+                "--get-timeout" => flags.get_timeout = cli::seconds(parser.value()?)?,
                 "--sleep" => flags.sleep = cli::seconds(parser.value()?)?,
                 _ => return Err(flag.unexpected()),
             }

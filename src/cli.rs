@@ -115,9 +115,11 @@ impl CommonFlags {
         if let Some(key) = std::env::var_os("DISTQ_AUTHKEY") {
             return Ok(AuthKey::new(key.into_vec()));
         }
-        Err("no authkey given: pass --authkey KEY, --authkey-file PATH, or set DISTQ_AUTHKEY \
+        Err(
+            "no authkey given: pass --authkey KEY, --authkey-file PATH, or set DISTQ_AUTHKEY \
              (the classic Python scripts use abc)"
-            .into())
+                .into(),
+        )
     }
 }
 

@@ -273,7 +273,9 @@ impl QueueProxy {
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
         let name = format!("distq-{}", std::process::id());
-        conn.write_value(&Request::new(None, "accept_connection", vec![Value::str(&name)]).to_value())?;
+        conn.write_value(
+            &Request::new(None, "accept_connection", vec![Value::str(&name)]).to_value(),
+        )?;
         Reply::from_value(&conn.read_value()?)?.into_result()?;
         Ok(conn)
     }
@@ -298,8 +300,13 @@ impl QueueProxy {
     /// # Errors
     /// [`Error::Full`] if the queue is full.
     pub fn put_nowait(&self, item: impl Into<Value>) -> Result<()> {
-        self.call("put_nowait", vec![item.into()], vec![], Some(Duration::ZERO))
-            .map(drop)
+        self.call(
+            "put_nowait",
+            vec![item.into()],
+            vec![],
+            Some(Duration::ZERO),
+        )
+        .map(drop)
     }
 
     /// Takes the oldest item, waiting at most `timeout` (Python's `get(timeout=...)`).
@@ -345,7 +352,9 @@ impl QueueProxy {
     fn bool_call(&self, method: &str) -> Result<bool> {
         match self.call(method, vec![], vec![], Some(Duration::ZERO))? {
             Value::Bool(b) => Ok(b),
-            other => Err(Error::protocol(format!("{method} returned {other}, not a bool"))),
+            other => Err(Error::protocol(format!(
+                "{method} returned {other}, not a bool"
+            ))),
         }
     }
 

@@ -141,7 +141,10 @@ impl Deadline<'_> {
     fn remaining(&self) -> io::Result<Duration> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"))
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ))
         } else {
             Ok(left)
         }

@@ -154,7 +154,10 @@ fn call(queue: &Queue, req: &Request) -> Result<Value, Value> {
         }
         "qsize" => {
             args.finish()?;
-            return queue.len().map(|n| Value::Int(n as i64)).map_err(to_exception);
+            return queue
+                .len()
+                .map(|n| Value::Int(n as i64))
+                .map_err(to_exception);
         }
         "empty" => {
             args.finish()?;
@@ -229,7 +232,9 @@ impl<'a> Args<'a> {
             self.used_kw += 1;
         }
         match (by_pos, by_kw) {
-            (Some(_), Some(_)) => Err(self.type_error(format!("got multiple values for argument {name:?}"))),
+            (Some(_), Some(_)) => {
+                Err(self.type_error(format!("got multiple values for argument {name:?}")))
+            }
             (v, None) | (None, v) => Ok(v),
         }
     }
@@ -322,24 +327,52 @@ mod tests {
         let (map, id) = setup();
         let put = method(&map, &req(&id, "put", vec![Value::from(5)], vec![]));
         assert_eq!(put, Reply::Return(Value::None));
-        let put = method(&map, &req(&id, "put", vec![], vec![("item", Value::from(6)), ("block", Value::Bool(false))]));
+        let put = method(
+            &map,
+            &req(
+                &id,
+                "put",
+                vec![],
+                vec![("item", Value::from(6)), ("block", Value::Bool(false))],
+            ),
+        );
         assert_eq!(put, Reply::Return(Value::None));
-        let get = method(&map, &req(&id, "get", vec![], vec![("timeout", Value::from(1))]));
+        let get = method(
+            &map,
+            &req(&id, "get", vec![], vec![("timeout", Value::from(1))]),
+        );
         assert_eq!(get, Reply::Return(Value::from(5)));
-        let get = method(&map, &req(&id, "get", vec![Value::Bool(true), Value::Float(0.5)], vec![]));
+        let get = method(
+            &map,
+            &req(
+                &id,
+                "get",
+                vec![Value::Bool(true), Value::Float(0.5)],
+                vec![],
+            ),
+        );
         assert_eq!(get, Reply::Return(Value::from(6)));
         let get = method(&map, &req(&id, "get", vec![Value::Bool(false)], vec![]));
         assert_eq!(get, Reply::Error(exceptions::empty()));
-        assert_eq!(method(&map, &req(&id, "qsize", vec![], vec![])), Reply::Return(Value::Int(0)));
+        assert_eq!(
+            method(&map, &req(&id, "qsize", vec![], vec![])),
+            Reply::Return(Value::Int(0))
+        );
     }
 
     #[test]
     fn negative_timeout_is_value_error() {
         let (map, id) = setup();
-        let r = method(&map, &req(&id, "get", vec![], vec![("timeout", Value::Float(-1.0))]));
+        let r = method(
+            &map,
+            &req(&id, "get", vec![], vec![("timeout", Value::Float(-1.0))]),
+        );
         assert_eq!(
             r,
-            Reply::Error(exceptions::builtin("ValueError", "'timeout' must be a non-negative number"))
+            Reply::Error(exceptions::builtin(
+                "ValueError",
+                "'timeout' must be a non-negative number"
+            ))
         );
     }
 
@@ -350,10 +383,17 @@ mod tests {
             req(&id, "put", vec![], vec![]),
             req(&id, "get", vec![], vec![("bogus", Value::None)]),
             req(&id, "qsize", vec![Value::None], vec![]),
-            req(&id, "get", vec![Value::Bool(false)], vec![("block", Value::Bool(false))]),
+            req(
+                &id,
+                "get",
+                vec![Value::Bool(false)],
+                vec![("block", Value::Bool(false))],
+            ),
         ] {
             match method(&map, &r) {
-                Reply::Error(e) => assert_eq!(e.class_name(), Some(("builtins", "TypeError")), "{r:?}"),
+                Reply::Error(e) => {
+                    assert_eq!(e.class_name(), Some(("builtins", "TypeError")), "{r:?}")
+                }
                 other => panic!("{r:?} gave {other:?}"),
             }
         }
@@ -362,8 +402,14 @@ mod tests {
     #[test]
     fn unknown_ident_method_and_function_are_tracebacks() {
         let (map, id) = setup();
-        assert!(matches!(method(&map, &req("nope", "get", vec![], vec![])), Reply::Traceback(_)));
-        assert!(matches!(method(&map, &req(&id, "bogus", vec![], vec![])), Reply::Traceback(_)));
+        assert!(matches!(
+            method(&map, &req("nope", "get", vec![], vec![])),
+            Reply::Traceback(_)
+        ));
+        assert!(matches!(
+            method(&map, &req(&id, "bogus", vec![], vec![])),
+            Reply::Traceback(_)
+        ));
         assert!(matches!(
             public(&map, &Request::new(None, "bogus", vec![])),
             Public::Reply(Reply::Traceback(_))

@@ -51,7 +51,11 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
         Level::Debug => "DEBUG",
     };
     // One write_fmt on a locked handle keeps lines from different threads whole.
-    let _ = writeln!(std::io::stderr().lock(), "{} {tag} {args}", Timestamp::now());
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "{} {tag} {args}",
+        Timestamp::now()
+    );
 }
 
 /// A UTC wall-clock time rendered as RFC 3339 with milliseconds.
@@ -106,7 +110,13 @@ mod tests {
     fn timestamps_are_civil_dates() {
         assert_eq!(Timestamp(0, 0).to_string(), "1970-01-01T00:00:00.000Z");
         // 2026-11-29T12:54:16Z
-        assert_eq!(Timestamp(1_795_956_856, 7).to_string(), "2026-11-29T12:54:16.007Z");
-        assert_eq!(Timestamp(951_782_400, 0).to_string(), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            Timestamp(1_795_956_856, 7).to_string(),
+            "2026-11-29T12:54:16.007Z"
+        );
+        assert_eq!(
+            Timestamp(951_782_400, 0).to_string(),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 }

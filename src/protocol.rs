@@ -47,10 +47,9 @@ impl Request {
     /// [`Error::Protocol`] naming what was wrong, for anything but
     /// `(None|str, str, tuple, dict[str, ...])`.
     pub fn from_value(v: &Value) -> Result<Request> {
-        let parts = v
-            .as_tuple()
-            .filter(|t| t.len() == 4)
-            .ok_or_else(|| Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)"))?;
+        let parts = v.as_tuple().filter(|t| t.len() == 4).ok_or_else(|| {
+            Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)")
+        })?;
         let ident = match &parts[0] {
             Value::None => None,
             Value::Str(s) => Some(s.to_string()),
@@ -247,8 +246,18 @@ mod tests {
         for v in [
             Value::None,
             Value::tuple(vec![Value::None, Value::str("x"), Value::tuple(vec![])]),
-            Value::tuple(vec![Value::from(1), Value::str("x"), Value::tuple(vec![]), Value::dict(vec![])]),
-            Value::tuple(vec![Value::None, Value::str("x"), Value::list(vec![]), Value::dict(vec![])]),
+            Value::tuple(vec![
+                Value::from(1),
+                Value::str("x"),
+                Value::tuple(vec![]),
+                Value::dict(vec![]),
+            ]),
+            Value::tuple(vec![
+                Value::None,
+                Value::str("x"),
+                Value::list(vec![]),
+                Value::dict(vec![]),
+            ]),
             Value::tuple(vec![
                 Value::None,
                 Value::str("x"),
@@ -256,15 +265,24 @@ mod tests {
                 Value::dict(vec![(Value::from(1), Value::None)]),
             ]),
         ] {
-            assert!(matches!(Request::from_value(&v), Err(Error::Protocol(_))), "{v:?}");
+            assert!(
+                matches!(Request::from_value(&v), Err(Error::Protocol(_))),
+                "{v:?}"
+            );
         }
     }
 
     #[test]
     fn replies_map_to_errors() {
         let empty_from_cpython = Value::exception("_queue", "Empty", vec![]);
-        assert!(matches!(Reply::Error(empty_from_cpython).into_result(), Err(Error::Empty)));
-        assert!(matches!(Reply::Error(exceptions::full()).into_result(), Err(Error::Full)));
+        assert!(matches!(
+            Reply::Error(empty_from_cpython).into_result(),
+            Err(Error::Empty)
+        ));
+        assert!(matches!(
+            Reply::Error(exceptions::full()).into_result(),
+            Err(Error::Full)
+        ));
         match Reply::Error(exceptions::builtin("KeyError", "missing")).into_result() {
             Err(Error::Remote { class, message }) => {
                 assert_eq!(class, "builtins.KeyError");

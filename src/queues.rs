@@ -216,8 +216,9 @@ impl Queue {
     /// [`Error::Timeout`] if `wait` ran out first; [`Error::Closed`] on shutdown.
     pub fn join(&self, wait: Wait) -> Result<()> {
         let guard = self.lock()?;
-        let (_guard, ready) =
-            wait_until(&self.all_done, guard, wait.deadline(), |s| s.unfinished == 0)?;
+        let (_guard, ready) = wait_until(&self.all_done, guard, wait.deadline(), |s| {
+            s.unfinished == 0
+        })?;
         if ready {
             Ok(())
         } else {
@@ -378,7 +379,11 @@ impl QueueMap {
     /// Python's `debug_info()`: one paragraph per referenced object.
     pub fn debug_info(&self) -> Result<String> {
         let reg = self.lock()?;
-        let mut idents: Vec<_> = reg.by_ident.iter().filter(|(_, e)| e.refcount > 0).collect();
+        let mut idents: Vec<_> = reg
+            .by_ident
+            .iter()
+            .filter(|(_, e)| e.refcount > 0)
+            .collect();
         idents.sort_by(|a, b| a.0.cmp(b.0));
         let mut out = String::new();
         for (ident, e) in idents {
@@ -441,7 +446,10 @@ mod tests {
             Err(Error::Empty)
         ));
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(150), "returned early: {took:?}");
+        assert!(
+            took >= Duration::from_millis(150),
+            "returned early: {took:?}"
+        );
     }
 
     #[test]

@@ -112,10 +112,15 @@ impl Server {
     ///
     /// # Errors
     /// [`Error::Io`] naming the address, e.g. when it is already in use.
-    pub fn bind(addr: impl ToSocketAddrs + std::fmt::Debug, config: ServerConfig) -> Result<Server> {
+    pub fn bind(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        config: ServerConfig,
+    ) -> Result<Server> {
         let listener = TcpListener::bind(&addr).map_err(|e| {
             let hint = match e.kind() {
-                std::io::ErrorKind::AddrInUse => " (another server is using this port; pick another with --bind)",
+                std::io::ErrorKind::AddrInUse => {
+                    " (another server is using this port; pick another with --bind)"
+                }
                 std::io::ErrorKind::AddrNotAvailable => " (this machine has no such address)",
                 std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
                 _ => "",
@@ -265,7 +270,8 @@ impl Shared {
             Public::AcceptConnection => {
                 let name = req.args.first().map(Value::to_string).unwrap_or_default();
                 log_at!(Info, "{peer}: method channel opened by {name}");
-                send(&mut conn, &Reply::Return(Value::None)).and_then(|()| self.serve_methods(&mut conn))
+                send(&mut conn, &Reply::Return(Value::None))
+                    .and_then(|()| self.serve_methods(&mut conn))
             }
             Public::Shutdown => {
                 log_at!(Info, "{peer}: asked the server to shut down");
@@ -320,7 +326,13 @@ impl Shared {
             }
             let reply = match conn.decode_frame().and_then(|v| Request::from_value(&v)) {
                 Ok(req) => {
-                    log_at!(Debug, "{}: {}.{}", conn.peer(), req.ident.as_deref().unwrap_or("-"), req.method);
+                    log_at!(
+                        Debug,
+                        "{}: {}.{}",
+                        conn.peer(),
+                        req.ident.as_deref().unwrap_or("-"),
+                        req.method
+                    );
                     dispatch::method(&self.queues, &req)
                 }
                 Err(e) => {

@@ -14,8 +14,14 @@ fn squares_in(out: &str) -> usize {
     out.lines()
         .filter_map(|l| l.strip_prefix("Result: "))
         .filter(|r| {
-            let Some((lhs, rhs)) = r.split_once(" = ") else { return false };
-            let n: i128 = lhs.split(" * ").next().and_then(|n| n.parse().ok()).unwrap_or(-1);
+            let Some((lhs, rhs)) = r.split_once(" = ") else {
+                return false;
+            };
+            let n: i128 = lhs
+                .split(" * ")
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(-1);
             rhs.parse::<i128>().ok() == Some(n * n)
         })
         .count()
@@ -24,7 +30,14 @@ fn squares_in(out: &str) -> usize {
 #[test]
 fn demo_with_local_workers_completes() {
     let child = bin("distq-master")
-        .args(["--bind", "127.0.0.1:0", "--local-workers", "2", "--tasks", "10"])
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--local-workers",
+            "2",
+            "--tasks",
+            "10",
+        ])
         .env("DISTQ_AUTHKEY", KEY)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -47,7 +60,16 @@ fn several_workers_started_before_the_master() {
     let workers: Vec<_> = (0..3)
         .map(|_| {
             bin("distq-worker")
-                .args(["--connect", &addr, "--tasks", "40", "--get-timeout", "0.2", "--authkey", KEY])
+                .args([
+                    "--connect",
+                    &addr,
+                    "--tasks",
+                    "40",
+                    "--get-timeout",
+                    "0.2",
+                    "--authkey",
+                    KEY,
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -81,7 +103,16 @@ fn several_workers_started_before_the_master() {
 #[test]
 fn master_without_workers_fails_clearly() {
     let child = bin("distq-master")
-        .args(["--bind", "127.0.0.1:0", "--tasks", "3", "--result-timeout", "0.3", "--authkey", KEY])
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--tasks",
+            "3",
+            "--result-timeout",
+            "0.3",
+            "--authkey",
+            KEY,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -101,7 +132,11 @@ fn binaries_refuse_to_start_without_an_authkey() {
     ] {
         let out = bin(name).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{name}");
-        assert!(text(&out.stderr).contains("no authkey given"), "{name}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("no authkey given"),
+            "{name}: {}",
+            text(&out.stderr)
+        );
     }
 }
 
@@ -111,7 +146,14 @@ fn authkey_file_and_unknown_flags() {
     std::fs::write(&dir, "abc\n").unwrap();
     let server = server();
     let out = bin("distq-worker")
-        .args(["--connect", &server.local_addr().to_string(), "--tasks", "1", "--get-timeout", "0.1"])
+        .args([
+            "--connect",
+            &server.local_addr().to_string(),
+            "--tasks",
+            "1",
+            "--get-timeout",
+            "0.1",
+        ])
         .arg("--authkey-file")
         .arg(&dir)
         .output()
@@ -129,18 +171,30 @@ fn authkey_file_and_unknown_flags() {
 fn port_in_use_and_unreachable_server_are_one_clear_line() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = bin("distq-server").args(["--bind", &addr, "--authkey", KEY]).output().unwrap();
+    let out = bin("distq-server")
+        .args(["--bind", &addr, "--authkey", KEY])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("cannot listen") && err.contains("in use"), "{err}");
+    assert!(
+        err.contains("cannot listen") && err.contains("in use"),
+        "{err}"
+    );
 
     drop(taken); // nothing listens there now
-    let out = bin("distq-worker").args(["--connect", &addr, "--authkey", KEY]).output().unwrap();
+    let out = bin("distq-worker")
+        .args(["--connect", &addr, "--authkey", KEY])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("cannot connect") && err.contains("refused"), "{err}");
+    assert!(
+        err.contains("cannot connect") && err.contains("refused"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -172,17 +226,25 @@ fn rust_client_queue_semantics() {
     }
     assert!(q.empty().unwrap());
     let t = Instant::now();
-    assert!(matches!(q.get(Duration::from_millis(200)), Err(Error::Empty)));
+    assert!(matches!(
+        q.get(Duration::from_millis(200)),
+        Err(Error::Empty)
+    ));
     assert!(t.elapsed() >= Duration::from_millis(195));
     let b = m.queue("bounded").unwrap();
     b.put(1).unwrap();
     assert!(b.full().unwrap());
-    assert!(matches!(b.put_timeout(2, Duration::from_millis(50)), Err(Error::Full)));
+    assert!(matches!(
+        b.put_timeout(2, Duration::from_millis(50)),
+        Err(Error::Full)
+    ));
     assert!(matches!(b.put_nowait(2), Err(Error::Full)));
     b.get_nowait().unwrap();
     b.task_done().unwrap();
     b.join().unwrap();
-    assert!(matches!(b.task_done(), Err(Error::Remote { ref class, .. }) if class == "builtins.ValueError"));
+    assert!(
+        matches!(b.task_done(), Err(Error::Remote { ref class, .. }) if class == "builtins.ValueError")
+    );
     server.shutdown().unwrap();
 }
 
@@ -206,7 +268,10 @@ fn a_blocked_get_does_not_delay_anyone_else() {
         busy.get(Duration::from_secs(1)).unwrap();
     }
     idle.put("wake").unwrap();
-    assert!(start.elapsed() < Duration::from_secs(2), "other traffic was held up");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "other traffic was held up"
+    );
     assert_eq!(blocker.join().unwrap().unwrap(), Value::from("wake"));
     server.shutdown().unwrap();
 }

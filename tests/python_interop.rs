@@ -31,13 +31,32 @@ fn rust_master_with_classic_python_worker() {
         let wout = wait_with_deadline(worker, Duration::from_secs(60));
         let mout = wait_with_deadline(master, Duration::from_secs(60));
         let (wtext, mtext) = (text(&wout.stdout), text(&mout.stdout));
-        assert!(wout.status.success(), "python {:?} worker failed: {}", py.version, text(&wout.stderr));
-        assert!(mout.status.success(), "master failed: {}{}", mtext, text(&mout.stderr));
-        assert_eq!(wtext.matches("run task").count(), 10, "worker output:\n{wtext}");
-        let results: Vec<_> = mtext.lines().filter(|l| l.starts_with("Result: ")).collect();
+        assert!(
+            wout.status.success(),
+            "python {:?} worker failed: {}",
+            py.version,
+            text(&wout.stderr)
+        );
+        assert!(
+            mout.status.success(),
+            "master failed: {}{}",
+            mtext,
+            text(&mout.stderr)
+        );
+        assert_eq!(
+            wtext.matches("run task").count(),
+            10,
+            "worker output:\n{wtext}"
+        );
+        let results: Vec<_> = mtext
+            .lines()
+            .filter(|l| l.starts_with("Result: "))
+            .collect();
         assert_eq!(results.len(), 10, "master output:\n{mtext}");
         for line in results {
-            let (lhs, rhs) = line["Result: ".len()..].split_once(" = ").expect("n * n = m");
+            let (lhs, rhs) = line["Result: ".len()..]
+                .split_once(" = ")
+                .expect("n * n = m");
             let n: i64 = lhs.split(" * ").next().unwrap().parse().unwrap();
             assert_eq!(rhs.parse::<i64>().unwrap(), n * n, "{line}");
         }
@@ -61,8 +80,18 @@ fn python_master_with_rust_worker() {
         let wout = wait_with_deadline(worker, Duration::from_secs(60));
         let mout = wait_with_deadline(master, Duration::from_secs(60));
         let (wtext, mtext) = (text(&wout.stdout), text(&mout.stdout));
-        assert!(wout.status.success(), "worker failed against {:?}: {wtext}{}", py.version, text(&wout.stderr));
-        assert!(mout.status.success(), "python {:?} master failed: {mtext}{}", py.version, text(&mout.stderr));
+        assert!(
+            wout.status.success(),
+            "worker failed against {:?}: {wtext}{}",
+            py.version,
+            text(&wout.stderr)
+        );
+        assert!(
+            mout.status.success(),
+            "python {:?} master failed: {mtext}{}",
+            py.version,
+            text(&mout.stderr)
+        );
         assert_eq!(wtext.matches("Running task").count(), 10, "{wtext}");
         assert!(wtext.trim_end().ends_with("Worker exit."), "{wtext}");
         // The master read every result (the first line is consumed by read_line_starting).
@@ -83,7 +112,12 @@ fn values_round_trip_between_python_clients() {
         let consumer = &pythons[(i + 1) % pythons.len()];
         producer.run_ok(VALUES, &["127.0.0.1", &port, KEY, "put"]);
         let out = consumer.run_ok(VALUES, &["127.0.0.1", &port, KEY, "check"]);
-        assert!(out.contains("checked"), "{:?} -> {:?}: {out}", producer.version, consumer.version);
+        assert!(
+            out.contains("checked"),
+            "{:?} -> {:?}: {out}",
+            producer.version,
+            consumer.version
+        );
     }
     server.shutdown().unwrap();
 }
@@ -140,10 +174,16 @@ fn rust_client_against_python_server() {
         tasks.put(Value::from(2201)).unwrap();
         tasks.put("text").unwrap();
         assert_eq!(tasks.qsize().unwrap(), 2);
-        assert_eq!(tasks.get(Duration::from_secs(1)).unwrap(), Value::from(2201));
+        assert_eq!(
+            tasks.get(Duration::from_secs(1)).unwrap(),
+            Value::from(2201)
+        );
         assert_eq!(tasks.get_nowait().unwrap(), Value::from("text"));
         let start = Instant::now();
-        assert!(matches!(tasks.get(Duration::from_millis(200)), Err(Error::Empty)));
+        assert!(matches!(
+            tasks.get(Duration::from_millis(200)),
+            Err(Error::Empty)
+        ));
         assert!(start.elapsed() >= Duration::from_millis(190));
         let bounded = manager.queue("get_bounded_queue").unwrap();
         bounded.put_nowait(1).unwrap();
@@ -161,7 +201,12 @@ fn rust_client_against_python_server() {
         again.put(1).unwrap();
         manager.shutdown().unwrap();
         let out = wait_with_deadline(server, Duration::from_secs(10));
-        assert!(out.status.success(), "python {:?} server: {}", py.version, text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "python {:?} server: {}",
+            py.version,
+            text(&out.stderr)
+        );
     }
 }
 
@@ -176,7 +221,12 @@ fn both_handshakes_against_real_python() {
     let server = server();
     let port = server.local_addr().port().to_string();
     for py in legacy.iter().chain(modern.iter()) {
-        assert_eq!(py.run_ok(script, &[&port, KEY]).trim(), "OK", "{:?}", py.version);
+        assert_eq!(
+            py.run_ok(script, &[&port, KEY]).trim(),
+            "OK",
+            "{:?}",
+            py.version
+        );
     }
     server.shutdown().unwrap();
     // And the other direction: distq as the client of a Python listener.

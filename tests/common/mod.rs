@@ -67,7 +67,10 @@ pub fn read_line_starting(child: &mut Child, prefix: &str) -> String {
     let mut byte = [0u8; 1];
     loop {
         if stdout.read(&mut byte).expect("read child stdout") == 0 {
-            panic!("child exited before printing {prefix:?}; last partial line: {}", text(&line));
+            panic!(
+                "child exited before printing {prefix:?}; last partial line: {}",
+                text(&line)
+            );
         }
         if byte[0] != b'\n' {
             line.push(byte[0]);
@@ -104,7 +107,8 @@ impl Python {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        cmd.spawn().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", self.cmd))
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", self.cmd))
     }
 
     /// Runs `script` to completion and asserts it succeeded; returns its stdout.
@@ -185,7 +189,9 @@ pub fn require_pythons() -> Vec<Python> {
     let all = pythons();
     if all.is_empty() {
         if std::env::var_os("CI").is_some() {
-            panic!("CI is set but no python3 >= 3.8 was found (install python3 or set DISTQ_PYTHONS)");
+            panic!(
+                "CI is set but no python3 >= 3.8 was found (install python3 or set DISTQ_PYTHONS)"
+            );
         }
         eprintln!("note: no python3 found; skipping Python interop checks");
     }
@@ -199,8 +205,14 @@ pub fn legacy_and_modern() -> (Option<Python>, Option<Python>) {
     let legacy = all.iter().rev().find(|p| p.version <= (3, 11)).cloned();
     let modern = all.iter().rev().find(|p| p.version >= (3, 12)).cloned();
     if std::env::var_os("CI").is_some() {
-        assert!(legacy.is_some(), "CI is set but no Python <= 3.11 was found");
-        assert!(modern.is_some(), "CI is set but no Python >= 3.12 was found (see .ci/run)");
+        assert!(
+            legacy.is_some(),
+            "CI is set but no Python <= 3.11 was found"
+        );
+        assert!(
+            modern.is_some(),
+            "CI is set but no Python >= 3.12 was found (see .ci/run)"
+        );
     }
     (legacy, modern)
 }
