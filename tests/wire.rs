@@ -210,11 +210,11 @@ fn a_memo_bomb_does_not_expand() {
     bomb.extend_from_slice(&[0x42]); // BINBYTES, 1 MiB
     bomb.extend_from_slice(&(1u32 << 20).to_le_bytes());
     bomb.extend(std::iter::repeat(0xab).take(1 << 20));
-    bomb.extend_from_slice(&[0x94, 0x28]); // MEMOIZE, MARK
+    bomb.extend_from_slice(&[0x94, 0x5d, 0x28]); // MEMOIZE, EMPTY_LIST, MARK
     for _ in 0..100_000 {
         bomb.extend_from_slice(&[0x68, 0x00]); // BINGET 0
     }
-    bomb.extend_from_slice(&[0x6c, 0x85, 0x7d, 0x74, 0x2e]); // LIST, TUPLE1, EMPTY_DICT, TUPLE, STOP
+    bomb.extend_from_slice(&[0x65, 0x85, 0x7d, 0x74, 0x2e]); // APPENDS, TUPLE1, EMPTY_DICT, TUPLE, STOP
     frame::write_frame(&mut s, &bomb).unwrap();
     assert_eq!(read_reply(&mut s), Reply::Return(Value::None));
     // Stored shared, and sent back shared (memo references), so the client decodes the
