@@ -207,11 +207,11 @@ fn a_memo_bomb_does_not_expand() {
     let mut bomb = vec![0x80, 0x04, 0x28, 0x8c, ident.len() as u8];
     bomb.extend_from_slice(ident.as_bytes());
     bomb.extend_from_slice(&[0x8c, 0x03, b'p', b'u', b't']);
-    bomb.extend_from_slice(&[0x42]); // BINBYTES, 1 MiB
+    bomb.extend_from_slice(&[0x5d, 0x28, 0x42]); // EMPTY_LIST, MARK, BINBYTES of 1 MiB
     bomb.extend_from_slice(&(1u32 << 20).to_le_bytes());
     bomb.extend(std::iter::repeat(0xab).take(1 << 20));
-    bomb.extend_from_slice(&[0x94, 0x5d, 0x28]); // MEMOIZE, EMPTY_LIST, MARK
-    for _ in 0..100_000 {
+    bomb.push(0x94); // MEMOIZE as memo 0
+    for _ in 1..100_000 {
         bomb.extend_from_slice(&[0x68, 0x00]); // BINGET 0
     }
     bomb.extend_from_slice(&[0x65, 0x85, 0x7d, 0x74, 0x2e]); // APPENDS, TUPLE1, EMPTY_DICT, TUPLE, STOP
