@@ -490,7 +490,7 @@ mod tests {
             Value::Bool(true),
             Value::Bool(false),
             big(&[0, 0, 0, 0, 0, 0, 0, 0, 0x40]), // 2**70
-            big(&[0, 0, 0, 0, 0, 0, 0, 0, 0xc0]),    // -2**70
+            big(&[0, 0, 0, 0, 0, 0, 0, 0, 0xc0]), // -2**70
             big(&neg100),
             big(&huge),
             Value::Float(3.5),
