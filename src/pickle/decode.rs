@@ -146,11 +146,7 @@ impl<'a> Machine<'a> {
 
     /// A protocol error that names the current opcode and its offset.
     fn fail(&self, what: impl fmt::Display) -> Error {
-        Error::protocol(format!(
-            "pickle: {what} ({} at offset {})",
-            OpName(self.op),
-            self.op_pos
-        ))
+        fail_at(self.op, self.op_pos, what)
     }
 
     fn remaining(&self) -> usize {
@@ -263,11 +259,12 @@ impl<'a> Machine<'a> {
     /// The arena node on top of the stack, for the opcodes that mutate one.
     fn top_node(&mut self, what: &str) -> Result<&mut Node> {
         let idx = match self.top()? {
-            Item::Node(i) => *i,
-            Item::Val(_) => return Err(self.fail(format_args!("target is not {what}"))),
+            Item::Node(i) => Some(*i),
+            Item::Val(_) => None,
         };
-        let fail = self.fail(format_args!("target is not {what}"));
-        self.arena.get_mut(idx).ok_or(fail)
+        let (op, pos) = (self.op, self.op_pos);
+        idx.and_then(|i| self.arena.get_mut(i))
+            .ok_or_else(|| fail_at(op, pos, format_args!("target is not {what}")))
     }
 
     fn memo_put(&mut self, idx: u32) -> Result<()> {
@@ -637,6 +634,11 @@ impl<'a> Machine<'a> {
         });
         Item::Node(self.arena.len() - 1)
     }
+}
+
+/// A protocol error about opcode `op` at offset `pos`.
+fn fail_at(op: u8, pos: usize, what: impl fmt::Display) -> Error {
+    Error::protocol(format!("pickle: {what} ({} at offset {pos})", OpName(op)))
 }
 
 fn is_latin1(encoding: &str) -> bool {

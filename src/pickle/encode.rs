@@ -134,7 +134,23 @@ fn shared_key<T: ?Sized>(arc: &Arc<T>, empty: bool, kind: Kind, depth: usize) ->
 
 impl Encoder<'_> {
     /// Writes `v`, found inside `depth` containers.
+    ///
+    /// Each container kind has its own small method so that this recursive path keeps
+    /// small stack frames even in debug builds ([`MAX_DEPTH`] levels must fit a thread).
     fn value(&mut self, v: &Value, depth: usize) -> Result<()> {
+        match v {
+            Value::Tuple(items) => self.tuple(items, depth),
+            Value::List(items) => self.list(items, depth),
+            Value::Dict(pairs) => self.dict(pairs, depth),
+            Value::Set(items) => self.set(items, depth),
+            Value::FrozenSet(items) => self.frozenset(items, depth),
+            Value::Object(o) => self.object(o, depth),
+            leaf => self.leaf(leaf, depth),
+        }
+    }
+
+    /// Writes a value without children.
+    fn leaf(&mut self, v: &Value, depth: usize) -> Result<()> {
         match v {
             Value::None => self.out.push(NONE),
             Value::Bool(true) => self.out.push(NEWTRUE),
@@ -174,88 +190,6 @@ impl Encoder<'_> {
                     self.memoize(key)?;
                 }
             }
-            Value::Tuple(items) => {
-                let key = shared_key(items, items.is_empty(), Kind::Tuple, depth);
-                if !self.get(key) {
-                    let inner = nested(depth)?;
-                    match items.len() {
-                        0 => self.out.push(EMPTY_TUPLE),
-                        n @ 1..=3 => {
-                            self.values(items, inner)?;
-                            self.out.push([TUPLE1, TUPLE2, TUPLE3][n - 1]);
-                        }
-                        _ => {
-                            self.out.push(MARK);
-                            self.values(items, inner)?;
-                            self.out.push(TUPLE);
-                        }
-                    }
-                    self.memoize(key)?;
-                }
-            }
-            Value::List(items) => {
-                let key = shared_key(items, items.is_empty(), Kind::List, depth);
-                if !self.get(key) {
-                    let inner = nested(depth)?;
-                    self.out.push(EMPTY_LIST);
-                    self.memoize(key)?;
-                    for batch in items.chunks(BATCH) {
-                        if let [item] = batch {
-                            self.value(item, inner)?;
-                            self.out.push(APPEND);
-                        } else {
-                            self.out.push(MARK);
-                            self.values(batch, inner)?;
-                            self.out.push(APPENDS);
-                        }
-                    }
-                }
-            }
-            Value::Dict(pairs) => {
-                let key = shared_key(pairs, pairs.is_empty(), Kind::Dict, depth);
-                if !self.get(key) {
-                    let inner = nested(depth)?;
-                    self.out.push(EMPTY_DICT);
-                    self.memoize(key)?;
-                    for batch in pairs.chunks(BATCH) {
-                        if let [(k, v)] = batch {
-                            self.value(k, inner)?;
-                            self.value(v, inner)?;
-                            self.out.push(SETITEM);
-                        } else {
-                            self.out.push(MARK);
-                            for (k, v) in batch {
-                                self.value(k, inner)?;
-                                self.value(v, inner)?;
-                            }
-                            self.out.push(SETITEMS);
-                        }
-                    }
-                }
-            }
-            Value::Set(items) => {
-                let key = shared_key(items, items.is_empty(), Kind::Set, depth);
-                if !self.get(key) {
-                    let inner = nested(depth)?;
-                    self.out.push(EMPTY_SET);
-                    self.memoize(key)?;
-                    for batch in items.chunks(BATCH) {
-                        self.out.push(MARK);
-                        self.values(batch, inner)?;
-                        self.out.push(ADDITEMS);
-                    }
-                }
-            }
-            Value::FrozenSet(items) => {
-                let key = shared_key(items, items.is_empty(), Kind::FrozenSet, depth);
-                if !self.get(key) {
-                    let inner = nested(depth)?;
-                    self.out.push(MARK);
-                    self.values(items, inner)?;
-                    self.out.push(FROZENSET);
-                    self.memoize(key)?;
-                }
-            }
             Value::Global(g) => {
                 let key = shared_key(g, false, Kind::Global, depth);
                 if !self.get(key) {
@@ -264,30 +198,125 @@ impl Encoder<'_> {
                     self.memoize(key)?;
                 }
             }
-            Value::Object(o) => {
-                let key = shared_key(o, false, Kind::Object, depth);
-                if !self.get(key) {
-                    let inner = nested(depth)?;
-                    let Object {
-                        construct,
-                        callable,
-                        args,
-                        state,
-                    } = &**o;
-                    self.value(callable, inner)?;
-                    self.value(args, inner)?;
-                    self.out.push(match construct {
-                        Construct::Reduce => REDUCE,
-                        Construct::NewObj => NEWOBJ,
-                    });
-                    // Memoize before BUILD, as Python does: BUILD mutates this very object.
-                    self.memoize(key)?;
-                    if let Some(state) = state {
-                        self.value(state, inner)?;
-                        self.out.push(BUILD);
-                    }
-                }
+            Value::Tuple(_)
+            | Value::List(_)
+            | Value::Dict(_)
+            | Value::Set(_)
+            | Value::FrozenSet(_)
+            | Value::Object(_) => return self.value(v, depth),
+        }
+        Ok(())
+    }
+
+    fn tuple(&mut self, items: &Arc<[Value]>, depth: usize) -> Result<()> {
+        let key = shared_key(items, items.is_empty(), Kind::Tuple, depth);
+        if self.get(key) {
+            return Ok(());
+        }
+        let inner = nested(depth)?;
+        match items.len() {
+            0 => self.out.push(EMPTY_TUPLE),
+            n @ 1..=3 => {
+                self.values(items, inner)?;
+                self.out.push([TUPLE1, TUPLE2, TUPLE3][n - 1]);
             }
+            _ => {
+                self.out.push(MARK);
+                self.values(items, inner)?;
+                self.out.push(TUPLE);
+            }
+        }
+        self.memoize(key)
+    }
+
+    fn list(&mut self, items: &Arc<[Value]>, depth: usize) -> Result<()> {
+        let key = shared_key(items, items.is_empty(), Kind::List, depth);
+        if self.get(key) {
+            return Ok(());
+        }
+        let inner = nested(depth)?;
+        self.out.push(EMPTY_LIST);
+        self.memoize(key)?;
+        for batch in items.chunks(BATCH) {
+            if let [item] = batch {
+                self.value(item, inner)?;
+                self.out.push(APPEND);
+            } else {
+                self.out.push(MARK);
+                self.values(batch, inner)?;
+                self.out.push(APPENDS);
+            }
+        }
+        Ok(())
+    }
+
+    fn dict(&mut self, pairs: &Arc<[(Value, Value)]>, depth: usize) -> Result<()> {
+        let key = shared_key(pairs, pairs.is_empty(), Kind::Dict, depth);
+        if self.get(key) {
+            return Ok(());
+        }
+        let inner = nested(depth)?;
+        self.out.push(EMPTY_DICT);
+        self.memoize(key)?;
+        for batch in pairs.chunks(BATCH) {
+            let single = batch.len() == 1;
+            if !single {
+                self.out.push(MARK);
+            }
+            for (k, v) in batch {
+                self.value(k, inner)?;
+                self.value(v, inner)?;
+            }
+            self.out.push(if single { SETITEM } else { SETITEMS });
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, items: &Arc<[Value]>, depth: usize) -> Result<()> {
+        let key = shared_key(items, items.is_empty(), Kind::Set, depth);
+        if self.get(key) {
+            return Ok(());
+        }
+        let inner = nested(depth)?;
+        self.out.push(EMPTY_SET);
+        self.memoize(key)?;
+        for batch in items.chunks(BATCH) {
+            self.out.push(MARK);
+            self.values(batch, inner)?;
+            self.out.push(ADDITEMS);
+        }
+        Ok(())
+    }
+
+    fn frozenset(&mut self, items: &Arc<[Value]>, depth: usize) -> Result<()> {
+        let key = shared_key(items, items.is_empty(), Kind::FrozenSet, depth);
+        if self.get(key) {
+            return Ok(());
+        }
+        let inner = nested(depth)?;
+        self.out.push(MARK);
+        self.values(items, inner)?;
+        self.out.push(FROZENSET);
+        self.memoize(key)
+    }
+
+    fn object(&mut self, o: &Arc<Object>, depth: usize) -> Result<()> {
+        let key = shared_key(o, false, Kind::Object, depth);
+        if self.get(key) {
+            return Ok(());
+        }
+        let inner = nested(depth)?;
+        self.value(&o.callable, inner)?;
+        self.value(&o.args, inner)?;
+        self.out.push(match o.construct {
+            Construct::Reduce => REDUCE,
+            Construct::NewObj => NEWOBJ,
+        });
+        // Memoize before BUILD, as Python does: BUILD mutates this very object.
+        self.memoize(key)?;
+        if let Some(state) = &o.state {
+            self.value(state, inner)?;
+            self.out.push(BUILD);
         }
         Ok(())
     }
@@ -410,4 +439,263 @@ fn minimal_len(bytes: &[u8]) -> usize {
         }
     }
     len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pickle::decode;
+
+    fn big(bytes: &[u8]) -> Value {
+        Value::BigInt(Arc::from(bytes))
+    }
+
+    /// One value of every variant, including ints at every opcode boundary.
+    fn samples() -> Vec<Value> {
+        let mut neg100 = vec![0u8; 12];
+        neg100.push(0xf0); // -2**100
+        let mut huge = vec![0x5a; 300];
+        huge.push(0x01); // > 255 bytes: LONG4
+        let exc = Value::Object(Arc::new(Object {
+            construct: Construct::Reduce,
+            callable: Value::global("builtins", "AttributeError"),
+            args: Value::tuple(vec![Value::str("x")]),
+            state: Some(Value::dict(vec![(Value::str("name"), Value::str("zzz"))])),
+        }));
+        let newobj = Value::Object(Arc::new(Object {
+            construct: Construct::NewObj,
+            callable: Value::global("multiprocessing.managers", "Token"),
+            args: Value::tuple(vec![]),
+            state: None,
+        }));
+        let ints = [
+            0,
+            1,
+            255,
+            256,
+            65535,
+            65536,
+            -1,
+            -256,
+            i64::from(i32::MAX),
+            i64::from(i32::MIN),
+            i64::from(i32::MAX) + 1,
+            i64::from(i32::MIN) - 1,
+            i64::MAX,
+            i64::MIN,
+        ];
+        let mut v: Vec<Value> = ints.into_iter().map(Value::Int).collect();
+        v.extend([
+            Value::None,
+            Value::Bool(true),
+            Value::Bool(false),
+            big(&[0, 0, 0, 0, 0, 0, 0, 0, 0x40]), // 2**70
+            big(&[0, 0, 0, 0, 0, 0, 0, 0, 0xc0]), // -2**70
+            big(&neg100),
+            big(&huge),
+            Value::Float(3.5),
+            Value::Float(-0.0),
+            Value::Float(f64::INFINITY),
+            Value::str(""),
+            Value::str("héllo 😀"),
+            Value::str(&"s".repeat(300)),
+            Value::from(Vec::new()),
+            Value::from(b"\x00\xff".to_vec()),
+            Value::from(vec![7u8; 70_000]),
+            Value::ByteArray(Arc::from(&b""[..])),
+            Value::ByteArray(Arc::from(&b"ab"[..])),
+            Value::tuple(vec![]),
+            Value::tuple(vec![Value::Int(1)]),
+            Value::tuple(vec![Value::Int(1), Value::Int(2)]),
+            Value::tuple(vec![Value::Int(1), Value::Int(2), Value::Int(3)]),
+            Value::tuple((0..5).map(Value::Int).collect()),
+            Value::list(vec![]),
+            Value::list(vec![Value::None]),
+            Value::list((0..1001).map(Value::Int).collect()),
+            Value::dict(vec![]),
+            Value::dict(vec![(Value::str("k"), Value::Int(1))]),
+            Value::dict((0..1001).map(|i| (Value::Int(i), Value::None)).collect()),
+            Value::Set(Arc::from(vec![])),
+            Value::Set(Arc::from((0..2001).map(Value::Int).collect::<Vec<_>>())),
+            Value::FrozenSet(Arc::from(vec![])),
+            Value::FrozenSet(Arc::from(vec![Value::Int(3)])),
+            Value::global("queue", "Full"),
+            Value::global("m", &"n".repeat(300)),
+            Value::exception("queue", "Full", vec![]),
+            Value::exception("builtins", "KeyError", vec![Value::str("missing")]),
+            exc,
+            newobj,
+        ]);
+        let nested = Value::dict(vec![(
+            Value::str("a"),
+            Value::list(vec![
+                Value::tuple(vec![Value::Int(1), Value::None]),
+                Value::from(b"x".to_vec()),
+                Value::Float(2.25),
+            ]),
+        )]);
+        v.push(nested);
+        v
+    }
+
+    #[test]
+    fn round_trips_every_variant() {
+        for v in samples() {
+            let bytes = encode(&v).unwrap();
+            assert_eq!(&bytes[..2], &[PROTO, 4]);
+            assert_eq!(bytes.last(), Some(&STOP));
+            assert_eq!(decode(&bytes).unwrap(), v, "{v}");
+        }
+        let all = Value::list(samples());
+        assert_eq!(decode(&encode(&all).unwrap()).unwrap(), all);
+    }
+
+    #[test]
+    fn smallest_opcodes() {
+        let cases: [(Value, &[u8]); 12] = [
+            (Value::None, b"N"),
+            (Value::Int(255), b"K\xff"),
+            (Value::Int(256), b"M\x00\x01"),
+            (Value::Int(-1), b"J\xff\xff\xff\xff"),
+            (Value::Int(1 << 31), b"\x8a\x05\x00\x00\x00\x80\x00"),
+            (
+                Value::Int(i64::MIN),
+                b"\x8a\x08\x00\x00\x00\x00\x00\x00\x00\x80",
+            ),
+            (Value::Float(2.25), b"G\x40\x02\x00\x00\x00\x00\x00\x00"),
+            (Value::str("ab"), b"\x8c\x02ab"),
+            (Value::tuple(vec![]), b")"),
+            (Value::list(vec![Value::None]), b"]Na"),
+            (
+                Value::ByteArray(Arc::from(&b"z"[..])),
+                b"\x8c\x08builtins\x8c\x09bytearray\x93C\x01z\x85R",
+            ),
+            (
+                Value::Set(Arc::from(vec![Value::None, Value::None])),
+                b"\x8f(NN\x90",
+            ),
+        ];
+        for (v, body) in cases {
+            let bytes = encode(&v).unwrap();
+            assert_eq!(&bytes[2..bytes.len() - 1], body, "{v}");
+        }
+    }
+
+    #[test]
+    fn reply_matches_section_4_3() {
+        let reply = Value::tuple(vec![Value::str("#RETURN"), Value::Int(2201)]);
+        assert_eq!(
+            encode(&reply).unwrap(),
+            b"\x80\x04\x8c\x07#RETURN\x4d\x99\x08\x86."
+        );
+        let empty = Value::tuple(vec![
+            Value::str("#ERROR"),
+            Value::exception("_queue", "Empty", vec![]),
+        ]);
+        assert_eq!(
+            encode(&empty).unwrap(),
+            b"\x80\x04\x8c\x06#ERROR\x8c\x06_queue\x8c\x05Empty\x93)R\x86."
+        );
+    }
+
+    #[test]
+    fn shared_nodes_are_memoized_once() {
+        let blob = Value::from(vec![1u8; 1 << 20]);
+        let list = Value::list(vec![blob.clone(); 1000]);
+        drop(blob);
+        let bytes = encode(&list).unwrap();
+        assert!(bytes.len() < (1 << 20) + 3000, "{} bytes", bytes.len());
+        let Value::List(items) = decode(&bytes).unwrap() else {
+            panic!("not a list")
+        };
+        let Value::Bytes(first) = &items[0] else {
+            panic!("not bytes")
+        };
+        assert!(items
+            .iter()
+            .all(|v| matches!(v, Value::Bytes(b) if Arc::ptr_eq(b, first))));
+
+        // A shared list is memoized before its items, a shared tuple after TUPLE, and
+        // memo indices above 255 use LONG_BINGET.
+        let shared_list = Value::list(vec![Value::Int(1)]);
+        let shared_tuple = Value::tuple(vec![Value::Int(2)]);
+        let many: Vec<Value> = (0..300).map(|i| Value::str(&i.to_string())).collect();
+        let mut items: Vec<Value> = many.iter().flat_map(|s| [s.clone(), s.clone()]).collect();
+        items.extend([shared_list.clone(), shared_tuple.clone()]);
+        items.extend([shared_list, shared_tuple]);
+        let v = Value::list(items);
+        let bytes = encode(&v).unwrap();
+        assert!(bytes.contains(&LONG_BINGET));
+        assert!(bytes.windows(2).any(|w| w == [EMPTY_LIST, MEMOIZE]));
+        assert!(bytes.windows(2).any(|w| w == [TUPLE1, MEMOIZE]));
+        assert_eq!(decode(&bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn sharing_survives_a_round_trip() {
+        // Python's 3.12 AttributeError: BUILD state refers to the args tuple (BINGET).
+        let args = Value::tuple(vec![Value::str("msg")]);
+        let obj = Value::Object(Arc::new(Object {
+            construct: Construct::Reduce,
+            callable: Value::global("builtins", "AttributeError"),
+            args: args.clone(),
+            state: Some(Value::dict(vec![(Value::str("args"), args)])),
+        }));
+        let v = Value::tuple(vec![obj.clone(), obj]);
+        let bytes = encode(&v).unwrap();
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, v);
+        let [Value::Object(a), Value::Object(b)] = back.as_tuple().unwrap() else {
+            panic!("shape")
+        };
+        assert!(Arc::ptr_eq(a, b));
+        let (Value::Tuple(x), Some(Value::Dict(state))) = (&a.args, &a.state) else {
+            panic!("shape")
+        };
+        assert!(matches!(&state[0].1, Value::Tuple(y) if Arc::ptr_eq(x, y)));
+        // Bytes and the bytearray built from them may share one buffer: two memo keys.
+        let buf: Arc<[u8]> = Arc::from(&b"xy"[..]);
+        let v = Value::list(vec![
+            Value::Bytes(buf.clone()),
+            Value::ByteArray(buf.clone()),
+            Value::Bytes(buf.clone()),
+            Value::ByteArray(buf),
+        ]);
+        assert_eq!(decode(&encode(&v).unwrap()).unwrap(), v);
+    }
+
+    #[test]
+    fn shared_dag_encodes_linearly() {
+        // 2**60 leaves as a tree, 60 nodes as a DAG.
+        let mut v = Value::list(vec![Value::str("x")]);
+        for _ in 0..60 {
+            v = Value::list(vec![v.clone(), v]);
+        }
+        let bytes = encode(&v).unwrap();
+        assert!(bytes.len() < 1000, "{} bytes", bytes.len());
+        let mut back = decode(&bytes).unwrap();
+        for _ in 0..60 {
+            let Value::List(pair) = back else {
+                panic!("shape")
+            };
+            assert!(
+                matches!((&pair[0], &pair[1]), (Value::List(a), Value::List(b)) if Arc::ptr_eq(a, b))
+            );
+            back = pair[0].clone();
+        }
+    }
+
+    #[test]
+    fn depth_limit_matches_the_decoder() {
+        let nest = |n: usize| (0..n).fold(Value::None, |v, _| Value::list(vec![v]));
+        let ok = nest(MAX_DEPTH);
+        assert_eq!(decode(&encode(&ok).unwrap()).unwrap(), ok);
+        let mut out = b"prefix".to_vec();
+        let err = encode_into(&nest(MAX_DEPTH + 1), &mut out).unwrap_err();
+        assert!(
+            matches!(err, Error::Value(ref m) if m.contains("deeper than")),
+            "{err}"
+        );
+        assert_eq!(out, b"prefix", "output restored on error");
+    }
 }

@@ -208,7 +208,8 @@ impl From<Vec<u8>> for Value {
 }
 
 /// Renders a value the way Python's `repr()` would for the common types, so that
-/// binaries can print results; opaque objects render as `<module.name(...)>`.
+/// binaries can print results; opaque objects render as `module.name(args...)` (the
+/// exact format is documented in `pickle/repr.rs`).
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         crate::pickle::repr::write_repr(self, f)
