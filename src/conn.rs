@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{self, AuthKey};
 use crate::frame;
 use crate::pickle::{self, Value};
-use crate::protocol::encode_frame;
+use crate::protocol::{encode_frame, encode_reply_frame, Reply};
 use crate::{Error, Result};
 
 /// Which side of the handshake this end plays.
@@ -121,6 +121,19 @@ impl Connection {
     /// Decodes the pickle in the frame last read by [`Connection::read_frame`].
     pub fn decode_frame(&self) -> Result<Value> {
         pickle::decode(&self.read_buf)
+    }
+
+    /// Encodes `reply` and sends it as one frame. A reply whose result cannot be pickled
+    /// goes out as `#UNSERIALIZABLE` instead, as Python's server does.
+    pub fn write_reply(&mut self, reply: &Reply) -> Result<()> {
+        match encode_reply_frame(reply, &mut self.write_buf) {
+            Ok(()) => {}
+            Err(Error::Value(msg)) => {
+                encode_reply_frame(&Reply::Unserializable(msg), &mut self.write_buf)?
+            }
+            Err(e) => return Err(e),
+        }
+        frame::finish_and_write(&mut self.stream, &mut self.write_buf)
     }
 
     /// Encodes `value` and sends it as one frame.

@@ -11,22 +11,32 @@
 
 use std::time::Duration;
 
+use crate::pickle::Fragment;
 use crate::protocol::{exceptions, Reply, Request};
 use crate::queues::{Queue, QueueMap, Wait};
 use crate::{Error, Value};
 
-/// The methods of a queue proxy, in the order Python 3.8–3.12 list them for `queue.Queue`.
+/// The methods of a queue proxy: Python 3.8–3.12's `queue.Queue` list, in its order, plus
+/// distq's extensions.
+/// `get_many` and `put_many` are distq's batching extensions: one round trip for many
+/// items. Python clients get them too, since AutoProxy builds a method per exposed name.
 pub const QUEUE_METHODS: &[&str] = &[
     "empty",
     "full",
     "get",
+    "get_many",
     "get_nowait",
     "join",
     "put",
+    "put_many",
     "put_nowait",
     "qsize",
     "task_done",
 ];
+
+/// The most items one `get_many` returns, whatever the caller asks for: it bounds the
+/// reply frame (and the time the queue lock is held taking them).
+pub const MAX_BATCH: usize = 10_000;
 
 /// What the connection loop must do after a public function.
 #[derive(Debug, PartialEq)]
@@ -113,10 +123,7 @@ pub fn method(map: &QueueMap, req: &Request) -> Reply {
         "#GETVALUE" => Reply::Unserializable(
             "TypeError: a distq queue cannot be pickled; call its methods instead\n".into(),
         ),
-        name if QUEUE_METHODS.contains(&name) => match call(&queue, req) {
-            Ok(v) => Reply::Return(v),
-            Err(exc) => Reply::Error(exc),
-        },
+        name if QUEUE_METHODS.contains(&name) => call(&queue, req).unwrap_or_else(Reply::Error),
         other => Reply::traceback(
             "AttributeError",
             &format!(
@@ -129,60 +136,105 @@ pub fn method(map: &QueueMap, req: &Request) -> Reply {
 }
 
 /// Calls a queue method; `Err` holds the exception instance for an `#ERROR` reply.
-fn call(queue: &Queue, req: &Request) -> Result<Value, Value> {
+fn call(queue: &Queue, req: &Request) -> Result<Reply, Value> {
     let mut args = Args::new(req);
-    let result = match req.method.as_str() {
+    let none = |r: crate::Result<()>| r.map(|()| Reply::Return(Value::None)).map_err(to_exception);
+    match req.method.as_str() {
         "put" => {
-            let item = args.required(0, "item")?;
+            let item = fragment(&args.required(0, "item")?)?;
             let wait = args.wait(1)?;
             args.finish()?;
-            queue.put(item, wait)
+            none(queue.put(item, wait))
         }
         "put_nowait" => {
-            let item = args.required(0, "item")?;
+            let item = fragment(&args.required(0, "item")?)?;
             args.finish()?;
-            queue.put(item, Wait::No)
+            none(queue.put(item, Wait::No))
+        }
+        "put_many" => {
+            let items = match args.required(0, "items")? {
+                Value::List(items) | Value::Tuple(items) => items,
+                other => {
+                    return Err(exceptions::builtin(
+                        "TypeError",
+                        &format!("put_many() takes a list or tuple of items, not {other}"),
+                    ))
+                }
+            };
+            let items = items.iter().map(fragment).collect::<Result<Vec<_>, _>>()?;
+            let wait = args.wait(1)?;
+            args.finish()?;
+            none(queue.put_many(items, wait))
         }
         "get" => {
             let wait = args.wait(0)?;
             args.finish()?;
-            return queue.get(wait).map_err(to_exception);
+            queue.get(wait).map(Reply::Item).map_err(to_exception)
         }
         "get_nowait" => {
             args.finish()?;
-            return queue.get(Wait::No).map_err(to_exception);
+            queue.get(Wait::No).map(Reply::Item).map_err(to_exception)
+        }
+        "get_many" => {
+            let max = match args.optional(0, "max_items")? {
+                None => MAX_BATCH,
+                Some(Value::Int(n)) if n > 0 => {
+                    usize::try_from(n).map_or(MAX_BATCH, |n| n.min(MAX_BATCH))
+                }
+                Some(other) => {
+                    return Err(exceptions::builtin(
+                        "ValueError",
+                        &format!("get_many() max_items must be a positive int, not {other}"),
+                    ))
+                }
+            };
+            let wait = args.wait(1)?;
+            args.finish()?;
+            queue
+                .get_many(max, wait)
+                .map(Reply::Items)
+                .map_err(to_exception)
         }
         "qsize" => {
             args.finish()?;
-            return queue
+            queue
                 .len()
-                .map(|n| Value::Int(n as i64))
-                .map_err(to_exception);
+                .map(|n| Reply::Return(Value::Int(n as i64)))
+                .map_err(to_exception)
         }
         "empty" => {
             args.finish()?;
-            return queue.is_empty().map(Value::Bool).map_err(to_exception);
+            queue
+                .is_empty()
+                .map(|b| Reply::Return(Value::Bool(b)))
+                .map_err(to_exception)
         }
         "full" => {
             args.finish()?;
-            return queue.is_full().map(Value::Bool).map_err(to_exception);
+            queue
+                .is_full()
+                .map(|b| Reply::Return(Value::Bool(b)))
+                .map_err(to_exception)
         }
         "task_done" => {
             args.finish()?;
-            queue.task_done()
+            none(queue.task_done())
         }
         "join" => {
             args.finish()?;
-            queue.join(Wait::Forever)
+            none(queue.join(Wait::Forever))
         }
-        other => {
-            return Err(exceptions::builtin(
-                "AttributeError",
-                &format!("queue has no method {other:?}"),
-            ))
-        }
-    };
-    result.map(|()| Value::None).map_err(to_exception)
+        other => Err(exceptions::builtin(
+            "AttributeError",
+            &format!("queue has no method {other:?}"),
+        )),
+    }
+}
+
+/// Encodes an item for storage. Items decoded from a request always re-encode (the
+/// decoder enforces the same depth limit), so a failure here is an internal error.
+fn fragment(item: &Value) -> Result<Fragment, Value> {
+    Fragment::encode(item).map_err(|e| exceptions::builtin("ValueError", &e.to_string()))
 }
 
 fn to_exception(e: Error) -> Value {
@@ -341,7 +393,7 @@ mod tests {
             &map,
             &req(&id, "get", vec![], vec![("timeout", Value::from(1))]),
         );
-        assert_eq!(get, Reply::Return(Value::from(5)));
+        assert_eq!(get.into_result().unwrap(), Value::from(5));
         let get = method(
             &map,
             &req(
@@ -351,12 +403,52 @@ mod tests {
                 vec![],
             ),
         );
-        assert_eq!(get, Reply::Return(Value::from(6)));
+        assert_eq!(get.into_result().unwrap(), Value::from(6));
         let get = method(&map, &req(&id, "get", vec![Value::Bool(false)], vec![]));
         assert_eq!(get, Reply::Error(exceptions::empty()));
         assert_eq!(
             method(&map, &req(&id, "qsize", vec![], vec![])),
             Reply::Return(Value::Int(0))
+        );
+    }
+
+    #[test]
+    fn put_many_and_get_many_batch_items() {
+        let (map, id) = setup();
+        let items = Value::list((0..10).map(Value::from).collect());
+        let put = method(&map, &req(&id, "put_many", vec![items], vec![]));
+        assert_eq!(put, Reply::Return(Value::None));
+        let get = method(&map, &req(&id, "get_many", vec![Value::from(4)], vec![]));
+        assert_eq!(
+            get.into_result().unwrap(),
+            Value::list((0..4).map(Value::from).collect())
+        );
+        let get = method(
+            &map,
+            &req(
+                &id,
+                "get_many",
+                vec![],
+                vec![("timeout", Value::Float(0.1))],
+            ),
+        );
+        assert_eq!(
+            get.into_result().unwrap(),
+            Value::list((4..10).map(Value::from).collect())
+        );
+        let get = method(
+            &map,
+            &req(
+                &id,
+                "get_many",
+                vec![Value::from(5), Value::Bool(false)],
+                vec![],
+            ),
+        );
+        assert_eq!(get, Reply::Error(exceptions::empty()));
+        let bad = method(&map, &req(&id, "get_many", vec![Value::from(0)], vec![]));
+        assert!(
+            matches!(bad, Reply::Error(e) if e.class_name() == Some(("builtins", "ValueError")))
         );
     }
 

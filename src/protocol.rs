@@ -14,7 +14,8 @@
 //! ```
 
 use crate::frame;
-use crate::pickle::{self, Value};
+use crate::pickle::op::{PROTO, SHORT_BINUNICODE, STOP, TUPLE2};
+use crate::pickle::{self, Fragment, Value};
 use crate::{Error, Result};
 
 /// One call: a public function (`ident` is `None`) or a method on an object.
@@ -110,6 +111,10 @@ pub enum Reply {
     Unserializable(String),
     /// `#PROXY`: `(exposed, token)` for a method that returns a new shared object.
     Proxy(Value),
+    /// `#RETURN` of one queue item, already encoded: sent without re-encoding.
+    Item(Fragment),
+    /// `#RETURN` of a list of queue items, already encoded (`get_many`).
+    Items(Vec<Fragment>),
 }
 
 impl Reply {
@@ -121,16 +126,41 @@ impl Reply {
         ))
     }
 
-    /// The reply as the 2-tuple Python expects.
-    pub fn to_value(&self) -> Value {
-        let (kind, result) = match self {
-            Reply::Return(v) => ("#RETURN", v.clone()),
-            Reply::Error(v) => ("#ERROR", v.clone()),
-            Reply::Traceback(s) => ("#TRACEBACK", Value::str(s)),
-            Reply::Unserializable(s) => ("#UNSERIALIZABLE", Value::str(s)),
-            Reply::Proxy(v) => ("#PROXY", v.clone()),
-        };
-        Value::tuple(vec![Value::str(kind), result])
+    fn kind(&self) -> &'static str {
+        match self {
+            Reply::Return(_) | Reply::Item(_) | Reply::Items(_) => "#RETURN",
+            Reply::Error(_) => "#ERROR",
+            Reply::Traceback(_) => "#TRACEBACK",
+            Reply::Unserializable(_) => "#UNSERIALIZABLE",
+            Reply::Proxy(_) => "#PROXY",
+        }
+    }
+
+    /// Appends the reply's pickle, the 2-tuple `(kind, result)`, to `out`.
+    ///
+    /// Written by hand rather than by building a tuple `Value`: the kind string is never
+    /// memoized, so a stored item's fragment (whose memo indices count from 0) can be
+    /// copied in as it is.
+    ///
+    /// # Errors
+    /// [`Error::Value`] if the result cannot be pickled; `out` may then hold a partial
+    /// pickle and must be discarded.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<()> {
+        let kind = self.kind();
+        out.extend_from_slice(&[PROTO, 4, SHORT_BINUNICODE, kind.len() as u8]);
+        out.extend_from_slice(kind.as_bytes());
+        match self {
+            Reply::Return(v) | Reply::Error(v) | Reply::Proxy(v) => {
+                pickle::encode_fragment(v, out)?;
+            }
+            Reply::Traceback(text) | Reply::Unserializable(text) => {
+                pickle::encode_fragment(&Value::str(text), out)?;
+            }
+            Reply::Item(item) => out.extend_from_slice(item.bytes()),
+            Reply::Items(items) => pickle::write_list(items, out)?,
+        }
+        out.extend_from_slice(&[TUPLE2, STOP]);
+        Ok(())
     }
 
     /// Reads a reply from a decoded pickle.
@@ -168,6 +198,10 @@ impl Reply {
             }
             Reply::Proxy(_) => Err(Error::protocol(
                 "unexpected #PROXY reply (distq clients do not build proxies)",
+            )),
+            Reply::Item(item) => item.decode(),
+            Reply::Items(items) => Ok(Value::list(
+                items.iter().map(Fragment::decode).collect::<Result<_>>()?,
             )),
         }
     }
@@ -228,6 +262,13 @@ pub fn encode_frame(value: &Value, buf: &mut Vec<u8>) -> Result<()> {
     buf.clear();
     buf.resize(frame::HEADER_RESERVE, 0);
     pickle::encode_into(value, buf)
+}
+
+/// Like [`encode_frame`], for a reply.
+pub fn encode_reply_frame(reply: &Reply, buf: &mut Vec<u8>) -> Result<()> {
+    buf.clear();
+    buf.resize(frame::HEADER_RESERVE, 0);
+    reply.encode_into(buf)
 }
 
 #[cfg(test)]
@@ -291,6 +332,33 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let tb = Reply::traceback("KeyError", "'x'");
-        assert_eq!(Reply::from_value(&tb.to_value()).unwrap(), tb);
+        let mut out = Vec::new();
+        tb.encode_into(&mut out).unwrap();
+        assert_eq!(
+            Reply::from_value(&pickle::decode(&out).unwrap()).unwrap(),
+            tb
+        );
+    }
+
+    #[test]
+    fn stored_items_are_spliced_into_replies() {
+        let shared = Value::list(vec![Value::from(1)]);
+        let items = vec![
+            Fragment::encode(&Value::from(5)).unwrap(),
+            Fragment::encode(&Value::tuple(vec![shared.clone(), shared])).unwrap(),
+        ];
+        for (reply, want) in [
+            (Reply::Item(items[0].clone()), items[0].decode().unwrap()),
+            (Reply::Item(items[1].clone()), items[1].decode().unwrap()),
+            (
+                Reply::Items(items.clone()),
+                Value::list(items.iter().map(|f| f.decode().unwrap()).collect()),
+            ),
+        ] {
+            let mut out = Vec::new();
+            reply.encode_into(&mut out).unwrap();
+            let decoded = Reply::from_value(&pickle::decode(&out).unwrap()).unwrap();
+            assert_eq!(decoded, Reply::Return(want));
+        }
     }
 }

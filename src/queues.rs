@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::{Error, Result, Value};
+use crate::pickle::Fragment;
+use crate::{Error, Result};
 
 /// How long a blocking queue operation may wait.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -49,7 +50,7 @@ pub struct Queue {
 
 #[derive(Debug)]
 struct State {
-    items: VecDeque<Value>,
+    items: Packed,
     /// 0 means unbounded, as in `queue.Queue(maxsize=0)`.
     maxsize: usize,
     /// Items put but not yet marked done with `task_done` (for `join`).
@@ -101,7 +102,7 @@ impl Queue {
             name: name.to_string(),
             ident,
             state: Mutex::new(State {
-                items: VecDeque::new(),
+                items: Packed::default(),
                 maxsize,
                 unfinished: 0,
                 closed: false,
@@ -130,18 +131,42 @@ impl Queue {
     ///
     /// # Errors
     /// [`Error::Full`] if no slot freed up in time; [`Error::Closed`] on shutdown.
-    pub fn put(&self, item: Value, wait: Wait) -> Result<()> {
+    pub fn put(&self, item: Fragment, wait: Wait) -> Result<()> {
+        self.put_many(vec![item], wait)
+    }
+
+    /// Appends all `items` at once, waiting until there is room for all of them: a batch
+    /// is never split, so consumers see it contiguous and a `Full` error means none of it
+    /// was queued.
+    ///
+    /// # Errors
+    /// [`Error::Full`] if room did not free up in time; [`Error::Value`] if the batch is
+    /// larger than the queue's bound and could never fit.
+    pub fn put_many(&self, items: Vec<Fragment>, wait: Wait) -> Result<()> {
+        let n = items.len();
         let guard = self.lock()?;
+        if guard.maxsize > 0 && n > guard.maxsize {
+            return Err(Error::Value(format!(
+                "a batch of {n} items can never fit a queue bounded to {}",
+                guard.maxsize
+            )));
+        }
         let (mut guard, ready) = wait_until(&self.not_full, guard, wait.deadline(), |s| {
-            s.maxsize == 0 || s.items.len() < s.maxsize
+            s.maxsize == 0 || s.items.len() + n <= s.maxsize
         })?;
         if !ready {
             return Err(Error::Full);
         }
-        guard.items.push_back(item);
-        guard.unfinished += 1;
+        for item in &items {
+            guard.items.push_back(item);
+        }
+        guard.unfinished += n as u64;
         drop(guard);
-        self.not_empty.notify_one();
+        if n == 1 {
+            self.not_empty.notify_one();
+        } else {
+            self.not_empty.notify_all();
+        }
         Ok(())
     }
 
@@ -149,25 +174,41 @@ impl Queue {
     ///
     /// # Errors
     /// [`Error::Empty`] if nothing arrived in time; [`Error::Closed`] on shutdown.
-    pub fn get(&self, wait: Wait) -> Result<Value> {
+    pub fn get(&self, wait: Wait) -> Result<Fragment> {
+        let mut items = self.get_many(1, wait)?;
+        items.pop().ok_or(Error::Empty)
+    }
+
+    /// Waits like [`Queue::get`] for at least one item, then takes up to `max` of those
+    /// waiting (never waiting for more).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if nothing arrived in time; [`Error::Closed`] on shutdown.
+    pub fn get_many(&self, max: usize, wait: Wait) -> Result<Vec<Fragment>> {
         let guard = self.lock()?;
         let (mut guard, ready) = wait_until(&self.not_empty, guard, wait.deadline(), |s| {
             !s.items.is_empty()
         })?;
-        let item = match (ready, guard.items.pop_front()) {
-            (true, Some(item)) => item,
-            _ => return Err(Error::Empty),
-        };
+        if !ready {
+            return Err(Error::Empty);
+        }
+        let take = max.min(guard.items.len());
+        let items: Vec<Fragment> = (0..take).filter_map(|_| guard.items.pop_front()).collect();
+        guard.items.shrink_if_sparse();
         drop(guard);
-        self.not_full.notify_one();
-        Ok(item)
+        if items.len() == 1 {
+            self.not_full.notify_one();
+        } else {
+            self.not_full.notify_all();
+        }
+        Ok(items)
     }
 
     /// Puts `item` back at the head of the queue, ignoring `maxsize`: used when an item
     /// was taken but could not be delivered, so that it is not lost and keeps its place.
-    pub fn unget(&self, item: Value) -> Result<()> {
+    pub fn unget(&self, item: Fragment) -> Result<()> {
         let mut guard = self.lock()?;
-        guard.items.push_front(item);
+        guard.items.push_front(&item);
         drop(guard);
         self.not_empty.notify_one();
         Ok(())
@@ -237,6 +278,85 @@ impl Queue {
     }
 }
 
+/// Queued items packed back to back in one ring buffer: each is a LEB128 header
+/// (`len << 1 | uses_memo`) followed by its pickle fragment. A queued small int costs
+/// about 3 bytes (1 header + 2 opcode bytes) plus the ring's spare capacity, against
+/// ~40 for a boxed item per slot (pointer, length, allocator overhead); see the README's
+/// memory figures.
+#[derive(Debug, Default)]
+struct Packed {
+    bytes: VecDeque<u8>,
+    count: usize,
+}
+
+impl Packed {
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn header(item: &Fragment) -> ([u8; 10], usize) {
+        let mut v = ((item.bytes().len() as u64) << 1) | u64::from(item.uses_memo());
+        let mut buf = [0u8; 10];
+        let mut n = 0;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                buf[n] = byte;
+                return (buf, n + 1);
+            }
+            buf[n] = byte | 0x80;
+            n += 1;
+        }
+    }
+
+    fn push_back(&mut self, item: &Fragment) {
+        let (header, n) = Packed::header(item);
+        self.bytes.extend(&header[..n]);
+        self.bytes.extend(item.bytes());
+        self.count += 1;
+    }
+
+    fn push_front(&mut self, item: &Fragment) {
+        let (header, n) = Packed::header(item);
+        for &b in item.bytes().iter().rev().chain(header[..n].iter().rev()) {
+            self.bytes.push_front(b);
+        }
+        self.count += 1;
+    }
+
+    fn pop_front(&mut self) -> Option<Fragment> {
+        let mut v: u64 = 0;
+        let mut n = 0;
+        loop {
+            let byte = *self.bytes.get(n)?;
+            v |= u64::from(byte & 0x7f) << (7 * n);
+            n += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        // Only this module writes the ring, so the header always matches what follows.
+        let len = usize::try_from(v >> 1).ok()?;
+        self.bytes.drain(..n);
+        let bytes: Vec<u8> = self.bytes.drain(..len).collect();
+        self.count -= 1;
+        Some(Fragment::from_parts(bytes, v & 1 == 1))
+    }
+
+    /// Returns memory after a burst: keep at most 4x what is in use (and 64 KiB).
+    fn shrink_if_sparse(&mut self) {
+        let cap = self.bytes.capacity();
+        if cap > 64 * 1024 && self.bytes.len() < cap / 4 {
+            self.bytes.shrink_to((self.bytes.len() * 2).max(64 * 1024));
+        }
+    }
+}
+
 /// The most queues one server holds; creating a new name beyond it fails, so a client
 /// cannot grow the server without bound by inventing names.
 pub const MAX_QUEUES: usize = 4096;
@@ -263,12 +383,13 @@ struct Registry {
 ///
 /// # Example
 /// ```
+/// use distq::pickle::Fragment;
 /// use distq::queues::{QueueMap, Wait};
 /// use distq::Value;
 /// let map = QueueMap::new();
 /// let q = map.create("get_task_queue")?;
-/// q.put(Value::from(7), Wait::No)?;
-/// assert_eq!(q.get(Wait::No)?, Value::from(7));
+/// q.put(Fragment::encode(&Value::from(7))?, Wait::No)?;
+/// assert_eq!(q.get(Wait::No)?.decode()?, Value::from(7));
 /// # Ok::<(), distq::Error>(())
 /// ```
 #[derive(Debug, Default)]
@@ -423,17 +544,22 @@ impl QueueMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Value;
     use std::thread;
+
+    fn item(v: impl Into<Value>) -> Fragment {
+        Fragment::encode(&v.into()).unwrap()
+    }
 
     #[test]
     fn fifo_order() {
         let map = QueueMap::new();
         let q = map.create("q").unwrap();
         for i in 0..5 {
-            q.put(Value::from(i), Wait::No).unwrap();
+            q.put(item(i), Wait::No).unwrap();
         }
         let got: Vec<_> = (0..5).map(|_| q.get(Wait::No).unwrap()).collect();
-        assert_eq!(got, (0..5).map(Value::from).collect::<Vec<_>>());
+        assert_eq!(got, (0..5).map(item).collect::<Vec<_>>());
         assert!(matches!(q.get(Wait::No), Err(Error::Empty)));
     }
 
@@ -458,39 +584,39 @@ mod tests {
         let q2 = q.clone();
         let t = thread::spawn(move || q2.get(Wait::Forever));
         thread::sleep(Duration::from_millis(50));
-        q.put(Value::from("x"), Wait::No).unwrap();
-        assert_eq!(t.join().unwrap().unwrap(), Value::from("x"));
+        q.put(item("x"), Wait::No).unwrap();
+        assert_eq!(t.join().unwrap().unwrap(), item("x"));
     }
 
     #[test]
     fn bounded_queue_reports_full_and_unblocks() {
         let map = QueueMap::new();
         let q = map.declare("b", 1).unwrap();
-        q.put(Value::from(1), Wait::No).unwrap();
+        q.put(item(1), Wait::No).unwrap();
         assert!(q.is_full().unwrap());
-        assert!(matches!(q.put(Value::from(2), Wait::No), Err(Error::Full)));
+        assert!(matches!(q.put(item(2), Wait::No), Err(Error::Full)));
         let q2 = q.clone();
-        let t = thread::spawn(move || q2.put(Value::from(2), Wait::Forever));
+        let t = thread::spawn(move || q2.put(item(2), Wait::Forever));
         thread::sleep(Duration::from_millis(50));
-        assert_eq!(q.get(Wait::No).unwrap(), Value::from(1));
+        assert_eq!(q.get(Wait::No).unwrap(), item(1));
         t.join().unwrap().unwrap();
-        assert_eq!(q.get(Wait::No).unwrap(), Value::from(2));
+        assert_eq!(q.get(Wait::No).unwrap(), item(2));
     }
 
     #[test]
     fn unget_goes_to_the_head_even_when_full() {
         let q = QueueMap::new().declare("b", 1).unwrap();
-        q.put(Value::from(2), Wait::No).unwrap();
-        q.unget(Value::from(1)).unwrap();
-        assert_eq!(q.get(Wait::No).unwrap(), Value::from(1));
-        assert_eq!(q.get(Wait::No).unwrap(), Value::from(2));
+        q.put(item(2), Wait::No).unwrap();
+        q.unget(item(1)).unwrap();
+        assert_eq!(q.get(Wait::No).unwrap(), item(1));
+        assert_eq!(q.get(Wait::No).unwrap(), item(2));
     }
 
     #[test]
     fn task_done_and_join() {
         let q = QueueMap::new().create("j").unwrap();
-        q.put(Value::None, Wait::No).unwrap();
-        q.put(Value::None, Wait::No).unwrap();
+        q.put(item(Value::None), Wait::No).unwrap();
+        q.put(item(Value::None), Wait::No).unwrap();
         assert!(matches!(
             q.join(Wait::For(Duration::from_millis(20))),
             Err(Error::Timeout(_))
@@ -525,5 +651,45 @@ mod tests {
         assert!(map.incref("nope").is_err());
         // The queue itself survives and keeps its ident.
         assert_eq!(map.create("r").unwrap().ident(), q.ident());
+    }
+}
+
+#[cfg(test)]
+mod packed_tests {
+    use super::*;
+    use crate::Value;
+
+    #[test]
+    fn packed_ring_keeps_order_sizes_and_memo_flags() {
+        let shared = Value::list(vec![Value::from(1)]);
+        let items: Vec<Fragment> = [
+            Value::from(1),
+            Value::from("x".repeat(300)),
+            Value::tuple(vec![shared.clone(), shared]),
+            Value::from(vec![0u8; 70_000]),
+        ]
+        .iter()
+        .map(|v| Fragment::encode(v).unwrap())
+        .collect();
+        let mut p = Packed::default();
+        for it in &items[1..] {
+            p.push_back(it);
+        }
+        p.push_front(&items[0]);
+        assert_eq!(p.len(), 4);
+        for it in &items {
+            assert_eq!(p.pop_front().as_ref(), Some(it));
+        }
+        assert!(p.is_empty() && p.pop_front().is_none());
+    }
+
+    #[test]
+    fn a_queued_small_int_costs_a_few_bytes() {
+        let mut p = Packed::default();
+        let one = Fragment::encode(&Value::from(200)).unwrap();
+        for _ in 0..100_000 {
+            p.push_back(&one);
+        }
+        assert_eq!(p.bytes.len(), 300_000);
     }
 }

@@ -266,18 +266,19 @@ impl Shared {
         };
         log_at!(Debug, "{peer}: {}{:?}", req.method, req.args);
         let result = match dispatch::public(&self.queues, &req) {
-            Public::Reply(reply) => send(&mut conn, &reply),
+            Public::Reply(reply) => conn.write_reply(&reply),
             Public::AcceptConnection => {
                 let name = req.args.first().map(Value::to_string).unwrap_or_default();
                 log_at!(Info, "{peer}: method channel opened by {name}");
-                send(&mut conn, &Reply::Return(Value::None))
+                conn.write_reply(&Reply::Return(Value::None))
                     .and_then(|()| self.serve_methods(&mut conn))
             }
             Public::Shutdown => {
                 log_at!(Info, "{peer}: asked the server to shut down");
                 // Python's server answers shutdown twice; Python clients read only one.
-                let sent = send(&mut conn, &Reply::Return(Value::None))
-                    .and_then(|()| send(&mut conn, &Reply::Return(Value::None)));
+                let sent = conn
+                    .write_reply(&Reply::Return(Value::None))
+                    .and_then(|()| conn.write_reply(&Reply::Return(Value::None)));
                 self.shutdown();
                 sent
             }
@@ -296,7 +297,7 @@ impl Shared {
             Ok(()) => {}
             Err(Error::Closed) => return Ok(None),
             Err(e @ Error::FrameTooLarge { .. }) => {
-                let _ = send(conn, &Reply::traceback("OSError", &e.to_string()));
+                let _ = conn.write_reply(&Reply::traceback("OSError", &e.to_string()));
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -305,7 +306,7 @@ impl Shared {
             Ok(req) => Ok(Some(req)),
             Err(e) => {
                 log_at!(Warn, "{}: bad request: {e}", conn.peer());
-                send(conn, &Reply::traceback("UnpicklingError", &e.to_string()))?;
+                conn.write_reply(&Reply::traceback("UnpicklingError", &e.to_string()))?;
                 Ok(None)
             }
         }
@@ -319,7 +320,7 @@ impl Shared {
                 Ok(()) => {}
                 Err(Error::Closed) => return Ok(()),
                 Err(e @ Error::FrameTooLarge { .. }) => {
-                    let _ = send(conn, &Reply::traceback("OSError", &e.to_string()));
+                    let _ = conn.write_reply(&Reply::traceback("OSError", &e.to_string()));
                     return Err(e);
                 }
                 Err(e) => return Err(e),
@@ -340,7 +341,7 @@ impl Shared {
                     Reply::traceback("UnpicklingError", &e.to_string())
                 }
             };
-            send(conn, &reply)?;
+            conn.write_reply(&reply)?;
         }
     }
 
@@ -363,14 +364,6 @@ impl Shared {
             });
         }
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-    }
-}
-
-/// Sends a reply. A reply that cannot be pickled becomes `#UNSERIALIZABLE`, as in Python.
-fn send(conn: &mut Connection, reply: &Reply) -> Result<()> {
-    match conn.write_value(&reply.to_value()) {
-        Err(Error::Value(msg)) => conn.write_value(&Reply::Unserializable(msg).to_value()),
-        other => other,
     }
 }
 

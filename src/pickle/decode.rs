@@ -16,57 +16,12 @@
 //! budget equal to the input size, so no input can make the decoder do more than linear
 //! work or allocate more than a small multiple of its own size.
 
+use super::op::*;
 use super::{Construct, Global, Object, Value, MAX_DEPTH};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-
-// Opcodes (names as in CPython's `pickletools`).
-const PROTO: u8 = 0x80;
-const FRAME: u8 = 0x95;
-const STOP: u8 = b'.';
-const MEMOIZE: u8 = 0x94;
-const BINPUT: u8 = b'q';
-const LONG_BINPUT: u8 = b'r';
-const BINGET: u8 = b'h';
-const LONG_BINGET: u8 = b'j';
-const MARK: u8 = b'(';
-const EMPTY_TUPLE: u8 = b')';
-const TUPLE1: u8 = 0x85;
-const TUPLE2: u8 = 0x86;
-const TUPLE3: u8 = 0x87;
-const TUPLE: u8 = b't';
-const EMPTY_LIST: u8 = b']';
-const APPEND: u8 = b'a';
-const APPENDS: u8 = b'e';
-const EMPTY_DICT: u8 = b'}';
-const SETITEM: u8 = b's';
-const SETITEMS: u8 = b'u';
-const EMPTY_SET: u8 = 0x8f;
-const ADDITEMS: u8 = 0x90;
-const FROZENSET: u8 = 0x91;
-const NONE: u8 = b'N';
-const NEWTRUE: u8 = 0x88;
-const NEWFALSE: u8 = 0x89;
-const BININT1: u8 = b'K';
-const BININT2: u8 = b'M';
-const BININT: u8 = b'J';
-const LONG1: u8 = 0x8a;
-const LONG4: u8 = 0x8b;
-const BINFLOAT: u8 = b'G';
-const SHORT_BINUNICODE: u8 = 0x8c;
-const BINUNICODE: u8 = b'X';
-const BINUNICODE8: u8 = 0x8d;
-const SHORT_BINBYTES: u8 = b'C';
-const BINBYTES: u8 = b'B';
-const BINBYTES8: u8 = 0x8e;
-const BYTEARRAY8: u8 = 0x96;
-const GLOBAL: u8 = b'c';
-const STACK_GLOBAL: u8 = 0x93;
-const REDUCE: u8 = b'R';
-const NEWOBJ: u8 = 0x81;
-const BUILD: u8 = b'b';
 
 /// The highest pickle protocol this decoder (and CPython up to 3.14) knows.
 const HIGHEST_PROTOCOL: u8 = 5;

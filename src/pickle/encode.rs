@@ -13,53 +13,11 @@
 //! (every reply), so nothing is allocated beyond the growth of `out` unless a shared
 //! node is met, which creates the memo table.
 
+use super::op::*;
 use super::{Construct, Global, Object, Value, MAX_DEPTH};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
-
-const PROTO: u8 = 0x80;
-const STOP: u8 = b'.';
-const MEMOIZE: u8 = 0x94;
-const BINGET: u8 = b'h';
-const LONG_BINGET: u8 = b'j';
-const MARK: u8 = b'(';
-const EMPTY_TUPLE: u8 = b')';
-const TUPLE1: u8 = 0x85;
-const TUPLE2: u8 = 0x86;
-const TUPLE3: u8 = 0x87;
-const TUPLE: u8 = b't';
-const EMPTY_LIST: u8 = b']';
-const APPEND: u8 = b'a';
-const APPENDS: u8 = b'e';
-const EMPTY_DICT: u8 = b'}';
-const SETITEM: u8 = b's';
-const SETITEMS: u8 = b'u';
-const EMPTY_SET: u8 = 0x8f;
-const ADDITEMS: u8 = 0x90;
-const FROZENSET: u8 = 0x91;
-const NONE: u8 = b'N';
-const NEWTRUE: u8 = 0x88;
-const NEWFALSE: u8 = 0x89;
-const BININT1: u8 = b'K';
-const BININT2: u8 = b'M';
-const BININT: u8 = b'J';
-const LONG1: u8 = 0x8a;
-const LONG4: u8 = 0x8b;
-const BINFLOAT: u8 = b'G';
-const SHORT_BINUNICODE: u8 = 0x8c;
-const BINUNICODE: u8 = b'X';
-const BINUNICODE8: u8 = 0x8d;
-const SHORT_BINBYTES: u8 = b'C';
-const BINBYTES: u8 = b'B';
-const BINBYTES8: u8 = 0x8e;
-const STACK_GLOBAL: u8 = 0x93;
-const REDUCE: u8 = b'R';
-const NEWOBJ: u8 = 0x81;
-const BUILD: u8 = b'b';
-
-/// Items per APPENDS/SETITEMS/ADDITEMS batch, as CPython's pickler uses.
-const BATCH: usize = 1000;
 
 /// Encodes a value as a protocol-4 pickle.
 pub fn encode(value: &Value) -> Result<Vec<u8>> {
@@ -76,16 +34,37 @@ pub fn encode(value: &Value) -> Result<Vec<u8>> {
 pub fn encode_into(value: &Value, out: &mut Vec<u8>) -> Result<()> {
     let start = out.len();
     out.extend_from_slice(&[PROTO, 4]);
+    match encode_fragment(value, out) {
+        Ok(_) => {
+            out.push(STOP);
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+/// Appends the opcodes of `value` alone (no PROTO header, no STOP) to `out`, and returns
+/// whether they use the memo.
+///
+/// A fragment can be spliced into a larger pickle as one element: that is how the server
+/// stores queue items (encoded once on `put`, copied on `get`, never re-encoded). Memo
+/// indices in a fragment count from 0, so a fragment that uses the memo may only be
+/// spliced where nothing before it was memoized; one that does not can go anywhere.
+///
+/// # Errors
+/// As [`encode_into`]; `out` is then left as it was.
+pub fn encode_fragment(value: &Value, out: &mut Vec<u8>) -> Result<bool> {
+    let start = out.len();
     let mut enc = Encoder {
         out,
         memo: None,
         next_memo: 0,
     };
     match enc.value(value, 0) {
-        Ok(()) => {
-            enc.out.push(STOP);
-            Ok(())
-        }
+        Ok(()) => Ok(enc.next_memo > 0),
         Err(e) => {
             enc.out.truncate(start);
             Err(e)

@@ -8,11 +8,14 @@
 
 mod decode;
 mod encode;
+mod fragment;
+pub mod op;
 mod repr;
 mod value;
 
 pub use decode::decode;
-pub use encode::{encode, encode_into};
+pub use encode::{encode, encode_fragment, encode_into};
+pub use fragment::{write_list, Fragment};
 pub use value::{Construct, Global, Object, Value};
 
 /// The deepest nesting of containers the codec accepts. Python's own pickler gives up

@@ -1,0 +1,110 @@
+//! Pre-encoded values: how the server stores queue items.
+//!
+//! An item is encoded once, when it is put, and from then on only its bytes move: into
+//! the queue's packed storage, and from there straight into the reply frame of the `get`
+//! that takes it. That makes `get` a copy instead of an encode and keeps a queued small
+//! int at a few bytes instead of a decoded tree.
+
+use super::op::*;
+use super::{decode, encode_fragment, Value};
+use crate::Result;
+
+/// The pickle opcodes of one value, without the protocol header or STOP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fragment {
+    bytes: Vec<u8>,
+    uses_memo: bool,
+}
+
+impl Fragment {
+    /// Encodes `value`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Value`] if the value cannot be pickled (too deep).
+    pub fn encode(value: &Value) -> Result<Fragment> {
+        let mut bytes = Vec::new();
+        let uses_memo = encode_fragment(value, &mut bytes)?;
+        Ok(Fragment { bytes, uses_memo })
+    }
+
+    /// Rebuilds a fragment from bytes this crate produced earlier (e.g. read back from
+    /// the queue's packed storage). The bytes are trusted to be a fragment.
+    pub(crate) fn from_parts(bytes: Vec<u8>, uses_memo: bool) -> Fragment {
+        Fragment { bytes, uses_memo }
+    }
+
+    /// The opcodes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Whether the opcodes use memo indices (which count from 0), so the fragment may
+    /// only be spliced where nothing was memoized before it.
+    pub fn uses_memo(&self) -> bool {
+        self.uses_memo
+    }
+
+    /// Decodes the value back.
+    pub fn decode(&self) -> Result<Value> {
+        let mut whole = Vec::with_capacity(self.bytes.len() + 3);
+        whole.extend_from_slice(&[PROTO, 4]);
+        whole.extend_from_slice(&self.bytes);
+        whole.push(STOP);
+        decode(&whole)
+    }
+}
+
+/// Appends a list of fragments to `out` as one list value.
+///
+/// Fragments without memo use are spliced as they are. If any uses the memo, their
+/// indices would collide, so the list is decoded and re-encoded instead: slower, and
+/// only ever needed for items that contain shared references.
+pub fn write_list(items: &[Fragment], out: &mut Vec<u8>) -> Result<()> {
+    if items.iter().any(Fragment::uses_memo) {
+        let values = items
+            .iter()
+            .map(Fragment::decode)
+            .collect::<Result<Vec<_>>>()?;
+        encode_fragment(&Value::list(values), out)?;
+        return Ok(());
+    }
+    out.push(EMPTY_LIST);
+    for batch in items.chunks(BATCH) {
+        out.push(MARK);
+        for item in batch {
+            out.extend_from_slice(&item.bytes);
+        }
+        out.push(APPENDS);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_round_trip_and_splice_into_lists() {
+        let shared = Value::list(vec![Value::from(1)]);
+        let values = [
+            Value::from(7),
+            Value::from("x"),
+            Value::tuple(vec![shared.clone(), shared]),
+        ];
+        let frags: Vec<_> = values
+            .iter()
+            .map(|v| Fragment::encode(v).unwrap())
+            .collect();
+        assert!(!frags[0].uses_memo() && frags[2].uses_memo());
+        for (f, v) in frags.iter().zip(&values) {
+            assert_eq!(&f.decode().unwrap(), v);
+        }
+        for items in [&frags[..2], &frags[..], &[][..]] {
+            let mut out = vec![PROTO, 4];
+            write_list(items, &mut out).unwrap();
+            out.push(STOP);
+            let want: Vec<Value> = items.iter().map(|f| f.decode().unwrap()).collect();
+            assert_eq!(decode(&out).unwrap(), Value::list(want));
+        }
+    }
+}
