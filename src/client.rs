@@ -323,6 +323,35 @@ impl QueueProxy {
         self.call("get", vec![], vec![], None)
     }
 
+    /// Appends all `items` in one round trip; they are queued together or not at all.
+    ///
+    /// # Errors
+    /// [`Error::Full`] if a bounded queue had no room for the whole batch within `timeout`
+    /// (`None`: wait as long as it takes).
+    pub fn put_many(&self, items: Vec<Value>, timeout: Option<Duration>) -> Result<()> {
+        let kwargs = timeout
+            .map(|t| vec![("timeout".to_string(), Value::Float(t.as_secs_f64()))])
+            .unwrap_or_default();
+        self.call("put_many", vec![Value::list(items)], kwargs, timeout)
+            .map(drop)
+    }
+
+    /// Waits at most `timeout` for an item, then takes up to `max` of those waiting, in
+    /// one round trip (a distq extension; Python's own server does not have it).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if nothing arrived in time.
+    pub fn get_many(&self, max: usize, timeout: Duration) -> Result<Vec<Value>> {
+        let args = vec![Value::Int(i64::try_from(max).unwrap_or(i64::MAX))];
+        let kwargs = vec![("timeout".to_string(), Value::Float(timeout.as_secs_f64()))];
+        match self.call("get_many", args, kwargs, Some(timeout))? {
+            Value::List(items) => Ok(items.to_vec()),
+            other => Err(Error::protocol(format!(
+                "get_many returned {other}, not a list"
+            ))),
+        }
+    }
+
     /// Takes the oldest item if there is one.
     ///
     /// # Errors

@@ -231,7 +231,16 @@ fn rust_client_queue_semantics() {
         Err(Error::Empty)
     ));
     assert!(t.elapsed() >= Duration::from_millis(195));
+    q.put_many((0..50).map(Value::from).collect(), None)
+        .unwrap();
+    assert_eq!(q.get_many(20, Duration::from_secs(1)).unwrap().len(), 20);
+    let rest = q.get_many(100, Duration::from_secs(1)).unwrap();
+    assert_eq!(rest, (20..50).map(Value::from).collect::<Vec<_>>());
     let b = m.queue("bounded").unwrap();
+    assert!(
+        b.put_many(vec![Value::None, Value::None], None).is_err(),
+        "can never fit"
+    );
     b.put(1).unwrap();
     assert!(b.full().unwrap());
     assert!(matches!(

@@ -17,6 +17,8 @@ pub fn server() -> RunningServer {
 }
 
 pub fn server_with(adjust: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    // Warnings only: tests provoke them on purpose; connection chatter is noise.
+    distq::log::set_level(distq::log::Level::Warn);
     let mut config = ServerConfig::new(AuthKey::new(KEY));
     adjust(&mut config);
     Server::bind("127.0.0.1:0", config)
@@ -179,6 +181,11 @@ pub fn pythons() -> Vec<Python> {
         }
     }
     found.sort_by_key(|p| p.version);
+    let versions: Vec<String> = found
+        .iter()
+        .map(|p| format!("{}.{}", p.version.0, p.version.1))
+        .collect();
+    eprintln!("python interpreters: {}", versions.join(", "));
     found
 }
 

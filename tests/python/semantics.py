@@ -59,4 +59,13 @@ try:
     raise AssertionError('extra task_done accepted')
 except ValueError:
     pass
+# distq's batching extensions, through the ordinary AutoProxy.
+q.put_many(list(range(100)))
+assert q.get_many(30) == list(range(30))
+assert q.get_many(1000, timeout=0.5) == list(range(30, 100))
+try:
+    q.get_many(5, timeout=0.1)
+    raise AssertionError('expected Empty')
+except queue.Empty:
+    pass
 print('semantics ok')
