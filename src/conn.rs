@@ -143,6 +143,24 @@ impl Connection {
     }
 }
 
+/// Whether the peer still has the connection open, without blocking: a peek that sees
+/// end-of-stream or an error means it is gone. Pending request bytes (a client that
+/// pipelines, against the protocol) count as alive. Takes a clone of the connection's
+/// socket, so a blocked call can ask while the connection itself is borrowed elsewhere.
+pub fn peer_alive(stream: &TcpStream) -> bool {
+    // MSG_PEEK on a non-blocking socket; the flag is shared by all clones of the socket,
+    // which is safe here because the connection's own thread is the one asking.
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let alive = match stream.peek(&mut [0u8; 1]) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    };
+    stream.set_nonblocking(false).is_ok() && alive
+}
+
 /// Reads and writes that all share one deadline: each call gets only the time left, so a
 /// peer trickling one byte at a time still cannot stretch the handshake past it.
 struct Deadline<'a> {

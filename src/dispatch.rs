@@ -11,15 +11,18 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::pickle::Fragment;
 use crate::protocol::{exceptions, Reply, Request};
-use crate::queues::{Queue, QueueMap, Wait};
+use crate::queues::{Queue, QueueMap, Taken, Wait};
 use crate::{Error, Value};
 
-/// The methods of a queue proxy: Python 3.8–3.12's `queue.Queue` list, in its order, plus
-/// distq's extensions.
-/// `get_many` and `put_many` are distq's batching extensions: one round trip for many
-/// items. Python clients get them too, since AutoProxy builds a method per exposed name.
+/// The methods of a queue proxy: Python 3.8–3.12's `queue.Queue` list, in its order, then
+/// 3.13's `shutdown`, then distq's extensions: batching and leases.
+/// `get_many`/`put_many` move many items per round trip; `reserve`/`ack`/`release`/`touch`
+/// give at-least-once delivery. Python clients get them too, since AutoProxy builds a
+/// method for every exposed name.
 pub const QUEUE_METHODS: &[&str] = &[
     "empty",
     "full",
@@ -32,6 +35,11 @@ pub const QUEUE_METHODS: &[&str] = &[
     "put_nowait",
     "qsize",
     "task_done",
+    "shutdown",
+    "reserve",
+    "ack",
+    "release",
+    "touch",
 ];
 
 /// The most items one `get_many` returns, whatever the caller asks for: it bounds the
@@ -103,15 +111,94 @@ fn create(map: &QueueMap, req: &Request) -> Reply {
     }
 }
 
+/// What a method call needs to know about the connection it arrived on.
+pub struct Session<'a> {
+    /// Identifies the connection as the owner of the leases it takes.
+    pub id: u64,
+    /// Whether the peer is still connected; a blocked call gives up when it is not.
+    pub alive: &'a dyn Fn() -> bool,
+    /// Set once the connection has reserved something, so that closing it releases its
+    /// leases (and connections that never reserve skip that scan).
+    pub has_leases: std::cell::Cell<bool>,
+}
+
+impl<'a> Session<'a> {
+    /// A session for connection `id`.
+    pub fn new(id: u64, alive: &'a dyn Fn() -> bool) -> Session<'a> {
+        Session {
+            id,
+            alive,
+            has_leases: std::cell::Cell::new(false),
+        }
+    }
+}
+
+/// A reply, and how to take it back if it cannot be delivered.
+#[derive(Debug)]
+pub struct Outcome {
+    /// What to send.
+    pub reply: Reply,
+    /// Set when the reply carries items taken off a queue by `get`/`get_many`: if the
+    /// reply cannot be sent, [`Outcome::undo`] puts them back at the head of `queue`.
+    pub taken_from: Option<Arc<Queue>>,
+    deliveries: Vec<u32>,
+}
+
+impl Outcome {
+    fn reply(reply: Reply) -> Outcome {
+        Outcome {
+            reply,
+            taken_from: None,
+            deliveries: Vec::new(),
+        }
+    }
+
+    fn taken(queue: &Arc<Queue>, items: Vec<Taken>) -> Outcome {
+        let deliveries = items.iter().map(|t| t.deliveries).collect();
+        let mut fragments: Vec<Fragment> = items.into_iter().map(|t| t.item).collect();
+        let reply = if fragments.len() == 1 {
+            Reply::Item(fragments.remove(0))
+        } else {
+            Reply::Items(fragments)
+        };
+        Outcome {
+            reply,
+            taken_from: Some(queue.clone()),
+            deliveries,
+        }
+    }
+
+    /// Puts the items this reply carries back at the head of their queue, in order.
+    pub fn undo(self) -> Result<(), Error> {
+        let Some(queue) = self.taken_from else {
+            return Ok(());
+        };
+        let items = match self.reply {
+            Reply::Item(f) => vec![f],
+            Reply::Items(fs) => fs,
+            _ => Vec::new(),
+        };
+        let taken = items
+            .into_iter()
+            .zip(self.deliveries)
+            .map(|(item, deliveries)| Taken { item, deliveries })
+            .collect();
+        queue.unget(taken)
+    }
+}
+
 /// Handles a method call on the object `req.ident` (a method-channel request).
-pub fn method(map: &QueueMap, req: &Request) -> Reply {
+pub fn method(map: &QueueMap, req: &Request, session: &Session<'_>) -> Outcome {
     let Some(ident) = req.ident.as_deref() else {
-        return Reply::traceback("TypeError", "method call without an ident");
+        return Outcome::reply(Reply::traceback(
+            "TypeError",
+            "method call without an ident",
+        ));
     };
     let Some(queue) = map.by_ident(ident) else {
-        return Reply::traceback("KeyError", &format!("{ident:?}"));
+        return Outcome::reply(Reply::traceback("KeyError", &format!("{ident:?}")));
     };
-    match req.method.as_str() {
+    let reply = match req.method.as_str() {
         // Python's fallbacks for every proxied object.
         "__str__" | "__repr__" => {
             let len = queue.len().unwrap_or(0);
@@ -123,7 +210,10 @@ pub fn method(map: &QueueMap, req: &Request) -> Reply {
         "#GETVALUE" => Reply::Unserializable(
             "TypeError: a distq queue cannot be pickled; call its methods instead\n".into(),
         ),
-        name if QUEUE_METHODS.contains(&name) => call(&queue, req).unwrap_or_else(Reply::Error),
+        name if QUEUE_METHODS.contains(&name) => match call(map, &queue, req, session) {
+            Ok(outcome) => return outcome,
+            Err(exc) => Reply::Error(exc),
+        },
         other => Reply::traceback(
             "AttributeError",
             &format!(
@@ -132,24 +222,38 @@ pub fn method(map: &QueueMap, req: &Request) -> Reply {
                 QUEUE_METHODS
             ),
         ),
-    }
+    };
+    Outcome::reply(reply)
 }
 
 /// Calls a queue method; `Err` holds the exception instance for an `#ERROR` reply.
-fn call(queue: &Queue, req: &Request) -> Result<Reply, Value> {
+fn call(
+    map: &QueueMap,
+    queue: &Arc<Queue>,
+    req: &Request,
+    session: &Session<'_>,
+) -> Result<Outcome, Value> {
     let mut args = Args::new(req);
-    let none = |r: crate::Result<()>| r.map(|()| Reply::Return(Value::None)).map_err(to_exception);
+    let alive = session.alive;
+    let done = |r: crate::Result<()>| {
+        r.map(|()| Outcome::reply(Reply::Return(Value::None)))
+            .map_err(to_exception)
+    };
+    let value = |r: crate::Result<Value>| {
+        r.map(|v| Outcome::reply(Reply::Return(v)))
+            .map_err(to_exception)
+    };
     match req.method.as_str() {
         "put" => {
-            let item = fragment(&args.required(0, "item")?)?;
+            let item = fragment(map, &args.required(0, "item")?)?;
             let wait = args.wait(1)?;
             args.finish()?;
-            none(queue.put(item, wait))
+            done(queue.put(item, wait, alive))
         }
         "put_nowait" => {
-            let item = fragment(&args.required(0, "item")?)?;
+            let item = fragment(map, &args.required(0, "item")?)?;
             args.finish()?;
-            none(queue.put(item, Wait::No))
+            done(queue.put(item, Wait::No, alive))
         }
         "put_many" => {
             let items = match args.required(0, "items")? {
@@ -161,19 +265,24 @@ fn call(queue: &Queue, req: &Request) -> Result<Reply, Value> {
                     ))
                 }
             };
-            let items = items.iter().map(fragment).collect::<Result<Vec<_>, _>>()?;
+            let items = items
+                .iter()
+                .map(|v| fragment(map, v))
+                .collect::<Result<Vec<_>, _>>()?;
             let wait = args.wait(1)?;
             args.finish()?;
-            none(queue.put_many(items, wait))
+            done(queue.put_many(items, wait, alive))
         }
         "get" => {
             let wait = args.wait(0)?;
             args.finish()?;
-            queue.get(wait).map(Reply::Item).map_err(to_exception)
+            let taken = queue.get(wait, alive).map_err(to_exception)?;
+            Ok(Outcome::taken(queue, vec![taken]))
         }
         "get_nowait" => {
             args.finish()?;
-            queue.get(Wait::No).map(Reply::Item).map_err(to_exception)
+            let taken = queue.get(Wait::No, alive).map_err(to_exception)?;
+            Ok(Outcome::taken(queue, vec![taken]))
         }
         "get_many" => {
             let max = match args.optional(0, "max_items")? {
@@ -190,39 +299,65 @@ fn call(queue: &Queue, req: &Request) -> Result<Reply, Value> {
             };
             let wait = args.wait(1)?;
             args.finish()?;
-            queue
-                .get_many(max, wait)
-                .map(Reply::Items)
-                .map_err(to_exception)
+            let taken = queue.get_many(max, wait, alive).map_err(to_exception)?;
+            // Always a list, even of one, so callers need not special-case it.
+            let mut outcome = Outcome::taken(queue, taken);
+            if let Reply::Item(f) = outcome.reply {
+                outcome.reply = Reply::Items(vec![f]);
+            }
+            Ok(outcome)
+        }
+        "reserve" => {
+            let wait = args.wait(0)?;
+            let lease_time = args.seconds("lease_timeout")?;
+            args.finish()?;
+            let r = queue
+                .reserve(session.id, lease_time, wait, alive)
+                .map_err(to_exception)?;
+            session.has_leases.set(true);
+            Ok(Outcome::reply(Reply::Lease(r.lease, r.item)))
+        }
+        "ack" => {
+            let lease = args.lease()?;
+            args.finish()?;
+            done(queue.ack(lease))
+        }
+        "release" => {
+            let lease = args.lease()?;
+            let delay = args.seconds("delay")?;
+            args.finish()?;
+            done(map.release(queue, lease, delay))
+        }
+        "touch" => {
+            let lease = args.lease()?;
+            let by = args.seconds("lease_timeout")?;
+            args.finish()?;
+            done(queue.touch(lease, by))
+        }
+        "shutdown" => {
+            let immediate = args.optional(0, "immediate")?.is_some_and(|v| truthy(&v));
+            args.finish()?;
+            done(queue.shutdown(immediate))
         }
         "qsize" => {
             args.finish()?;
-            queue
-                .len()
-                .map(|n| Reply::Return(Value::Int(n as i64)))
-                .map_err(to_exception)
+            value(queue.len().map(|n| Value::Int(n as i64)))
         }
         "empty" => {
             args.finish()?;
-            queue
-                .is_empty()
-                .map(|b| Reply::Return(Value::Bool(b)))
-                .map_err(to_exception)
+            value(queue.is_empty().map(Value::Bool))
         }
         "full" => {
             args.finish()?;
-            queue
-                .is_full()
-                .map(|b| Reply::Return(Value::Bool(b)))
-                .map_err(to_exception)
+            value(queue.is_full().map(Value::Bool))
         }
         "task_done" => {
             args.finish()?;
-            none(queue.task_done())
+            done(queue.task_done())
         }
         "join" => {
             args.finish()?;
-            none(queue.join(Wait::Forever))
+            done(queue.join(Wait::Forever, alive))
         }
         other => Err(exceptions::builtin(
             "AttributeError",
@@ -231,16 +366,54 @@ fn call(queue: &Queue, req: &Request) -> Result<Reply, Value> {
     }
 }
 
-/// Encodes an item for storage. Items decoded from a request always re-encode (the
-/// decoder enforces the same depth limit), so a failure here is an internal error.
-fn fragment(item: &Value) -> Result<Fragment, Value> {
+/// Encodes an item for storage. With `no_code_items`, items that name any global (a
+/// class or function a Python worker would import when unpickling) are refused.
+fn fragment(map: &QueueMap, item: &Value) -> Result<Fragment, Value> {
+    if map.policy().no_code_items {
+        if let Some(g) = first_global(item, 0) {
+            return Err(exceptions::builtin(
+                "TypeError",
+                &format!(
+                    "this server refuses items that reference classes or functions (--no-code-items); \
+                     the item references {}.{}",
+                    g.module, g.name
+                ),
+            ));
+        }
+    }
+    // Items decoded from a request always re-encode (the decoder enforces the same depth
+    // limit), so a failure here is an internal error.
     Fragment::encode(item).map_err(|e| exceptions::builtin("ValueError", &e.to_string()))
+}
+
+/// The first global a value references, if any (depth-bounded like the codec).
+fn first_global(v: &Value, depth: usize) -> Option<&crate::pickle::Global> {
+    if depth > crate::pickle::MAX_DEPTH {
+        return None;
+    }
+    fn any(items: &[Value], depth: usize) -> Option<&crate::pickle::Global> {
+        items.iter().find_map(|i| first_global(i, depth + 1))
+    }
+    match v {
+        Value::Global(g) => Some(g),
+        Value::Object(o) => first_global(&o.callable, depth + 1)
+            .or_else(|| first_global(&o.args, depth + 1))
+            .or_else(|| o.state.as_ref().and_then(|s| first_global(s, depth + 1))),
+        Value::Tuple(items) | Value::List(items) | Value::Set(items) | Value::FrozenSet(items) => {
+            any(items, depth)
+        }
+        Value::Dict(pairs) => pairs
+            .iter()
+            .find_map(|(k, v)| first_global(k, depth + 1).or_else(|| first_global(v, depth + 1))),
+        _ => None,
+    }
 }
 
 fn to_exception(e: Error) -> Value {
     match e {
         Error::Empty => exceptions::empty(),
         Error::Full => exceptions::full(),
+        Error::ShutDown => exceptions::shut_down(),
         Error::Value(msg) => exceptions::builtin("ValueError", &msg),
         Error::Closed => exceptions::builtin("EOFError", "the distq server is shutting down"),
         other => exceptions::builtin("RuntimeError", &other.to_string()),
@@ -323,6 +496,35 @@ impl<'a> Args<'a> {
         Ok(Duration::try_from_secs_f64(secs).map_or(Wait::Forever, Wait::For))
     }
 
+    /// Binds the lease id, the first positional argument or `lease=`.
+    fn lease(&mut self) -> Result<u64, Value> {
+        match self.required(0, "lease")? {
+            Value::Int(n) => {
+                u64::try_from(n).map_err(|_| self.type_error("lease must be a lease id".into()))
+            }
+            other => Err(self.type_error(format!("lease must be an int, not {other}"))),
+        }
+    }
+
+    /// Binds an optional keyword-only duration in seconds (`delay=`, `lease_timeout=`).
+    fn seconds(&mut self, name: &str) -> Result<Option<Duration>, Value> {
+        let secs = match self.optional(usize::MAX, name)? {
+            None | Some(Value::None) => return Ok(None),
+            Some(Value::Int(n)) => n as f64,
+            Some(Value::Float(x)) => x,
+            Some(other) => {
+                return Err(self.type_error(format!("{name} must be a number, not {other}")))
+            }
+        };
+        if secs.is_nan() || secs < 0.0 {
+            return Err(exceptions::builtin(
+                "ValueError",
+                &format!("{name:?} must be a non-negative number"),
+            ));
+        }
+        Ok(Duration::try_from_secs_f64(secs).ok())
+    }
+
     fn finish(&self) -> Result<(), Value> {
         if self.req.args.len() > self.used_pos {
             return Err(self.type_error(format!(
@@ -363,6 +565,11 @@ mod tests {
         }
     }
 
+    fn call(map: &QueueMap, r: &Request) -> Reply {
+        let alive = || true;
+        method(map, r, &Session::new(1, &alive)).reply
+    }
+
     fn setup() -> (QueueMap, String) {
         let map = QueueMap::new();
         let Public::Reply(Reply::Return(v)) =
@@ -377,9 +584,9 @@ mod tests {
     #[test]
     fn put_and_get_with_keyword_and_positional_arguments() {
         let (map, id) = setup();
-        let put = method(&map, &req(&id, "put", vec![Value::from(5)], vec![]));
+        let put = call(&map, &req(&id, "put", vec![Value::from(5)], vec![]));
         assert_eq!(put, Reply::Return(Value::None));
-        let put = method(
+        let put = call(
             &map,
             &req(
                 &id,
@@ -389,12 +596,12 @@ mod tests {
             ),
         );
         assert_eq!(put, Reply::Return(Value::None));
-        let get = method(
+        let get = call(
             &map,
             &req(&id, "get", vec![], vec![("timeout", Value::from(1))]),
         );
         assert_eq!(get.into_result().unwrap(), Value::from(5));
-        let get = method(
+        let get = call(
             &map,
             &req(
                 &id,
@@ -404,10 +611,10 @@ mod tests {
             ),
         );
         assert_eq!(get.into_result().unwrap(), Value::from(6));
-        let get = method(&map, &req(&id, "get", vec![Value::Bool(false)], vec![]));
+        let get = call(&map, &req(&id, "get", vec![Value::Bool(false)], vec![]));
         assert_eq!(get, Reply::Error(exceptions::empty()));
         assert_eq!(
-            method(&map, &req(&id, "qsize", vec![], vec![])),
+            call(&map, &req(&id, "qsize", vec![], vec![])),
             Reply::Return(Value::Int(0))
         );
     }
@@ -416,14 +623,14 @@ mod tests {
     fn put_many_and_get_many_batch_items() {
         let (map, id) = setup();
         let items = Value::list((0..10).map(Value::from).collect());
-        let put = method(&map, &req(&id, "put_many", vec![items], vec![]));
+        let put = call(&map, &req(&id, "put_many", vec![items], vec![]));
         assert_eq!(put, Reply::Return(Value::None));
-        let get = method(&map, &req(&id, "get_many", vec![Value::from(4)], vec![]));
+        let get = call(&map, &req(&id, "get_many", vec![Value::from(4)], vec![]));
         assert_eq!(
             get.into_result().unwrap(),
             Value::list((0..4).map(Value::from).collect())
         );
-        let get = method(
+        let get = call(
             &map,
             &req(
                 &id,
@@ -436,7 +643,7 @@ mod tests {
             get.into_result().unwrap(),
             Value::list((4..10).map(Value::from).collect())
         );
-        let get = method(
+        let get = call(
             &map,
             &req(
                 &id,
@@ -446,7 +653,7 @@ mod tests {
             ),
         );
         assert_eq!(get, Reply::Error(exceptions::empty()));
-        let bad = method(&map, &req(&id, "get_many", vec![Value::from(0)], vec![]));
+        let bad = call(&map, &req(&id, "get_many", vec![Value::from(0)], vec![]));
         assert!(
             matches!(bad, Reply::Error(e) if e.class_name() == Some(("builtins", "ValueError")))
         );
@@ -455,7 +662,7 @@ mod tests {
     #[test]
     fn negative_timeout_is_value_error() {
         let (map, id) = setup();
-        let r = method(
+        let r = call(
             &map,
             &req(&id, "get", vec![], vec![("timeout", Value::Float(-1.0))]),
         );
@@ -482,7 +689,7 @@ mod tests {
                 vec![("block", Value::Bool(false))],
             ),
         ] {
-            match method(&map, &r) {
+            match call(&map, &r) {
                 Reply::Error(e) => {
                     assert_eq!(e.class_name(), Some(("builtins", "TypeError")), "{r:?}")
                 }
@@ -495,11 +702,11 @@ mod tests {
     fn unknown_ident_method_and_function_are_tracebacks() {
         let (map, id) = setup();
         assert!(matches!(
-            method(&map, &req("nope", "get", vec![], vec![])),
+            call(&map, &req("nope", "get", vec![], vec![])),
             Reply::Traceback(_)
         ));
         assert!(matches!(
-            method(&map, &req(&id, "bogus", vec![], vec![])),
+            call(&map, &req(&id, "bogus", vec![], vec![])),
             Reply::Traceback(_)
         ));
         assert!(matches!(

@@ -20,6 +20,9 @@ pub enum Error {
     Empty,
     /// The bounded queue had no free slot before the timeout (Python's `queue.Full`).
     Full,
+    /// The queue was shut down (Python 3.13's `queue.ShutDown`): no more puts, and gets
+    /// fail once it is drained.
+    ShutDown,
     /// A network deadline passed: connecting, the handshake, or waiting for a reply.
     Timeout(&'static str),
     /// The peer's authkey differs from ours (one side sent or received `#FAILURE#`).
@@ -74,6 +77,7 @@ impl fmt::Display for Error {
         match self {
             Error::Empty => write!(f, "queue is empty"),
             Error::Full => write!(f, "queue is full"),
+            Error::ShutDown => write!(f, "queue was shut down"),
             Error::Timeout(what) => write!(f, "timed out while {what}"),
             Error::AuthFailed(why) => write!(
                 f,

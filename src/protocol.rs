@@ -115,6 +115,8 @@ pub enum Reply {
     Item(Fragment),
     /// `#RETURN` of a list of queue items, already encoded (`get_many`).
     Items(Vec<Fragment>),
+    /// `#RETURN` of `(lease, item)` for `reserve`, the item already encoded.
+    Lease(u64, Fragment),
 }
 
 impl Reply {
@@ -128,7 +130,7 @@ impl Reply {
 
     fn kind(&self) -> &'static str {
         match self {
-            Reply::Return(_) | Reply::Item(_) | Reply::Items(_) => "#RETURN",
+            Reply::Return(_) | Reply::Item(_) | Reply::Items(_) | Reply::Lease(..) => "#RETURN",
             Reply::Error(_) => "#ERROR",
             Reply::Traceback(_) => "#TRACEBACK",
             Reply::Unserializable(_) => "#UNSERIALIZABLE",
@@ -158,6 +160,13 @@ impl Reply {
             }
             Reply::Item(item) => out.extend_from_slice(item.bytes()),
             Reply::Items(items) => pickle::write_list(items, out)?,
+            Reply::Lease(lease, item) => {
+                // Nothing before the item is memoized (an int never is), so the item's
+                // memo indices stay valid.
+                pickle::encode_fragment(&Value::Int(*lease as i64), out)?;
+                out.extend_from_slice(item.bytes());
+                out.push(TUPLE2);
+            }
         }
         out.extend_from_slice(&[TUPLE2, STOP]);
         Ok(())
@@ -203,6 +212,9 @@ impl Reply {
             Reply::Items(items) => Ok(Value::list(
                 items.iter().map(Fragment::decode).collect::<Result<_>>()?,
             )),
+            Reply::Lease(lease, item) => {
+                Ok(Value::tuple(vec![Value::Int(lease as i64), item.decode()?]))
+            }
         }
     }
 }
@@ -213,6 +225,7 @@ pub fn exception_to_error(exc: &Value) -> Error {
     match exc.class_name() {
         Some(("_queue" | "queue", "Empty")) => Error::Empty,
         Some(("queue", "Full")) => Error::Full,
+        Some(("queue", "ShutDown")) => Error::ShutDown,
         Some((module, name)) => {
             let message = match exc {
                 Value::Object(o) => match o.args.as_tuple() {
@@ -248,6 +261,12 @@ pub mod exceptions {
     /// `queue.Full()`.
     pub fn full() -> Value {
         Value::exception("queue", "Full", vec![])
+    }
+
+    /// `queue.ShutDown()` (Python 3.13+; older Pythons cannot unpickle it and report a
+    /// missing `queue.ShutDown`, which still names the cause).
+    pub fn shut_down() -> Value {
+        Value::exception("queue", "ShutDown", vec![])
     }
 
     /// `builtins.<name>(msg)`, e.g. `ValueError`, `TypeError`, `KeyError`.

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use crate::dispatch::{self, Public};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::log::log_at;
 use crate::protocol::{Reply, Request};
-use crate::queues::QueueMap;
+use crate::queues::{Policy, QueueMap, LIVENESS_SLICE};
 use crate::{Error, Result, Value};
 
 /// Settings of a [`Server`]. Start from [`ServerConfig::new`] and adjust fields.
@@ -42,11 +42,23 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// The most connections served at once; more are closed right after `accept`.
     pub max_connections: usize,
+    /// The most connections still authenticating at once: a flood of silent peers can
+    /// hold at most this many threads for at most `handshake_timeout`.
+    pub max_handshakes: usize,
+    /// Close method channels idle this long (`None`: never). A blocked `get` is not idle.
+    pub idle_timeout: Option<Duration>,
+    /// Default lease time for `reserve` (`None`: leases expire only with their connection).
+    pub lease_timeout: Option<Duration>,
+    /// Leased deliveries after which an item goes to `NAME.dead` (0: never).
+    pub max_deliveries: u32,
+    /// Refuse items that reference classes or functions (`--no-code-items`).
+    pub no_code_items: bool,
 }
 
 impl ServerConfig {
-    /// Defaults: 64 MiB frames, a 10 s handshake deadline, a 30 s write timeout and
-    /// 1024 connections.
+    /// Defaults: 64 MiB frames, a 10 s handshake deadline, a 30 s write timeout, 1024
+    /// connections of which 64 may be authenticating, no idle timeout, leases that
+    /// expire only with their connection, no dead-lettering, any item accepted.
     pub fn new(authkey: AuthKey) -> ServerConfig {
         ServerConfig {
             authkey,
@@ -54,6 +66,11 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            max_handshakes: 64,
+            idle_timeout: None,
+            lease_timeout: None,
+            max_deliveries: 0,
+            no_code_items: false,
         }
     }
 }
@@ -90,6 +107,8 @@ struct Shared {
     local_addr: SocketAddr,
     stopping: AtomicBool,
     next_conn: AtomicU64,
+    /// Connections accepted but not yet authenticated.
+    handshaking: AtomicUsize,
     /// A second handle on every live socket, so shutdown can unblock their threads.
     live: Mutex<HashMap<u64, TcpStream>>,
 }
@@ -135,11 +154,17 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the listener's address", e))?;
+        let policy = Policy {
+            lease_timeout: config.lease_timeout,
+            max_deliveries: config.max_deliveries,
+            no_code_items: config.no_code_items,
+        };
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
                 config,
-                queues: QueueMap::new(),
+                queues: QueueMap::with_policy(policy),
+                handshaking: AtomicUsize::new(0),
                 local_addr,
                 stopping: AtomicBool::new(false),
                 next_conn: AtomicU64::new(0),
@@ -179,6 +204,13 @@ impl Server {
     /// [`ServerHandle::shutdown`] is called; then joins every connection thread.
     pub fn run(self) -> Result<()> {
         log_at!(Info, "listening on {}", self.shared.local_addr);
+        let janitor = {
+            let shared = self.shared.clone();
+            thread::Builder::new()
+                .name("distq-janitor".into())
+                .spawn(move || shared.expire_leases())
+                .map_err(|e| Error::io("starting the lease janitor", e))?
+        };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for incoming in self.listener.incoming() {
             if self.shared.stopping.load(Ordering::SeqCst) {
@@ -203,6 +235,16 @@ impl Server {
                 );
                 continue;
             }
+            if self.shared.handshaking.load(Ordering::SeqCst) >= self.shared.config.max_handshakes {
+                log_at!(
+                    Warn,
+                    "{}: refused, {} connections are already authenticating (the limit)",
+                    peer_name(&stream),
+                    self.shared.config.max_handshakes
+                );
+                continue;
+            }
+            self.shared.handshaking.fetch_add(1, Ordering::SeqCst);
             let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
             if let Ok(clone) = stream.try_clone() {
                 if let Ok(mut live) = self.shared.live.lock() {
@@ -214,19 +256,23 @@ impl Server {
                 .name(format!("distq-conn-{id}"))
                 .stack_size(512 * 1024)
                 .spawn(move || {
-                    shared.serve(stream);
+                    shared.serve(stream, id);
                     if let Ok(mut live) = shared.live.lock() {
                         live.remove(&id);
                     }
                 });
             match spawned {
                 Ok(t) => threads.push(t),
-                Err(e) => log_at!(Warn, "cannot start a connection thread: {e}"),
+                Err(e) => {
+                    self.shared.handshaking.fetch_sub(1, Ordering::SeqCst);
+                    log_at!(Warn, "cannot start a connection thread: {e}");
+                }
             }
         }
         for t in threads {
             let _ = t.join();
         }
+        let _ = janitor.join();
         log_at!(Info, "server on {} stopped", self.shared.local_addr);
         Ok(())
     }
@@ -239,15 +285,28 @@ fn peer_name(stream: &TcpStream) -> String {
 }
 
 impl Shared {
-    fn serve(&self, stream: TcpStream) {
+    /// Requeues expired leases and due delayed releases, ten times a second, until the
+    /// server stops.
+    fn expire_leases(&self) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            thread::sleep(LIVENESS_SLICE);
+            if let Err(e) = self.queues.expire() {
+                log_at!(Error, "expiring leases: {e}");
+            }
+        }
+    }
+
+    fn serve(&self, stream: TcpStream, id: u64) {
         let peer = peer_name(&stream);
-        let mut conn = match Connection::handshake(
+        let handshake = Connection::handshake(
             stream,
             Role::Server,
             &self.config.authkey,
             self.config.max_frame,
             self.config.handshake_timeout,
-        ) {
+        );
+        self.handshaking.fetch_sub(1, Ordering::SeqCst);
+        let mut conn = match handshake {
             Ok(conn) => conn,
             Err(e @ Error::AuthFailed(_)) => return log_at!(Warn, "{peer}: {e}"),
             Err(Error::Closed) => return log_at!(Debug, "{peer}: closed during the handshake"),
@@ -271,7 +330,7 @@ impl Shared {
                 let name = req.args.first().map(Value::to_string).unwrap_or_default();
                 log_at!(Info, "{peer}: method channel opened by {name}");
                 conn.write_reply(&Reply::Return(Value::None))
-                    .and_then(|()| self.serve_methods(&mut conn))
+                    .and_then(|()| self.serve_methods(&mut conn, id))
             }
             Public::Shutdown => {
                 log_at!(Info, "{peer}: asked the server to shut down");
@@ -314,7 +373,38 @@ impl Shared {
 
     /// The method channel: requests on queues until the peer hangs up. A malformed
     /// request is answered with a `#TRACEBACK` and the loop goes on, as in Python.
-    fn serve_methods(&self, conn: &mut Connection) -> Result<()> {
+    /// However the channel ends, the leases it holds go back to their queues.
+    fn serve_methods(&self, conn: &mut Connection, id: u64) -> Result<()> {
+        conn.set_read_timeout(self.config.idle_timeout)?;
+        let peer = conn.peer();
+        let probe = conn
+            .stream()
+            .try_clone()
+            .map_err(|e| Error::io("cloning a socket", e))?;
+        let alive = move || crate::conn::peer_alive(&probe);
+        let session = dispatch::Session::new(id, &alive);
+        let result = self.method_loop(conn, &session);
+        if session.has_leases.get() {
+            match self.queues.release_owner(id) {
+                Ok(0) => {}
+                Ok(n) => log_at!(Info, "{peer}: closed holding {n} lease(s); items requeued"),
+                Err(e) => log_at!(Error, "{peer}: releasing leases: {e}"),
+            }
+        }
+        match result {
+            Err(Error::Timeout(_)) if self.config.idle_timeout.is_some() => {
+                log_at!(
+                    Info,
+                    "{peer}: idle for {:?}; closed",
+                    self.config.idle_timeout.unwrap_or_default()
+                );
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn method_loop(&self, conn: &mut Connection, session: &dispatch::Session<'_>) -> Result<()> {
         loop {
             match conn.read_frame() {
                 Ok(()) => {}
@@ -325,7 +415,7 @@ impl Shared {
                 }
                 Err(e) => return Err(e),
             }
-            let reply = match conn.decode_frame().and_then(|v| Request::from_value(&v)) {
+            let outcome = match conn.decode_frame().and_then(|v| Request::from_value(&v)) {
                 Ok(req) => {
                     log_at!(
                         Debug,
@@ -334,14 +424,26 @@ impl Shared {
                         req.ident.as_deref().unwrap_or("-"),
                         req.method
                     );
-                    dispatch::method(&self.queues, &req)
+                    dispatch::method(&self.queues, &req, session)
                 }
                 Err(e) => {
                     log_at!(Warn, "{}: bad request: {e}", conn.peer());
-                    Reply::traceback("UnpicklingError", &e.to_string())
+                    let reply = Reply::traceback("UnpicklingError", &e.to_string());
+                    conn.write_reply(&reply)?;
+                    continue;
                 }
             };
-            conn.write_reply(&reply)?;
+            // Items taken off a queue go back to its head unless the reply reaches the
+            // peer: checked just before sending (a worker killed while its get waited is
+            // noticed here), and if the send itself fails.
+            if outcome.taken_from.is_some() && !(session.alive)() {
+                outcome.undo()?;
+                return Err(Error::Closed);
+            }
+            if let Err(e) = conn.write_reply(&outcome.reply) {
+                outcome.undo()?;
+                return Err(e);
+            }
         }
     }
 
@@ -349,7 +451,13 @@ impl Shared {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.queues.close_all();
+        let reserved = self.queues.close_all();
+        if reserved > 0 {
+            log_at!(
+                Warn,
+                "shutting down with {reserved} item(s) reserved but not acked; they are lost with the server's memory"
+            );
+        }
         if let Ok(live) = self.live.lock() {
             for stream in live.values() {
                 let _ = stream.shutdown(Shutdown::Both);

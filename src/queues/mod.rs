@@ -1,0 +1,555 @@
+//! The queue map: named FIFO queues with Python `queue.Queue` semantics. No I/O here.
+//!
+//! [`QueueMap`] finds queues by name and by ident and keeps Python's reference counts;
+//! [`Queue`] (in `queue.rs`) holds the items and the blocking semantics; `packed.rs` is
+//! the compact item store. No lock in this module is ever held while a socket is
+//! touched: callers get items back and encode and send them after every guard is dropped;
+//! the liveness callback a blocked waiter calls runs with the queue lock released.
+
+mod packed;
+mod queue;
+
+pub use packed::Taken;
+pub use queue::{Queue, Reserved, LIVENESS_SLICE};
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::log::log_at;
+use crate::{Error, Result};
+
+/// How long a blocking queue operation may wait.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Wait {
+    /// Fail at once (`block=False`, `get_nowait`).
+    No,
+    /// Wait at most this long (`timeout=secs`).
+    For(Duration),
+    /// Wait until it succeeds, the server shuts down or the peer leaves (`timeout=None`).
+    Forever,
+}
+
+impl Wait {
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Wait::No => Some(Instant::now()),
+            // A timeout too large to add to `now` is as good as forever.
+            Wait::For(d) => Instant::now().checked_add(d),
+            Wait::Forever => None,
+        }
+    }
+}
+
+/// A liveness callback for callers with no peer to lose (tests, in-process use).
+pub fn always_alive() -> bool {
+    true
+}
+
+/// Delivery rules shared by every queue of a server.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Policy {
+    /// Default lease time for `reserve` (`None`: leases never expire on their own).
+    pub lease_timeout: Option<Duration>,
+    /// After this many leased deliveries an item that comes back goes to `NAME.dead`
+    /// instead of its queue (0: never).
+    pub max_deliveries: u32,
+    /// Refuse items whose pickle references any global (`--no-code-items`).
+    pub no_code_items: bool,
+}
+
+/// A poisoned lock means a thread panicked while holding it; the queue's invariants may
+/// be broken, so report it instead of serving possibly corrupt state.
+fn poisoned() -> Error {
+    Error::Value("internal error: a queue lock was poisoned by a panicking thread".into())
+}
+
+/// The most queues one server holds; creating a new name beyond it fails, so a client
+/// cannot grow the server without bound by inventing names.
+pub const MAX_QUEUES: usize = 4096;
+
+/// A queue and the number of client references Python's refcounting protocol holds on it.
+#[derive(Debug)]
+struct Entry {
+    queue: Arc<Queue>,
+    refcount: u64,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    by_name: HashMap<String, String>,
+    by_ident: HashMap<String, Entry>,
+}
+
+/// All queues of one server, by name and by ident.
+///
+/// Named queues live as long as the server: Python forgets an object when its refcount
+/// drops to zero, but a distq queue may still hold items nobody has fetched yet, and
+/// losing them silently is exactly what distq exists to avoid. So refcounts are tracked
+/// (clients and `number_of_objects` see Python's numbers) but never free a named queue.
+///
+/// # Example
+/// ```
+/// use distq::pickle::Fragment;
+/// use distq::queues::{always_alive, QueueMap, Wait};
+/// use distq::Value;
+/// let map = QueueMap::new();
+/// let q = map.create("get_task_queue")?;
+/// q.put(Fragment::encode(&Value::from(7))?, Wait::No, &always_alive)?;
+/// assert_eq!(q.get(Wait::No, &always_alive)?.item.decode()?, Value::from(7));
+/// # Ok::<(), distq::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct QueueMap {
+    registry: Mutex<Registry>,
+    next_ident: AtomicU64,
+    policy: Policy,
+}
+
+impl QueueMap {
+    /// An empty map with the default policy (no lease expiry, no dead-lettering).
+    pub fn new() -> QueueMap {
+        QueueMap::default()
+    }
+
+    /// The delivery rules of this map's queues.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// An empty map whose queues follow `policy`.
+    pub fn with_policy(policy: Policy) -> QueueMap {
+        QueueMap {
+            policy,
+            ..QueueMap::default()
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Registry>> {
+        self.registry.lock().map_err(|_| poisoned())
+    }
+
+    /// Declares a queue with a bound before any client asks for it (`--queue NAME:MAXSIZE`).
+    /// Changes the bound if the queue already exists.
+    pub fn declare(&self, name: &str, maxsize: usize) -> Result<Arc<Queue>> {
+        let queue = self.lookup_or_insert(name, maxsize)?;
+        queue.set_maxsize(maxsize)?;
+        Ok(queue)
+    }
+
+    fn lookup_or_insert(&self, name: &str, maxsize: usize) -> Result<Arc<Queue>> {
+        let mut reg = self.lock()?;
+        if let Some(ident) = reg.by_name.get(name) {
+            if let Some(entry) = reg.by_ident.get(ident) {
+                return Ok(entry.queue.clone());
+            }
+        }
+        if reg.by_ident.len() >= MAX_QUEUES {
+            return Err(Error::Value(format!(
+                "too many queues (limit {MAX_QUEUES}); reuse existing queue names"
+            )));
+        }
+        // Idents look like Python's `'%x' % id(obj)` (12 lowercase hex digits) so that
+        // tools printing them see the familiar shape; they are opaque to clients.
+        let n = self.next_ident.fetch_add(1, Ordering::Relaxed);
+        let ident = format!("{:x}", 0xd157_0000_0000u64 + n * 0x10);
+        let queue = Arc::new(Queue::new(name, ident.clone(), maxsize, self.policy));
+        reg.by_name.insert(name.to_string(), ident.clone());
+        reg.by_ident.insert(
+            ident,
+            Entry {
+                queue: queue.clone(),
+                refcount: 0,
+            },
+        );
+        Ok(queue)
+    }
+
+    /// Python's `create(typeid)`: the queue named `name` (created unbounded on first use),
+    /// with one more reference.
+    pub fn create(&self, name: &str) -> Result<Arc<Queue>> {
+        let queue = self.lookup_or_insert(name, 0)?;
+        self.incref(queue.ident())?;
+        Ok(queue)
+    }
+
+    /// The queue with this ident, if any.
+    pub fn by_ident(&self, ident: &str) -> Option<Arc<Queue>> {
+        let reg = self.lock().ok()?;
+        reg.by_ident.get(ident).map(|e| e.queue.clone())
+    }
+
+    /// Python's `incref(ident)`.
+    ///
+    /// # Errors
+    /// Unknown ident (Python answers `KeyError` in a `#TRACEBACK`).
+    pub fn incref(&self, ident: &str) -> Result<()> {
+        let mut reg = self.lock()?;
+        let entry = reg
+            .by_ident
+            .get_mut(ident)
+            .ok_or_else(|| Error::Value(format!("KeyError: {ident:?}")))?;
+        entry.refcount += 1;
+        Ok(())
+    }
+
+    /// Python's `decref(ident)`. The queue itself survives a count of zero (see the type docs).
+    ///
+    /// # Errors
+    /// Unknown ident, or a decref below zero (Python raises `KeyError` for both).
+    pub fn decref(&self, ident: &str) -> Result<()> {
+        let mut reg = self.lock()?;
+        match reg.by_ident.get_mut(ident) {
+            Some(entry) if entry.refcount > 0 => {
+                entry.refcount -= 1;
+                Ok(())
+            }
+            _ => Err(Error::Value(format!("KeyError: {ident:?}"))),
+        }
+    }
+
+    /// Python's `number_of_objects()`: idents that some client holds a reference to.
+    pub fn number_of_objects(&self) -> Result<usize> {
+        Ok(self
+            .lock()?
+            .by_ident
+            .values()
+            .filter(|e| e.refcount > 0)
+            .count())
+    }
+
+    /// Python's `debug_info()`: one paragraph per referenced object.
+    pub fn debug_info(&self) -> Result<String> {
+        let reg = self.lock()?;
+        let mut idents: Vec<_> = reg
+            .by_ident
+            .iter()
+            .filter(|(_, e)| e.refcount > 0)
+            .collect();
+        idents.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = String::new();
+        for (ident, e) in idents {
+            let len = e.queue.len().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  {ident}:       refcount={}\n    <distq queue {:?}, {len} items>",
+                e.refcount,
+                e.queue.name()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every queue, sorted by name (for logs and stats).
+    pub fn queues(&self) -> Result<Vec<Arc<Queue>>> {
+        let mut all: Vec<_> = self
+            .lock()?
+            .by_ident
+            .values()
+            .map(|e| e.queue.clone())
+            .collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        Ok(all)
+    }
+
+    /// Moves items that used up their deliveries on `from` to the queue `NAME.dead`.
+    fn dead_letter(&self, from: &Queue, items: Vec<Taken>) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let name = format!("{}.dead", from.name());
+        log_at!(
+            Warn,
+            "{} item(s) on {:?} failed {} deliveries; moved to {name:?}",
+            items.len(),
+            from.name(),
+            self.policy.max_deliveries
+        );
+        self.lookup_or_insert(&name, 0)?.push_dead(items)
+    }
+
+    /// Releases a lease on `queue` (see [`Queue::release`]), dead-lettering if due.
+    pub fn release(&self, queue: &Queue, lease: u64, delay: Option<Duration>) -> Result<()> {
+        let dead = queue.release(lease, delay)?;
+        self.dead_letter(queue, dead.into_iter().collect())
+    }
+
+    /// Releases every lease held by connection `owner` on every queue (it closed).
+    /// Returns how many items went back.
+    pub fn release_owner(&self, owner: u64) -> Result<usize> {
+        let mut released = 0;
+        for q in self.queues()? {
+            let (dead, n) = q.release_owner(owner)?;
+            released += n;
+            self.dead_letter(&q, dead)?;
+        }
+        Ok(released)
+    }
+
+    /// Requeues expired leases and due delayed releases on every queue. Returns how many
+    /// leases expired.
+    pub fn expire(&self) -> Result<usize> {
+        let now = Instant::now();
+        let mut expired = 0;
+        for q in self.queues()? {
+            let (dead, n) = q.expire(now)?;
+            if n > 0 {
+                log_at!(
+                    Info,
+                    "{n} lease(s) on {:?} expired; items requeued",
+                    q.name()
+                );
+            }
+            expired += n;
+            self.dead_letter(&q, dead)?;
+        }
+        Ok(expired)
+    }
+
+    /// Wakes every blocked caller on every queue with [`Error::Closed`] (server
+    /// shutdown). Returns the number of items still out under a lease.
+    pub fn close_all(&self) -> usize {
+        self.queues()
+            .map(|all| all.iter().map(|q| q.close()).sum())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pickle::Fragment;
+    use crate::Value;
+    use std::thread;
+
+    fn item(v: impl Into<Value>) -> Fragment {
+        Fragment::encode(&v.into()).unwrap()
+    }
+
+    const ALIVE: &dyn Fn() -> bool = &always_alive;
+
+    fn put(q: &Queue, v: impl Into<Value>) {
+        q.put(item(v), Wait::No, ALIVE).unwrap();
+    }
+
+    fn get(q: &Queue) -> Result<Fragment> {
+        q.get(Wait::No, ALIVE).map(|t| t.item)
+    }
+
+    #[test]
+    fn fifo_order() {
+        let q = QueueMap::new().create("q").unwrap();
+        for i in 0..5 {
+            put(&q, i);
+        }
+        let got: Vec<_> = (0..5).map(|_| get(&q).unwrap()).collect();
+        assert_eq!(got, (0..5).map(item).collect::<Vec<_>>());
+        assert!(matches!(get(&q), Err(Error::Empty)));
+    }
+
+    #[test]
+    fn get_times_out_after_roughly_the_timeout() {
+        let q = QueueMap::new().create("q").unwrap();
+        let start = Instant::now();
+        let r = q.get(Wait::For(Duration::from_millis(150)), ALIVE);
+        assert!(matches!(r, Err(Error::Empty)));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(150),
+            "returned early: {took:?}"
+        );
+    }
+
+    #[test]
+    fn blocked_get_is_woken_by_put() {
+        let q = QueueMap::new().create("q").unwrap();
+        let q2 = q.clone();
+        let t = thread::spawn(move || q2.get(Wait::Forever, ALIVE).map(|t| t.item));
+        thread::sleep(Duration::from_millis(50));
+        put(&q, "x");
+        assert_eq!(t.join().unwrap().unwrap(), item("x"));
+    }
+
+    #[test]
+    fn a_waiter_whose_peer_left_stops_waiting_and_takes_nothing() {
+        let q = QueueMap::new().create("q").unwrap();
+        let gone = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (q2, gone2) = (q.clone(), gone.clone());
+        let t = thread::spawn(move || {
+            let alive = move || !gone2.load(std::sync::atomic::Ordering::SeqCst);
+            q2.get(Wait::Forever, &alive)
+        });
+        thread::sleep(Duration::from_millis(50));
+        gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        let start = Instant::now();
+        assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
+        assert!(start.elapsed() < LIVENESS_SLICE * 3);
+        put(&q, 1);
+        assert_eq!(get(&q).unwrap(), item(1), "the item went to nobody");
+    }
+
+    #[test]
+    fn bounded_queue_reports_full_and_unblocks() {
+        let q = QueueMap::new().declare("b", 1).unwrap();
+        put(&q, 1);
+        assert!(q.is_full().unwrap());
+        assert!(matches!(q.put(item(2), Wait::No, ALIVE), Err(Error::Full)));
+        let q2 = q.clone();
+        let t = thread::spawn(move || q2.put(item(2), Wait::Forever, ALIVE));
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(get(&q).unwrap(), item(1));
+        t.join().unwrap().unwrap();
+        assert_eq!(get(&q).unwrap(), item(2));
+    }
+
+    #[test]
+    fn unget_goes_to_the_head_in_order_even_when_full() {
+        let q = QueueMap::new().declare("b", 1).unwrap();
+        put(&q, 3);
+        let taken = |v: i64| Taken {
+            item: item(v),
+            deliveries: 0,
+        };
+        q.unget(vec![taken(1), taken(2)]).unwrap();
+        for v in 1..=3 {
+            assert_eq!(get(&q).unwrap(), item(v));
+        }
+    }
+
+    #[test]
+    fn task_done_and_join() {
+        let q = QueueMap::new().create("j").unwrap();
+        put(&q, Value::None);
+        put(&q, Value::None);
+        let r = q.join(Wait::For(Duration::from_millis(20)), ALIVE);
+        assert!(matches!(r, Err(Error::Timeout(_))));
+        q.task_done().unwrap();
+        q.task_done().unwrap();
+        q.join(Wait::No, ALIVE).unwrap();
+        assert!(q.task_done().is_err());
+    }
+
+    #[test]
+    fn close_wakes_waiters() {
+        let map = QueueMap::new();
+        let q = map.create("c").unwrap();
+        let q2 = q.clone();
+        let t = thread::spawn(move || q2.get(Wait::Forever, ALIVE).map(drop));
+        thread::sleep(Duration::from_millis(50));
+        map.close_all();
+        assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn refcounts_follow_python() {
+        let map = QueueMap::new();
+        let q = map.create("r").unwrap();
+        assert_eq!(map.number_of_objects().unwrap(), 1);
+        map.incref(q.ident()).unwrap();
+        map.decref(q.ident()).unwrap();
+        map.decref(q.ident()).unwrap();
+        assert_eq!(map.number_of_objects().unwrap(), 0);
+        assert!(map.decref(q.ident()).is_err());
+        assert!(map.incref("nope").is_err());
+        // The queue itself survives and keeps its ident.
+        assert_eq!(map.create("r").unwrap().ident(), q.ident());
+    }
+
+    #[test]
+    fn leases_ack_release_and_owner_loss() {
+        let map = QueueMap::new();
+        let q = map.create("l").unwrap();
+        put(&q, 1);
+        put(&q, 2);
+        let a = q.reserve(7, None, Wait::No, ALIVE).unwrap();
+        assert_eq!(a.item, item(1));
+        assert_eq!((q.len().unwrap(), q.reserved().unwrap()), (1, 1));
+        q.ack(a.lease).unwrap();
+        assert!(q.ack(a.lease).is_err(), "a lease is acked once");
+        let b = q.reserve(7, None, Wait::No, ALIVE).unwrap();
+        map.release(&q, b.lease, None).unwrap();
+        assert_eq!(
+            get(&q).unwrap(),
+            item(2),
+            "released items go back to the head"
+        );
+        put(&q, 3);
+        put(&q, 4);
+        let c = q.reserve(8, None, Wait::No, ALIVE).unwrap();
+        let _d = q.reserve(8, None, Wait::No, ALIVE).unwrap();
+        assert_eq!(map.release_owner(8).unwrap(), 2);
+        assert!(q.ack(c.lease).is_err());
+        assert_eq!(
+            get(&q).unwrap(),
+            item(3),
+            "owner loss keeps the original order"
+        );
+        assert_eq!(get(&q).unwrap(), item(4));
+    }
+
+    #[test]
+    fn expired_and_delayed_items_come_back() {
+        let map = QueueMap::with_policy(Policy {
+            lease_timeout: Some(Duration::from_millis(50)),
+            ..Policy::default()
+        });
+        let q = map.create("e").unwrap();
+        put(&q, 1);
+        let r = q.reserve(1, None, Wait::No, ALIVE).unwrap();
+        assert_eq!(map.expire().unwrap(), 0);
+        thread::sleep(Duration::from_millis(60));
+        assert_eq!(map.expire().unwrap(), 1);
+        assert!(q.ack(r.lease).is_err());
+        let r = q.reserve(1, None, Wait::No, ALIVE).unwrap();
+        q.touch(r.lease, Some(Duration::from_secs(60))).unwrap();
+        thread::sleep(Duration::from_millis(60));
+        assert_eq!(map.expire().unwrap(), 0, "touch extended the lease");
+        map.release(&q, r.lease, Some(Duration::from_millis(50)))
+            .unwrap();
+        assert!(matches!(get(&q), Err(Error::Empty)), "delayed");
+        thread::sleep(Duration::from_millis(60));
+        map.expire().unwrap();
+        assert_eq!(get(&q).unwrap(), item(1));
+    }
+
+    #[test]
+    fn items_that_keep_failing_go_to_the_dead_letter_queue() {
+        let map = QueueMap::with_policy(Policy {
+            max_deliveries: 2,
+            ..Policy::default()
+        });
+        let q = map.create("d").unwrap();
+        put(&q, "poison");
+        for _ in 0..2 {
+            let r = q.reserve(1, None, Wait::No, ALIVE).unwrap();
+            map.release(&q, r.lease, None).unwrap();
+        }
+        assert!(q.is_empty().unwrap());
+        let dead = map.create("d.dead").unwrap();
+        let t = dead.get(Wait::No, ALIVE).unwrap();
+        assert_eq!((t.item, t.deliveries), (item("poison"), 2));
+        q.join(Wait::No, ALIVE).unwrap();
+    }
+
+    #[test]
+    fn shutdown_drains_then_refuses() {
+        let q = QueueMap::new().create("s").unwrap();
+        put(&q, 1);
+        let q2 = q.clone();
+        q.shutdown(false).unwrap();
+        assert!(matches!(
+            q.put(item(2), Wait::No, ALIVE),
+            Err(Error::ShutDown)
+        ));
+        assert_eq!(get(&q).unwrap(), item(1));
+        let t = thread::spawn(move || q2.get(Wait::Forever, ALIVE).map(drop));
+        assert!(matches!(t.join().unwrap(), Err(Error::ShutDown)));
+        let q = QueueMap::new().create("s").unwrap();
+        put(&q, 1);
+        q.shutdown(true).unwrap();
+        assert!(matches!(get(&q), Err(Error::ShutDown)));
+        q.join(Wait::No, ALIVE).unwrap();
+    }
+}

@@ -1,0 +1,185 @@
+//! Queued items packed back to back in one ring buffer.
+//!
+//! Each item is a LEB128 header, `len << 2 | uses_memo << 1 | has_count`, then (if
+//! `has_count`) a LEB128 delivery count, then its pickle fragment. A queued small int
+//! costs 3 bytes (1 header + 2 opcode bytes) plus the ring's spare capacity, against ~40
+//! for a boxed item per slot (pointer, length, allocator overhead). Items that were
+//! never delivered (the common case) pay nothing for the delivery count.
+
+use std::collections::VecDeque;
+
+use crate::pickle::Fragment;
+
+/// An item taken out of a queue, with the number of times it has been handed out under
+/// a lease (for dead-lettering items that keep failing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// The item's pickle.
+    pub item: Fragment,
+    /// How many leases have handed this item out so far.
+    pub deliveries: u32,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Packed {
+    bytes: VecDeque<u8>,
+    count: usize,
+}
+
+/// Writes `v` as LEB128 into `buf`, returning the number of bytes used.
+fn leb128(mut v: u64, buf: &mut [u8; 10]) -> usize {
+    let mut n = 0;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            buf[n] = byte;
+            return n + 1;
+        }
+        buf[n] = byte | 0x80;
+        n += 1;
+    }
+}
+
+impl Packed {
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The bytes in use.
+    #[cfg(test)]
+    fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The header bytes for `t`: a LEB128 tag, then the count if non-zero.
+    fn header(t: &Taken) -> ([u8; 20], usize) {
+        let has_count = t.deliveries > 0;
+        let tag = ((t.item.bytes().len() as u64) << 2)
+            | (u64::from(t.item.uses_memo()) << 1)
+            | u64::from(has_count);
+        let mut out = [0u8; 20];
+        let mut buf = [0u8; 10];
+        let n = leb128(tag, &mut buf);
+        out[..n].copy_from_slice(&buf[..n]);
+        let mut total = n;
+        if has_count {
+            let m = leb128(u64::from(t.deliveries), &mut buf);
+            out[n..n + m].copy_from_slice(&buf[..m]);
+            total += m;
+        }
+        (out, total)
+    }
+
+    pub(super) fn push_back(&mut self, t: &Taken) {
+        let (header, n) = Packed::header(t);
+        self.bytes.extend(&header[..n]);
+        self.bytes.extend(t.item.bytes());
+        self.count += 1;
+    }
+
+    pub(super) fn push_front(&mut self, t: &Taken) {
+        let (header, n) = Packed::header(t);
+        for &b in t.item.bytes().iter().rev().chain(header[..n].iter().rev()) {
+            self.bytes.push_front(b);
+        }
+        self.count += 1;
+    }
+
+    /// Reads a LEB128 number starting at `at`; returns it and the bytes used.
+    fn read_leb128(&self, at: usize) -> Option<(u64, usize)> {
+        let mut v: u64 = 0;
+        for n in 0..10 {
+            let byte = *self.bytes.get(at + n)?;
+            v |= u64::from(byte & 0x7f) << (7 * n);
+            if byte & 0x80 == 0 {
+                return Some((v, n + 1));
+            }
+        }
+        None
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Taken> {
+        // Only this module writes the ring, so the headers always match what follows.
+        let (tag, mut used) = self.read_leb128(0)?;
+        let deliveries = if tag & 1 == 1 {
+            let (count, n) = self.read_leb128(used)?;
+            used += n;
+            u32::try_from(count).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        let len = usize::try_from(tag >> 2).ok()?;
+        self.bytes.drain(..used);
+        let bytes: Vec<u8> = self.bytes.drain(..len).collect();
+        self.count -= 1;
+        Some(Taken {
+            item: Fragment::from_parts(bytes, tag & 2 == 2),
+            deliveries,
+        })
+    }
+
+    /// Returns memory after a burst: keep at most 4x what is in use (and 64 KiB).
+    pub(super) fn shrink_if_sparse(&mut self) {
+        let cap = self.bytes.capacity();
+        if cap > 64 * 1024 && self.bytes.len() < cap / 4 {
+            self.bytes.shrink_to((self.bytes.len() * 2).max(64 * 1024));
+        }
+    }
+
+    /// Removes every item (Python's `shutdown(immediate=True)`), returning how many.
+    pub(super) fn clear(&mut self) -> usize {
+        let n = self.count;
+        self.bytes = VecDeque::new();
+        self.count = 0;
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Value;
+
+    fn taken(v: Value, deliveries: u32) -> Taken {
+        Taken {
+            item: Fragment::encode(&v).unwrap(),
+            deliveries,
+        }
+    }
+
+    #[test]
+    fn keeps_order_sizes_memo_flags_and_counts() {
+        let shared = Value::list(vec![Value::from(1)]);
+        let items = vec![
+            taken(Value::from(1), 0),
+            taken(Value::from("x".repeat(300)), 3),
+            taken(Value::tuple(vec![shared.clone(), shared]), 0),
+            taken(Value::from(vec![0u8; 70_000]), 200),
+        ];
+        let mut p = Packed::default();
+        for t in &items[1..] {
+            p.push_back(t);
+        }
+        p.push_front(&items[0]);
+        assert_eq!(p.len(), 4);
+        for t in &items {
+            assert_eq!(p.pop_front().as_ref(), Some(t));
+        }
+        assert!(p.is_empty() && p.pop_front().is_none());
+    }
+
+    #[test]
+    fn a_queued_small_int_costs_three_bytes() {
+        let mut p = Packed::default();
+        let one = taken(Value::from(200), 0);
+        for _ in 0..100_000 {
+            p.push_back(&one);
+        }
+        assert_eq!(p.byte_len(), 300_000);
+    }
+}

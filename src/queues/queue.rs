@@ -1,0 +1,533 @@
+//! One queue: Python's `queue.Queue` semantics, plus leases.
+//!
+//! Like CPython's `queue.Queue`, a queue owns one `Mutex` and three `Condvar`s
+//! (`not_empty`, `not_full`, `all_done`), so waiters on one queue never contend with
+//! another queue. On top of that:
+//!
+//! - **Liveness while waiting.** A blocked `get` wakes up every [`LIVENESS_SLICE`] to ask
+//!   its caller whether the peer is still connected (with the lock released: the check is
+//!   a socket call). A worker killed while blocked therefore stops waiting promptly and
+//!   never takes an item it cannot receive.
+//! - **Leases.** `reserve` hands an item out under a lease id; `ack` completes it,
+//!   `release` (optionally after a delay) puts it back at the head, and so do a closed
+//!   connection and an expired lease. Each item counts its deliveries; past the limit it
+//!   is handed back to the caller for dead-lettering instead of being requeued.
+//! - **Shutdown.** Python 3.13's `Queue.shutdown()`: later puts fail with `ShutDown`,
+//!   gets drain what is left and then fail the same way.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::packed::{Packed, Taken};
+use super::{poisoned, Policy, Wait};
+use crate::pickle::Fragment;
+use crate::{Error, Result};
+
+/// How often a blocked waiter checks that its peer is still there.
+pub const LIVENESS_SLICE: Duration = Duration::from_millis(100);
+
+/// Lease ids are unique within the process, so a lease can never be confused with one on
+/// another queue or from an earlier connection.
+static NEXT_LEASE: AtomicU64 = AtomicU64::new(1);
+
+/// One named FIFO queue.
+#[derive(Debug)]
+pub struct Queue {
+    name: String,
+    ident: String,
+    policy: Policy,
+    state: Mutex<State>,
+    not_empty: Condvar,
+    not_full: Condvar,
+    all_done: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    items: Packed,
+    /// 0 means unbounded, as in `queue.Queue(maxsize=0)`.
+    maxsize: usize,
+    /// Items put but not yet marked done with `task_done`/`ack` (for `join`).
+    unfinished: u64,
+    /// The server is stopping: every waiter wakes up and fails with `Closed`.
+    closed: bool,
+    /// `shutdown()` was called: puts fail, gets drain then fail with `ShutDown`.
+    shut_down: bool,
+    leases: HashMap<u64, Lease>,
+    /// Released with a delay: back at the head when due.
+    delayed: Vec<(Instant, Taken)>,
+}
+
+#[derive(Debug)]
+struct Lease {
+    taken: Taken,
+    /// The connection holding it: its leases are released when it closes.
+    owner: u64,
+    expires: Option<Instant>,
+}
+
+/// A lease on a reserved item, as returned by [`Queue::reserve`].
+#[derive(Debug)]
+pub struct Reserved {
+    /// The id to pass to `ack`, `release` and `touch`.
+    pub lease: u64,
+    /// The item.
+    pub item: Fragment,
+}
+
+impl Queue {
+    pub(super) fn new(name: &str, ident: String, maxsize: usize, policy: Policy) -> Queue {
+        Queue {
+            name: name.to_string(),
+            ident,
+            policy,
+            state: Mutex::new(State {
+                items: Packed::default(),
+                maxsize,
+                unfinished: 0,
+                closed: false,
+                shut_down: false,
+                leases: HashMap::new(),
+                delayed: Vec::new(),
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            all_done: Condvar::new(),
+        }
+    }
+
+    /// The name clients use to find the queue (the typeid, e.g. `get_task_queue`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The opaque object id handed to clients in `create` replies.
+    pub fn ident(&self) -> &str {
+        &self.ident
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| poisoned())
+    }
+
+    /// Waits on `cv` until `ready` holds, the deadline passes, the queue closes, or
+    /// `alive` says the peer has gone. Returns the guard and whether `ready` holds.
+    ///
+    /// The remaining time is recomputed after every wake-up, so spurious wake-ups never
+    /// extend the wait. `alive` is called only with the lock released.
+    fn wait_until<'a>(
+        &'a self,
+        cv: &Condvar,
+        mut guard: MutexGuard<'a, State>,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+        ready: impl Fn(&State) -> bool,
+    ) -> Result<(MutexGuard<'a, State>, bool)> {
+        let deadline = wait.deadline();
+        loop {
+            if guard.closed {
+                return Err(Error::Closed);
+            }
+            if ready(&guard) {
+                return Ok((guard, true));
+            }
+            let now = Instant::now();
+            let slice = match deadline {
+                Some(d) if now >= d => return Ok((guard, false)),
+                Some(d) => (d - now).min(LIVENESS_SLICE),
+                None => LIVENESS_SLICE,
+            };
+            let (g, timeout) = cv.wait_timeout(guard, slice).map_err(|_| poisoned())?;
+            guard = g;
+            if timeout.timed_out() && !ready(&guard) {
+                drop(guard);
+                if !alive() {
+                    return Err(Error::Closed);
+                }
+                guard = self.lock()?;
+            }
+        }
+    }
+
+    /// Appends `item`, waiting for a free slot if the queue is bounded and full.
+    ///
+    /// # Errors
+    /// [`Error::Full`] if no slot freed up in time; [`Error::ShutDown`] after
+    /// [`Queue::shutdown`]; [`Error::Closed`] on server shutdown or if the peer left.
+    pub fn put(&self, item: Fragment, wait: Wait, alive: &dyn Fn() -> bool) -> Result<()> {
+        self.put_many(vec![item], wait, alive)
+    }
+
+    /// Appends all `items` at once, waiting until there is room for all of them: a batch
+    /// is never split, so consumers see it contiguous and a `Full` error means none of it
+    /// was queued.
+    ///
+    /// # Errors
+    /// As [`Queue::put`], and [`Error::Value`] if the batch is larger than the queue's
+    /// bound and could never fit.
+    pub fn put_many(
+        &self,
+        items: Vec<Fragment>,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        let n = items.len();
+        let guard = self.lock()?;
+        if guard.maxsize > 0 && n > guard.maxsize {
+            return Err(Error::Value(format!(
+                "a batch of {n} items can never fit a queue bounded to {}",
+                guard.maxsize
+            )));
+        }
+        let (mut guard, ready) = self.wait_until(&self.not_full, guard, wait, alive, |s| {
+            s.shut_down || s.maxsize == 0 || s.items.len() + n <= s.maxsize
+        })?;
+        if guard.shut_down {
+            return Err(Error::ShutDown);
+        }
+        if !ready {
+            return Err(Error::Full);
+        }
+        for item in items {
+            guard.items.push_back(&Taken {
+                item,
+                deliveries: 0,
+            });
+        }
+        guard.unfinished += n as u64;
+        drop(guard);
+        if n == 1 {
+            self.not_empty.notify_one();
+        } else {
+            self.not_empty.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits like Python's `get` for at least one item, then takes up to `max` of those
+    /// waiting (never waiting for more). The caller must [`Queue::unget`] them if it
+    /// cannot deliver them.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if nothing arrived in time; [`Error::ShutDown`] once a shut-down
+    /// queue is drained; [`Error::Closed`] on server shutdown or if the peer left.
+    pub fn get_many(&self, max: usize, wait: Wait, alive: &dyn Fn() -> bool) -> Result<Vec<Taken>> {
+        let guard = self.lock()?;
+        let (mut guard, ready) = self.wait_until(&self.not_empty, guard, wait, alive, |s| {
+            !s.items.is_empty() || s.shut_down
+        })?;
+        if guard.items.is_empty() {
+            return Err(if guard.shut_down {
+                Error::ShutDown
+            } else {
+                Error::Empty
+            });
+        }
+        debug_assert!(ready);
+        let take = max.min(guard.items.len());
+        let items: Vec<Taken> = (0..take).filter_map(|_| guard.items.pop_front()).collect();
+        guard.items.shrink_if_sparse();
+        drop(guard);
+        if items.len() == 1 {
+            self.not_full.notify_one();
+        } else {
+            self.not_full.notify_all();
+        }
+        Ok(items)
+    }
+
+    /// Takes one item (see [`Queue::get_many`]).
+    pub fn get(&self, wait: Wait, alive: &dyn Fn() -> bool) -> Result<Taken> {
+        let mut items = self.get_many(1, wait, alive)?;
+        items.pop().ok_or(Error::Empty)
+    }
+
+    /// Puts taken items back at the head, in their original order, ignoring `maxsize`:
+    /// used when a reply carrying them could not be delivered, so they are neither lost
+    /// nor moved behind newer items.
+    pub fn unget(&self, items: Vec<Taken>) -> Result<()> {
+        let mut guard = self.lock()?;
+        for t in items.iter().rev() {
+            guard.items.push_front(t);
+        }
+        drop(guard);
+        self.not_empty.notify_all();
+        Ok(())
+    }
+
+    /// Takes one item under a lease owned by connection `owner`. The lease lasts
+    /// `lease_time` (or the server's default; `None` and zero mean no expiry).
+    ///
+    /// # Errors
+    /// As [`Queue::get_many`].
+    pub fn reserve(
+        &self,
+        owner: u64,
+        lease_time: Option<Duration>,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+    ) -> Result<Reserved> {
+        let mut taken = self.get(wait, alive)?;
+        taken.deliveries = taken.deliveries.saturating_add(1);
+        let item = taken.item.clone();
+        let lease = NEXT_LEASE.fetch_add(1, Ordering::Relaxed);
+        let expires = lease_time
+            .or(self.policy.lease_timeout)
+            .filter(|t| !t.is_zero())
+            .and_then(|t| Instant::now().checked_add(t));
+        self.lock()?.leases.insert(
+            lease,
+            Lease {
+                taken,
+                owner,
+                expires,
+            },
+        );
+        Ok(Reserved { lease, item })
+    }
+
+    fn unknown_lease(&self, lease: u64) -> Error {
+        Error::Value(format!(
+            "unknown lease {lease} on queue {:?} (already acked or released, expired, or its connection closed)",
+            self.name
+        ))
+    }
+
+    /// Completes a lease: the item is done (this also counts as `task_done`).
+    ///
+    /// # Errors
+    /// [`Error::Value`] if the lease is unknown.
+    pub fn ack(&self, lease: u64) -> Result<()> {
+        let mut s = self.lock()?;
+        s.leases
+            .remove(&lease)
+            .ok_or_else(|| self.unknown_lease(lease))?;
+        s.unfinished = s.unfinished.saturating_sub(1);
+        if s.unfinished == 0 {
+            self.all_done.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Extends a lease by `by` (or the server's default lease time) from now.
+    ///
+    /// # Errors
+    /// [`Error::Value`] if the lease is unknown.
+    pub fn touch(&self, lease: u64, by: Option<Duration>) -> Result<()> {
+        let mut s = self.lock()?;
+        let l = s
+            .leases
+            .get_mut(&lease)
+            .ok_or_else(|| self.unknown_lease(lease))?;
+        l.expires = by
+            .or(self.policy.lease_timeout)
+            .filter(|t| !t.is_zero())
+            .and_then(|t| Instant::now().checked_add(t));
+        Ok(())
+    }
+
+    /// Gives a leased item back: at the head now, or after `delay`. Returns the item
+    /// instead if it has used up its deliveries and must be dead-lettered.
+    ///
+    /// # Errors
+    /// [`Error::Value`] if the lease is unknown.
+    pub fn release(&self, lease: u64, delay: Option<Duration>) -> Result<Option<Taken>> {
+        let mut s = self.lock()?;
+        let l = s
+            .leases
+            .remove(&lease)
+            .ok_or_else(|| self.unknown_lease(lease))?;
+        let due = delay
+            .filter(|d| !d.is_zero())
+            .and_then(|d| Instant::now().checked_add(d));
+        if let Some(due) = due {
+            s.delayed.push((due, l.taken));
+            return Ok(None);
+        }
+        let dead = self.requeue(&mut s, l.taken);
+        drop(s);
+        self.not_empty.notify_one();
+        Ok(dead)
+    }
+
+    /// Puts `t` back at the head, or returns it if it has had its deliveries (the caller
+    /// dead-letters it; it no longer counts as unfinished here).
+    fn requeue(&self, s: &mut State, t: Taken) -> Option<Taken> {
+        let max = self.policy.max_deliveries;
+        if max > 0 && t.deliveries >= max {
+            s.unfinished = s.unfinished.saturating_sub(1);
+            if s.unfinished == 0 {
+                self.all_done.notify_all();
+            }
+            return Some(t);
+        }
+        s.items.push_front(&t);
+        None
+    }
+
+    /// Releases every lease held by connection `owner` (it closed). Returns the items
+    /// to dead-letter and how many leases were released.
+    pub fn release_owner(&self, owner: u64) -> Result<(Vec<Taken>, usize)> {
+        self.release_where(|l, _| l.owner == owner)
+    }
+
+    /// Requeues expired leases and delayed items that are due. Returns the items to
+    /// dead-letter and how many leases expired.
+    pub fn expire(&self, now: Instant) -> Result<(Vec<Taken>, usize)> {
+        let due = {
+            let mut s = self.lock()?;
+            let mut due = Vec::new();
+            s.delayed.retain(|(at, t)| {
+                if *at <= now {
+                    due.push(t.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            for t in due.iter().rev() {
+                s.items.push_front(t);
+            }
+            !due.is_empty()
+        };
+        if due {
+            self.not_empty.notify_all();
+        }
+        self.release_where(|l, now| l.expires.is_some_and(|e| e <= now))
+    }
+
+    fn release_where(&self, pick: impl Fn(&Lease, Instant) -> bool) -> Result<(Vec<Taken>, usize)> {
+        let now = Instant::now();
+        let mut s = self.lock()?;
+        if s.leases.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let mut ids: Vec<u64> = s
+            .leases
+            .iter()
+            .filter(|(_, l)| pick(l, now))
+            .map(|(id, _)| *id)
+            .collect();
+        // Oldest lease first back at the head last, so the oldest ends up in front.
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        let mut dead = Vec::new();
+        for id in &ids {
+            if let Some(l) = s.leases.remove(id) {
+                dead.extend(self.requeue(&mut s, l.taken));
+            }
+        }
+        drop(s);
+        if !ids.is_empty() {
+            self.not_empty.notify_all();
+        }
+        Ok((dead, ids.len()))
+    }
+
+    /// Appends dead-lettered items (this is a `NAME.dead` queue), ignoring `maxsize`.
+    pub(super) fn push_dead(&self, items: Vec<Taken>) -> Result<()> {
+        let n = items.len();
+        let mut s = self.lock()?;
+        for t in &items {
+            s.items.push_back(t);
+        }
+        s.unfinished += n as u64;
+        drop(s);
+        self.not_empty.notify_all();
+        Ok(())
+    }
+
+    /// Python 3.13's `shutdown(immediate)`: later puts fail with `ShutDown`; gets drain
+    /// the remaining items (none, if `immediate`) and then fail the same way.
+    pub fn shutdown(&self, immediate: bool) -> Result<()> {
+        let mut s = self.lock()?;
+        s.shut_down = true;
+        if immediate {
+            let dropped = s.items.clear() as u64;
+            s.unfinished = s.unfinished.saturating_sub(dropped);
+            if s.unfinished == 0 {
+                self.all_done.notify_all();
+            }
+        }
+        drop(s);
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+        Ok(())
+    }
+
+    /// The number of items waiting (`qsize()`); reserved items are not counted.
+    pub fn len(&self) -> Result<usize> {
+        Ok(self.lock()?.items.len())
+    }
+
+    /// Whether no item is waiting (`empty()`).
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Whether a bounded queue has no free slot (`full()`).
+    pub fn is_full(&self) -> Result<bool> {
+        let s = self.lock()?;
+        Ok(s.maxsize > 0 && s.items.len() >= s.maxsize)
+    }
+
+    /// The number of items out under a lease.
+    pub fn reserved(&self) -> Result<usize> {
+        Ok(self.lock()?.leases.len())
+    }
+
+    pub(super) fn set_maxsize(&self, maxsize: usize) -> Result<()> {
+        self.lock()?.maxsize = maxsize;
+        self.not_full.notify_all();
+        Ok(())
+    }
+
+    /// Marks one earlier-fetched item as processed (`task_done()`).
+    ///
+    /// # Errors
+    /// Python's `ValueError` condition: called more times than items were put.
+    pub fn task_done(&self) -> Result<()> {
+        let mut s = self.lock()?;
+        if s.unfinished == 0 {
+            return Err(Error::Value("task_done() called too many times".into()));
+        }
+        s.unfinished -= 1;
+        if s.unfinished == 0 {
+            self.all_done.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits until every item put has been marked done (`join()`).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if `wait` ran out first; [`Error::Closed`] on shutdown or if
+    /// the peer left.
+    pub fn join(&self, wait: Wait, alive: &dyn Fn() -> bool) -> Result<()> {
+        let guard = self.lock()?;
+        let (_guard, ready) =
+            self.wait_until(&self.all_done, guard, wait, alive, |s| s.unfinished == 0)?;
+        if ready {
+            Ok(())
+        } else {
+            Err(Error::Timeout("waiting for join()"))
+        }
+    }
+
+    /// Wakes every waiter with [`Error::Closed`]; later blocking calls fail at once.
+    /// Returns the number of items still out under a lease (for the shutdown log).
+    pub(super) fn close(&self) -> usize {
+        let reserved = match self.state.lock() {
+            Ok(mut s) => {
+                s.closed = true;
+                s.leases.len()
+            }
+            Err(_) => 0,
+        };
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+        self.all_done.notify_all();
+        reserved
+    }
+}
