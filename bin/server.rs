@@ -15,6 +15,14 @@ OPTIONS:
     --queue NAME[:MAX]    declare a queue, optionally bounded to MAX items (repeatable);
                           other names are created unbounded on first use
     --max-frame BYTES     largest request accepted [default: 67108864]
+    --max-connections N   connections served at once [default: 1024]
+    --idle-timeout SECS   close method channels idle this long [default: never]
+    --lease-timeout SECS  requeue reserved items not acked within this time; 0 = only
+                          when their connection closes [default: 0]
+    --max-deliveries N    after N leased deliveries a returned item goes to NAME.dead
+                          instead of NAME; 0 = never [default: 0]
+    --no-code-items       refuse items that reference classes or functions (so a client
+                          holding the key cannot ship code to Python workers)
     --authkey KEY         shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH   read the shared secret from a file
                           (or set DISTQ_AUTHKEY)
@@ -33,7 +41,7 @@ fn main() {
     let mut common = CommonFlags::default();
     let mut bind = "0.0.0.0:5000".to_string();
     let mut queues: Vec<(String, usize)> = Vec::new();
-    let mut max_frame = distq::frame::DEFAULT_MAX_FRAME;
+    let mut config = ServerConfig::new(distq::AuthKey::new(""));
     let parsed: Result<(), lexopt::Error> = (|| {
         let mut parser = lexopt::Parser::from_env();
         while let Some(flag) = cli::next(&mut parser)? {
@@ -46,7 +54,15 @@ fn main() {
                     let spec = parser.value()?.string()?;
                     queues.push(parse_queue(&spec)?);
                 }
-                "--max-frame" => max_frame = parser.value()?.parse()?,
+                "--max-frame" => config.max_frame = parser.value()?.parse()?,
+                "--max-connections" => config.max_connections = parser.value()?.parse()?,
+                "--idle-timeout" => config.idle_timeout = Some(cli::seconds(parser.value()?)?),
+                "--lease-timeout" => {
+                    config.lease_timeout =
+                        Some(cli::seconds(parser.value()?)?).filter(|t| !t.is_zero())
+                }
+                "--max-deliveries" => config.max_deliveries = parser.value()?.parse()?,
+                "--no-code-items" => config.no_code_items = true,
                 _ => return Err(flag.unexpected()),
             }
         }
@@ -56,9 +72,7 @@ fn main() {
         cli::fail(format!("{e} (see --help)"), 2);
     }
     common.init_logging();
-    let authkey = common.authkey().unwrap_or_else(|e| cli::fail(e, 2));
-    let mut config = ServerConfig::new(authkey);
-    config.max_frame = max_frame;
+    config.authkey = common.authkey().unwrap_or_else(|e| cli::fail(e, 2));
     let server = Server::bind(bind.as_str(), config).unwrap_or_else(|e| cli::fail(e, 1));
     for (name, max) in &queues {
         if let Err(e) = server.queues().declare(name, *max) {

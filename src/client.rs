@@ -15,11 +15,12 @@
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::auth::AuthKey;
 use crate::conn::{Connection, Role};
 use crate::frame::DEFAULT_MAX_FRAME;
+use crate::log::log_at;
 use crate::protocol::{Reply, Request};
 use crate::{Error, Result, Value};
 
@@ -36,6 +37,12 @@ pub struct ClientConfig {
     pub call_timeout: Duration,
     /// The largest reply frame accepted.
     pub max_frame: usize,
+    /// After losing the connection, keep trying to reconnect (with capped exponential
+    /// backoff) for this long before giving up; zero means fail at once. A call that was
+    /// in flight is sent again after reconnecting, so with a nonzero value a `put` can be
+    /// duplicated and a plain `get` can lose the item it was being sent: use leases
+    /// (`reserve`/`ack`) for at-least-once delivery.
+    pub reconnect_for: Duration,
 }
 
 impl Default for ClientConfig {
@@ -45,6 +52,7 @@ impl Default for ClientConfig {
             handshake_timeout: Duration::from_secs(10),
             call_timeout: Duration::from_secs(30),
             max_frame: DEFAULT_MAX_FRAME,
+            reconnect_for: Duration::ZERO,
         }
     }
 }
@@ -171,21 +179,37 @@ impl Manager {
     /// # Errors
     /// [`Error::Traceback`] if the server does not know the typeid.
     pub fn queue(&self, typeid: &str) -> Result<QueueProxy> {
-        let reply = self.call_public("create", vec![Value::str(typeid)])?;
-        let ident = match reply.as_tuple() {
-            Some([Value::Str(ident), _exposed]) => ident.to_string(),
-            _ => {
-                return Err(Error::protocol(
-                    "create must return (ident, exposed); is this a manager server?",
-                ))
-            }
-        };
+        let (ident, exposed) = self.create(typeid)?;
         Ok(QueueProxy {
             manager: self.clone(),
             typeid: typeid.to_string(),
-            ident,
-            channel: Mutex::new(None),
+            exposed,
+            state: Mutex::new(ProxyState {
+                ident,
+                channel: None,
+            }),
         })
+    }
+
+    /// `create(typeid)`: the ident and the exposed method names.
+    fn create(&self, typeid: &str) -> Result<(String, Vec<String>)> {
+        let reply = self.call_public("create", vec![Value::str(typeid)])?;
+        match reply.as_tuple() {
+            Some([Value::Str(ident), exposed]) => {
+                let names = match exposed {
+                    Value::Tuple(n) | Value::List(n) => n
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Ok((ident.to_string(), names))
+            }
+            _ => Err(Error::protocol(
+                "create must return (ident, exposed); is this a manager server?",
+            )),
+        }
     }
 
     /// Asks the server to stop (only the owner should). Proxies of this manager will not
@@ -212,8 +236,21 @@ impl Manager {
 pub struct QueueProxy {
     manager: Manager,
     typeid: String,
+    exposed: Vec<String>,
+    state: Mutex<ProxyState>,
+}
+
+#[derive(Debug)]
+struct ProxyState {
+    /// The server's ident for the queue; renewed by `create` after a reconnect, since a
+    /// restarted server hands out new idents.
     ident: String,
-    channel: Mutex<Option<Connection>>,
+    channel: Option<Connection>,
+}
+
+/// Errors after which the connection is unusable but a new one may work.
+fn is_connection_loss(e: &Error) -> bool {
+    matches!(e, Error::Io { .. } | Error::Closed | Error::Timeout(_))
 }
 
 impl QueueProxy {
@@ -223,12 +260,24 @@ impl QueueProxy {
     }
 
     /// The server's ident for the queue.
-    pub fn ident(&self) -> &str {
-        &self.ident
+    pub fn ident(&self) -> String {
+        self.state
+            .lock()
+            .map(|s| s.ident.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether the server offers `method` on this queue (e.g. `reserve`: distq does,
+    /// Python's `BaseManager` does not).
+    pub fn exposes(&self, method: &str) -> bool {
+        self.exposed.iter().any(|m| m == method)
     }
 
     /// Calls `method` on the queue over this proxy's channel. `blocks_for` is how long
     /// the server may legitimately take (a `get` timeout); `None` means no limit.
+    ///
+    /// With [`ClientConfig::reconnect_for`] set, a lost connection is re-established
+    /// (capped exponential backoff, one log line per outage) and the call sent again.
     pub fn call(
         &self,
         method: &str,
@@ -236,35 +285,81 @@ impl QueueProxy {
         kwargs: Vec<(String, Value)>,
         blocks_for: Option<Duration>,
     ) -> Result<Value> {
-        let mut guard = self
-            .channel
+        let mut state = self
+            .state
             .lock()
             .map_err(|_| Error::Value("a proxy lock was poisoned by a panicking thread".into()))?;
-        if guard.is_none() {
-            *guard = Some(self.open_channel()?);
-        }
-        let conn = guard.as_mut().expect("channel was just opened");
-        let call_timeout = self.manager.inner.config.call_timeout;
-        let request = Request {
-            ident: Some(self.ident.clone()),
+        let mut request = Request {
+            ident: Some(state.ident.clone()),
             method: method.to_string(),
             args,
             kwargs,
         };
+        let first = self.try_call(&mut state, &request, blocks_for);
+        let reconnect_for = self.manager.inner.config.reconnect_for;
+        let lost = match first {
+            Err(e) if is_connection_loss(&e) && !reconnect_for.is_zero() => e,
+            other => return other.and_then(Reply::into_result),
+        };
+        // First one immediate, silent attempt: a channel can be stale only because the
+        // server restarted while this proxy was idle, and another proxy may have already
+        // waited out the outage (and said so). Only if that fails is this an outage.
+        let addr = self.manager.addr();
+        let start = Instant::now();
+        let mut backoff = Duration::ZERO;
+        let mut announced = false;
+        loop {
+            std::thread::sleep(backoff);
+            let attempt = self.manager.create(&self.typeid).and_then(|(ident, _)| {
+                state.ident = ident.clone();
+                request.ident = Some(ident);
+                self.try_call(&mut state, &request, blocks_for)
+            });
+            match attempt {
+                Ok(reply) => {
+                    if announced {
+                        log_at!(Warn, "reconnected to {addr} after {:.1?}", start.elapsed());
+                    }
+                    return reply.into_result();
+                }
+                Err(e) if is_connection_loss(&e) && start.elapsed() < reconnect_for => {
+                    if !announced {
+                        log_at!(
+                            Warn,
+                            "lost the connection to {addr} ({lost}); reconnecting for up to {reconnect_for:?}"
+                        );
+                        announced = true;
+                    }
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt: (re)open the channel if needed, send, read the reply. On failure the
+    /// channel is dropped, since it may be out of step (a late reply could still arrive).
+    fn try_call(
+        &self,
+        state: &mut ProxyState,
+        request: &Request,
+        blocks_for: Option<Duration>,
+    ) -> Result<Reply> {
+        if state.channel.is_none() {
+            state.channel = Some(self.open_channel()?);
+        }
+        let conn = state.channel.as_mut().expect("channel was just opened");
+        let call_timeout = self.manager.inner.config.call_timeout;
         let result = conn
             .set_read_timeout(blocks_for.map(|b| b + call_timeout))
             .and_then(|()| conn.write_value(&request.to_value()))
             .and_then(|()| conn.read_value())
             .and_then(|v| Reply::from_value(&v));
-        match result {
-            Ok(reply) => reply.into_result(),
-            Err(e) => {
-                // The channel may be out of step (a late reply could still arrive): drop it
-                // and open a fresh one on the next call.
-                *guard = None;
-                Err(e)
-            }
+        if result.is_err() {
+            state.channel = None;
         }
+        result
     }
 
     fn open_channel(&self) -> Result<Connection> {
@@ -360,6 +455,72 @@ impl QueueProxy {
         self.call("get_nowait", vec![], vec![], Some(Duration::ZERO))
     }
 
+    /// Takes the oldest item under a lease, waiting at most `timeout`. The item stays
+    /// owned by this connection until [`QueueProxy::ack`]: if the connection closes (the
+    /// worker died) or the lease expires first, it goes back to the head of the queue.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if nothing arrived in time; [`Error::Traceback`] against a server
+    /// without leases (check [`QueueProxy::exposes`]).
+    pub fn reserve(&self, timeout: Duration) -> Result<(u64, Value)> {
+        let kwargs = vec![("timeout".to_string(), Value::Float(timeout.as_secs_f64()))];
+        match self.call("reserve", vec![], kwargs, Some(timeout))? {
+            Value::Tuple(t) => match &t[..] {
+                [Value::Int(lease), item] if *lease >= 0 => Ok((*lease as u64, item.clone())),
+                _ => Err(Error::protocol("reserve must return (lease, item)")),
+            },
+            other => Err(Error::protocol(format!(
+                "reserve returned {other}, not (lease, item)"
+            ))),
+        }
+    }
+
+    /// Completes a lease: the item is done for good.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] (`ValueError`) if the lease is no longer held: it expired, or
+    /// the connection that took it was lost, and the item was requeued.
+    pub fn ack(&self, lease: u64) -> Result<()> {
+        self.lease_call("ack", lease, vec![])
+    }
+
+    /// Gives a leased item back to the head of the queue, now or after `delay`.
+    pub fn release(&self, lease: u64, delay: Option<Duration>) -> Result<()> {
+        let kwargs = delay
+            .map(|d| vec![("delay".to_string(), Value::Float(d.as_secs_f64()))])
+            .unwrap_or_default();
+        self.lease_call("release", lease, kwargs)
+    }
+
+    /// Extends a lease by `lease_time` (or the server's default) from now.
+    pub fn touch(&self, lease: u64, lease_time: Option<Duration>) -> Result<()> {
+        let kwargs = lease_time
+            .map(|d| vec![("lease_timeout".to_string(), Value::Float(d.as_secs_f64()))])
+            .unwrap_or_default();
+        self.lease_call("touch", lease, kwargs)
+    }
+
+    fn lease_call(&self, method: &str, lease: u64, kwargs: Vec<(String, Value)>) -> Result<()> {
+        let lease = Value::Int(
+            i64::try_from(lease).map_err(|_| Error::Value("lease id out of range".into()))?,
+        );
+        self.call(method, vec![lease], kwargs, Some(Duration::ZERO))
+            .map(drop)
+    }
+
+    /// Python 3.13's `Queue.shutdown(immediate)`: later puts fail with
+    /// [`Error::ShutDown`]; gets drain the remaining items (none if `immediate`) and
+    /// then fail the same way.
+    pub fn shutdown(&self, immediate: bool) -> Result<()> {
+        self.call(
+            "shutdown",
+            vec![Value::Bool(immediate)],
+            vec![],
+            Some(Duration::ZERO),
+        )
+        .map(drop)
+    }
+
     /// The number of waiting items (`qsize()`).
     pub fn qsize(&self) -> Result<usize> {
         let n = self.call("qsize", vec![], vec![], Some(Duration::ZERO))?;
@@ -403,13 +564,15 @@ impl Drop for QueueProxy {
     /// Returns the reference `create` gave this proxy. Errors are ignored, as in Python:
     /// the server may already be gone.
     fn drop(&mut self) {
-        if let Ok(mut channel) = self.channel.lock() {
-            channel.take();
-        }
+        let ident = match self.state.get_mut() {
+            Ok(state) => {
+                state.channel = None;
+                state.ident.clone()
+            }
+            Err(_) => return,
+        };
         if !self.manager.inner.shut_down.load(Ordering::SeqCst) {
-            let _ = self
-                .manager
-                .call_public("decref", vec![Value::str(&self.ident)]);
+            let _ = self.manager.call_public("decref", vec![Value::str(&ident)]);
         }
     }
 }

@@ -142,6 +142,8 @@ pub struct Outcome {
     /// reply cannot be sent, [`Outcome::undo`] puts them back at the head of `queue`.
     pub taken_from: Option<Arc<Queue>>,
     deliveries: Vec<u32>,
+    /// Send nothing and close the connection (the server is stopping or the peer left).
+    pub hang_up: bool,
 }
 
 impl Outcome {
@@ -150,6 +152,7 @@ impl Outcome {
             reply,
             taken_from: None,
             deliveries: Vec::new(),
+            hang_up: false,
         }
     }
 
@@ -165,6 +168,7 @@ impl Outcome {
             reply,
             taken_from: Some(queue.clone()),
             deliveries,
+            hang_up: false,
         }
     }
 
@@ -212,7 +216,13 @@ pub fn method(map: &QueueMap, req: &Request, session: &Session<'_>) -> Outcome {
         ),
         name if QUEUE_METHODS.contains(&name) => match call(map, &queue, req, session) {
             Ok(outcome) => return outcome,
-            Err(exc) => Reply::Error(exc),
+            Err(Fault::Raise(exc)) => Reply::Error(exc),
+            Err(Fault::HangUp) => {
+                return Outcome {
+                    hang_up: true,
+                    ..Outcome::reply(Reply::Return(Value::None))
+                }
+            }
         },
         other => Reply::traceback(
             "AttributeError",
@@ -226,13 +236,29 @@ pub fn method(map: &QueueMap, req: &Request, session: &Session<'_>) -> Outcome {
     Outcome::reply(reply)
 }
 
-/// Calls a queue method; `Err` holds the exception instance for an `#ERROR` reply.
+/// Why a queue method did not produce a reply.
+enum Fault {
+    /// It raised this exception: send it in an `#ERROR` reply.
+    Raise(Value),
+    /// The server is stopping or the peer left while the call waited: send nothing and
+    /// close the connection (a Python client then sees `EOFError`, a distq client a lost
+    /// connection it may reconnect from).
+    HangUp,
+}
+
+impl From<Value> for Fault {
+    fn from(exc: Value) -> Fault {
+        Fault::Raise(exc)
+    }
+}
+
+/// Calls a queue method.
 fn call(
     map: &QueueMap,
     queue: &Arc<Queue>,
     req: &Request,
     session: &Session<'_>,
-) -> Result<Outcome, Value> {
+) -> Result<Outcome, Fault> {
     let mut args = Args::new(req);
     let alive = session.alive;
     let done = |r: crate::Result<()>| {
@@ -259,16 +285,16 @@ fn call(
             let items = match args.required(0, "items")? {
                 Value::List(items) | Value::Tuple(items) => items,
                 other => {
-                    return Err(exceptions::builtin(
+                    return Err(Fault::from(exceptions::builtin(
                         "TypeError",
                         &format!("put_many() takes a list or tuple of items, not {other}"),
-                    ))
+                    )))
                 }
             };
             let items = items
                 .iter()
                 .map(|v| fragment(map, v))
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, Value>>()?;
             let wait = args.wait(1)?;
             args.finish()?;
             done(queue.put_many(items, wait, alive))
@@ -291,10 +317,10 @@ fn call(
                     usize::try_from(n).map_or(MAX_BATCH, |n| n.min(MAX_BATCH))
                 }
                 Some(other) => {
-                    return Err(exceptions::builtin(
+                    return Err(Fault::from(exceptions::builtin(
                         "ValueError",
                         &format!("get_many() max_items must be a positive int, not {other}"),
-                    ))
+                    )))
                 }
             };
             let wait = args.wait(1)?;
@@ -359,10 +385,10 @@ fn call(
             args.finish()?;
             done(queue.join(Wait::Forever, alive))
         }
-        other => Err(exceptions::builtin(
+        other => Err(Fault::from(exceptions::builtin(
             "AttributeError",
             &format!("queue has no method {other:?}"),
-        )),
+        ))),
     }
 }
 
@@ -409,15 +435,15 @@ fn first_global(v: &Value, depth: usize) -> Option<&crate::pickle::Global> {
     }
 }
 
-fn to_exception(e: Error) -> Value {
-    match e {
+fn to_exception(e: Error) -> Fault {
+    Fault::Raise(match e {
         Error::Empty => exceptions::empty(),
         Error::Full => exceptions::full(),
         Error::ShutDown => exceptions::shut_down(),
         Error::Value(msg) => exceptions::builtin("ValueError", &msg),
-        Error::Closed => exceptions::builtin("EOFError", "the distq server is shutting down"),
+        Error::Closed => return Fault::HangUp,
         other => exceptions::builtin("RuntimeError", &other.to_string()),
-    }
+    })
 }
 
 /// Python-style argument binding for `f(item, block=True, timeout=None)`-shaped methods:

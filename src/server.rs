@@ -433,6 +433,9 @@ impl Shared {
                     continue;
                 }
             };
+            if outcome.hang_up {
+                return Ok(());
+            }
             // Items taken off a queue go back to its head unless the reply reaches the
             // peer: checked just before sending (a worker killed while its get waited is
             // noticed here), and if the send itself fails.
@@ -458,9 +461,12 @@ impl Shared {
                 "shutting down with {reserved} item(s) reserved but not acked; they are lost with the server's memory"
             );
         }
+        // Shut down only the reading side: a thread blocked waiting for a request wakes
+        // up with end-of-stream, while one that is just sending a reply (say, to the
+        // `put` whose result made the master decide to stop) still gets it out.
         if let Ok(live) = self.live.lock() {
             for stream in live.values() {
-                let _ = stream.shutdown(Shutdown::Both);
+                let _ = stream.shutdown(Shutdown::Read);
             }
         }
         // Wake the accept loop: it checks the flag after each accepted connection.

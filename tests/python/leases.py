@@ -1,0 +1,53 @@
+# Leases, dead-lettering and queue shutdown as a Python client sees them through
+# distq-server (started with max_deliveries=2).
+import sys, queue
+from multiprocessing.managers import BaseManager
+
+class M(BaseManager):
+    pass
+
+for name in ('get_jobs', 'get_jobs.dead', 'get_closing'):
+    M.register(name)
+host, port, key = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+m = M(address=(host, port), authkey=key)
+m.connect()
+jobs = m.get_jobs()
+jobs.put('a'); jobs.put('b')
+lease, item = jobs.reserve(timeout=1)
+assert item == 'a', item
+assert jobs.qsize() == 1
+jobs.release(lease)
+lease, item = jobs.reserve(timeout=1)
+assert item == 'a', 'released items go back to the head'
+jobs.touch(lease)
+jobs.ack(lease)
+try:
+    jobs.ack(lease)
+    raise AssertionError('double ack accepted')
+except ValueError as e:
+    assert 'unknown lease' in str(e), e
+# 'b' fails twice: the second release sends it to the dead-letter queue.
+for _ in range(2):
+    lease, item = jobs.reserve(timeout=1)
+    assert item == 'b'
+    jobs.release(lease)
+assert jobs.empty()
+assert getattr(m, 'get_jobs.dead')().get(timeout=1) == 'b'
+
+closing = m.get_closing()
+closing.put(1)
+closing.shutdown()
+ShutDown = getattr(queue, 'ShutDown', None)
+try:
+    closing.put(2)
+    raise AssertionError('put after shutdown accepted')
+except Exception as e:
+    # Python >= 3.13 raises queue.ShutDown; older ones fail to unpickle it, naming it.
+    assert (ShutDown and isinstance(e, ShutDown)) or 'ShutDown' in repr(e), repr(e)
+assert closing.get(timeout=1) == 1
+try:
+    closing.get(timeout=1)
+    raise AssertionError('get on a drained shut-down queue returned')
+except Exception as e:
+    assert (ShutDown and isinstance(e, ShutDown)) or 'ShutDown' in repr(e), repr(e)
+print('leases ok')

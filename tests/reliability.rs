@@ -1,0 +1,570 @@
+//! Delivery guarantees and limits: dead waiters, leases, worker death, reconnects,
+//! shutdown, connection limits, a wrong-key flood, load and chaos.
+//!
+//! Load and chaos run in a short form by default; `DISTQ_LONG=1 cargo test --release
+//! --test reliability` runs the long form from the README.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use distq::{AuthKey, ClientConfig, Error, Manager, Server, ServerConfig, Value};
+
+const LEASES: &str = include_str!("python/leases.py");
+const LEASE_WORKER: &str = include_str!("python/lease_worker.py");
+
+fn long() -> bool {
+    std::env::var_os("DISTQ_LONG").is_some()
+}
+
+fn connect(addr: SocketAddr) -> Manager {
+    Manager::connect(addr, AuthKey::new(KEY)).expect("connect")
+}
+
+fn worker(addr: SocketAddr, extra: &[&str]) -> Child {
+    bin("distq-worker")
+        .args(["--connect", &addr.to_string(), "--authkey", KEY])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start distq-worker")
+}
+
+fn kill(mut child: Child) {
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+/// Python loses the next task put after a worker blocked in get() is killed; distq's
+/// waiter notices its peer is gone and takes nothing.
+#[test]
+fn a_killed_waiter_swallows_no_task() {
+    let server = server();
+    let addr = server.local_addr();
+    let mut w = worker(
+        addr,
+        &["--no-leases", "--get-timeout", "3600", "--tasks", "1"],
+    );
+    read_line_starting(&mut w, "Connecting to server");
+    std::thread::sleep(Duration::from_millis(500)); // it is now blocked in get
+    kill(w);
+    std::thread::sleep(Duration::from_millis(100));
+    let m = connect(addr);
+    let tasks = m.queue("get_task_queue").unwrap();
+    tasks.put(42).unwrap();
+    assert_eq!(tasks.get(Duration::from_secs(2)).unwrap(), Value::from(42));
+    server.shutdown().unwrap();
+}
+
+/// A worker killed mid-task (after reserve, before ack) loses nothing.
+#[test]
+fn a_worker_killed_mid_task_loses_nothing() {
+    let server = server();
+    let addr = server.local_addr();
+    let m = connect(addr);
+    let tasks = m.queue("get_task_queue").unwrap();
+    tasks.put(7).unwrap();
+    tasks.put(8).unwrap();
+    let mut w = worker(addr, &["--sleep", "60", "--tasks", "1"]);
+    read_line_starting(&mut w, "Running task 7");
+    assert_eq!(tasks.qsize().unwrap(), 1, "7 is reserved, 8 waits");
+    kill(w);
+    let start = Instant::now();
+    assert_eq!(
+        tasks.get(Duration::from_secs(3)).unwrap(),
+        Value::from(7),
+        "back at the head"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(tasks.get_nowait().unwrap(), Value::from(8));
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn leases_expire_and_dead_letter() {
+    let server = server_with(|c| {
+        c.lease_timeout = Some(Duration::from_millis(300));
+        c.max_deliveries = 2;
+    });
+    let m = connect(server.local_addr());
+    let q = m.queue("jobs").unwrap();
+    q.put("x").unwrap();
+    let (lease, item) = q.reserve(Duration::from_secs(1)).unwrap();
+    assert_eq!(item, Value::from("x"));
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        matches!(q.ack(lease), Err(Error::Remote { .. })),
+        "the lease expired"
+    );
+    let (lease, _) = q.reserve(Duration::from_secs(1)).unwrap();
+    q.release(lease, None).unwrap(); // second delivery failed: dead-lettered
+    assert!(matches!(q.get_nowait(), Err(Error::Empty)));
+    let dead = m.queue("jobs.dead").unwrap();
+    assert_eq!(dead.get_nowait().unwrap(), Value::from("x"));
+    // touch keeps a lease alive past its default lifetime.
+    q.put("y").unwrap();
+    let (lease, _) = q.reserve(Duration::from_secs(1)).unwrap();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(150));
+        q.touch(lease, None).unwrap();
+    }
+    q.ack(lease).unwrap();
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn leases_and_queue_shutdown_from_python() {
+    for py in require_pythons() {
+        let server = server_with(|c| c.max_deliveries = 2);
+        let port = server.local_addr().port().to_string();
+        let out = py.run_ok(LEASES, &["127.0.0.1", &port, KEY]);
+        assert!(out.contains("leases ok"), "{:?}: {out}", py.version);
+        server.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn queue_shutdown_drains_then_refuses() {
+    let server = server();
+    let m = connect(server.local_addr());
+    let q = m.queue("closing").unwrap();
+    q.put(1).unwrap();
+    q.shutdown(false).unwrap();
+    assert!(matches!(q.put(2), Err(Error::ShutDown)));
+    assert_eq!(q.get(Duration::from_secs(1)).unwrap(), Value::from(1));
+    assert!(matches!(
+        q.get(Duration::from_secs(1)),
+        Err(Error::ShutDown)
+    ));
+    server.shutdown().unwrap();
+}
+
+/// distq-worker rides out a server restart on the same address.
+#[test]
+fn the_worker_survives_a_server_restart() {
+    let first = server();
+    let addr = first.local_addr();
+    let mut w = worker(
+        addr,
+        &["--forever", "--get-timeout", "0.2", "--reconnect-for", "30"],
+    );
+    let m = connect(addr);
+    m.queue("get_task_queue").unwrap().put(3).unwrap();
+    let results = m.queue("get_result_queue").unwrap();
+    assert_eq!(
+        results.get(Duration::from_secs(5)).unwrap(),
+        Value::from("3 * 3 = 9")
+    );
+    drop(results);
+    first.shutdown().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let second = (0..50)
+        .find_map(|_| {
+            let s = Server::bind(addr, ServerConfig::new(AuthKey::new(KEY))).ok();
+            if s.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            s
+        })
+        .expect("rebind the same address")
+        .spawn()
+        .unwrap();
+    let m = connect(addr);
+    m.queue("get_task_queue").unwrap().put(4).unwrap();
+    let results = m.queue("get_result_queue").unwrap();
+    let got = results.get(Duration::from_secs(15));
+    if got.is_err() {
+        kill_and_collect_stderr(&mut w, |err| panic!("no result; worker stderr: {err}"));
+    }
+    assert_eq!(got.unwrap(), Value::from("4 * 4 = 16"));
+    kill_and_collect_stderr(&mut w, |err| {
+        assert_eq!(
+            err.matches("reconnecting").count(),
+            1,
+            "one line per outage: {err}"
+        );
+    });
+    second.shutdown().unwrap();
+}
+
+fn kill_and_collect_stderr(child: &mut Child, check: impl FnOnce(&str)) {
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    check(&err);
+}
+
+/// The library's reconnect policy: a call during an outage waits for the server.
+#[test]
+fn the_client_library_reconnects() {
+    let first = server();
+    let addr = first.local_addr();
+    let mut config = ClientConfig::default();
+    config.reconnect_for = Duration::from_secs(20);
+    let m = Manager::connect_with(addr, AuthKey::new(KEY), config).unwrap();
+    let q = m.queue("q").unwrap();
+    q.put(1).unwrap();
+    first.shutdown().unwrap();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        Server::bind(addr, ServerConfig::new(AuthKey::new(KEY)))
+            .unwrap()
+            .spawn()
+            .unwrap()
+    });
+    // Sent during the outage; lands on the new server once it is up.
+    q.put(2).unwrap();
+    let second = restarter.join().unwrap();
+    assert_eq!(q.get(Duration::from_secs(1)).unwrap(), Value::from(2));
+    assert!(
+        matches!(q.get_nowait(), Err(Error::Empty)),
+        "memory is not durable"
+    );
+    second.shutdown().unwrap();
+}
+
+/// The standalone server exits 0 after a client's shutdown, waking blocked callers and
+/// reporting reserved-but-unacked items.
+#[test]
+fn manager_shutdown_exits_cleanly() {
+    let mut server = bin("distq-server")
+        .args(["--bind", "127.0.0.1:0", "--authkey", KEY])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = {
+        let mut err = server.stderr.take().unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8];
+        while !text(&line).contains("listening on ") || !line.ends_with(b"\n") {
+            assert_eq!(err.read(&mut b).unwrap(), 1, "server exited early");
+            line.push(b[0]);
+        }
+        server.stderr = None;
+        let text = text(&line);
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        text.trim_end().rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let m = connect(addr);
+    let q = m.queue("q").unwrap();
+    q.put(1).unwrap();
+    let _reserved = q.reserve(Duration::from_secs(1)).unwrap();
+    let blocked = std::thread::spawn(move || {
+        let m = connect(addr);
+        m.queue("empty").unwrap().get_blocking()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    m.shutdown().unwrap();
+    assert!(
+        blocked.join().unwrap().is_err(),
+        "blocked caller woken with an error"
+    );
+    let out = wait_with_deadline(server, Duration::from_secs(5));
+    assert!(out.status.success(), "{}", out.status);
+}
+
+#[test]
+fn connection_and_handshake_limits() {
+    let server = server_with(|c| {
+        c.max_handshakes = 3;
+        c.handshake_timeout = Duration::from_millis(500);
+    });
+    let addr = server.local_addr();
+    let silent: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        extra.read(&mut buf).unwrap_or(0),
+        0,
+        "refused without a challenge"
+    );
+    assert!(start.elapsed() < Duration::from_millis(400));
+    drop(silent);
+    std::thread::sleep(Duration::from_millis(700));
+    connect(addr).queue("q").unwrap().put(1).unwrap();
+    server.shutdown().unwrap();
+
+    let server = server_with(|c| c.max_connections = 2);
+    let addr = server.local_addr();
+    let m = connect(addr);
+    let a = m.queue("a").unwrap();
+    let b = m.queue("b").unwrap();
+    a.put(1).unwrap(); // two method channels: the limit
+    b.put(1).unwrap();
+    assert!(m.queue("c").is_err(), "a third connection is refused");
+    drop(a);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(m.queue("c").is_ok(), "room again once one closes");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn idle_channels_are_closed() {
+    let server = server_with(|c| c.idle_timeout = Some(Duration::from_millis(300)));
+    let m = connect(server.local_addr());
+    let q = m.queue("q").unwrap();
+    q.put(1).unwrap();
+    // A get blocked longer than the idle timeout is not idle.
+    assert!(q.get(Duration::from_millis(300)).is_ok());
+    assert!(matches!(
+        q.get(Duration::from_millis(600)),
+        Err(Error::Empty)
+    ));
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        q.put(2).is_err(),
+        "the idle channel was closed by the server"
+    );
+    q.put(3).unwrap(); // and the next call opens a new one
+    server.shutdown().unwrap();
+}
+
+/// 1000 wrong-key attempts while a good client keeps working without long stalls.
+#[test]
+fn a_wrong_key_flood_does_not_starve_good_clients() {
+    let server = server();
+    let addr = server.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut refused = 0;
+                for _ in 0..250 {
+                    if let Err(Error::AuthFailed(_)) = Manager::connect(addr, AuthKey::new("guess"))
+                    {
+                        refused += 1;
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let good = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let q = connect(addr).queue("good").unwrap();
+            let mut worst = Duration::ZERO;
+            let mut ops = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                q.put(ops).unwrap();
+                q.get(Duration::from_secs(5)).unwrap();
+                worst = worst.max(t.elapsed());
+                ops += 1;
+            }
+            (ops, worst)
+        })
+    };
+    let refused: usize = attackers.into_iter().map(|a| a.join().unwrap()).sum();
+    stop.store(true, Ordering::SeqCst);
+    let (ops, worst) = good.join().unwrap();
+    assert_eq!(refused, 1000);
+    assert!(
+        ops > 0 && worst < Duration::from_secs(2),
+        "{ops} ops, worst {worst:?}"
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn no_code_items_refuses_globals() {
+    let server = server_with(|c| c.no_code_items = true);
+    let m = connect(server.local_addr());
+    let q = m.queue("q").unwrap();
+    q.put(Value::list(vec![Value::from(1), Value::from("ok")]))
+        .unwrap();
+    let code = Value::list(vec![Value::exception(
+        "os",
+        "system",
+        vec![Value::from("rm -rf /")],
+    )]);
+    match q.put(code) {
+        Err(Error::Remote { class, message }) => {
+            assert_eq!(class, "builtins.TypeError");
+            assert!(message.contains("os.system"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(q.qsize().unwrap(), 1);
+    server.shutdown().unwrap();
+}
+
+/// Many concurrent clients; every item is received exactly once, intact.
+#[test]
+fn load_every_item_exactly_once() {
+    let (clients, per_client) = if long() { (200, 250) } else { (32, 100) };
+    let server = server();
+    let addr = server.local_addr();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let m = connect(addr);
+                let q = m.queue("load").unwrap();
+                let mut got = Vec::new();
+                for i in 0..per_client {
+                    let id = c * per_client + i;
+                    let payload = format!("{id}:{}", "x".repeat(id % 97));
+                    q.put(Value::tuple(vec![
+                        Value::from(id as i64),
+                        Value::from(payload),
+                    ]))
+                    .unwrap();
+                    got.push(q.get(Duration::from_secs(30)).unwrap());
+                }
+                got
+            })
+        })
+        .collect();
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for t in threads {
+        for v in t.join().unwrap() {
+            let t = v.as_tuple().unwrap();
+            let id = t[0].as_int().unwrap();
+            let payload = t[1].as_str().unwrap();
+            assert_eq!(
+                payload,
+                format!("{id}:{}", "x".repeat(id as usize % 97)),
+                "intact"
+            );
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), clients * per_client);
+    assert!(seen.values().all(|&n| n == 1), "every item exactly once");
+    server.shutdown().unwrap();
+}
+
+/// Lease-mode tasks with workers killed at random: every result arrives; duplicates are
+/// at most the number of kills.
+#[test]
+fn chaos_kill_workers_every_few_hundred_ms() {
+    let (tasks, workers, interval) = if long() {
+        (2000, 8, 300)
+    } else {
+        (300, 4, 300)
+    };
+    let server = server();
+    let addr = server.local_addr();
+    let m = connect(addr);
+    let q = m.queue("get_task_queue").unwrap();
+    q.put_many((0..tasks).map(Value::from).collect(), None)
+        .unwrap();
+    let spawn = || {
+        worker(
+            addr,
+            &["--forever", "--get-timeout", "0.2", "--sleep", "0.01", "-q"],
+        )
+    };
+    let mut pool: Vec<Child> = (0..workers).map(|_| spawn()).collect();
+    let results = m.queue("get_result_queue").unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let (mut kills, mut received) = (0, 0);
+    let mut last_kill = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(if long() { 300 } else { 90 });
+    while seen.len() < tasks as usize {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {tasks} results",
+            seen.len()
+        );
+        if let Ok(batch) = results.get_many(100, Duration::from_millis(50)) {
+            for r in batch {
+                received += 1;
+                *seen.entry(r.as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        if last_kill.elapsed() > Duration::from_millis(interval) {
+            let victim = (kills * 7 + 3) % pool.len();
+            kill(pool.swap_remove(victim));
+            pool.push(spawn());
+            kills += 1;
+            last_kill = Instant::now();
+        }
+    }
+    pool.into_iter().for_each(kill);
+    let duplicates = received - seen.len();
+    eprintln!("chaos: {tasks} tasks, {kills} kills, {duplicates} duplicates");
+    assert!(kills > 0);
+    assert!(
+        duplicates <= kills,
+        "{duplicates} duplicates > {kills} kills"
+    );
+    for n in 0..tasks as i128 {
+        assert!(
+            seen.contains_key(&format!("{n} * {n} = {}", n * n)),
+            "task {n} lost"
+        );
+    }
+    server.shutdown().unwrap();
+}
+
+/// The same with Python workers using reserve/ack through AutoProxy.
+#[test]
+fn chaos_with_python_lease_workers() {
+    let pythons = require_pythons();
+    let Some(py) = pythons.last() else { return };
+    let tasks = if long() { 1000 } else { 60 };
+    let server = server();
+    let addr = server.local_addr();
+    let port = addr.port().to_string();
+    let m = connect(addr);
+    m.queue("get_task_queue")
+        .unwrap()
+        .put_many((0..tasks).map(Value::from).collect(), None)
+        .unwrap();
+    let spawn = || {
+        let mut c = py.spawn(LEASE_WORKER, &["127.0.0.1", &port, KEY, "0.02"]);
+        read_line_starting(&mut c, "ready");
+        c
+    };
+    let mut pool: Vec<Child> = (0..3).map(|_| spawn()).collect();
+    let results = m.queue("get_result_queue").unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let (mut kills, mut received) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < tasks as usize {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {tasks} results",
+            seen.len()
+        );
+        if let Ok(batch) = results.get_many(100, Duration::from_millis(400)) {
+            for r in batch {
+                received += 1;
+                *seen.entry(r.as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        if kills < 5 {
+            kill(pool.remove(0));
+            pool.push(spawn());
+            kills += 1;
+        }
+    }
+    pool.into_iter().for_each(kill);
+    assert!(
+        received - seen.len() <= kills,
+        "{} duplicates > {kills} kills",
+        received - seen.len()
+    );
+    server.shutdown().unwrap();
+}
