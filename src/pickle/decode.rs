@@ -17,7 +17,7 @@
 //! work or allocate more than a small multiple of its own size.
 
 use super::op::*;
-use super::{Construct, Global, Object, Value, MAX_DEPTH};
+use super::{Construct, Global, Object, Value, MAX_DEPTH, MAX_EXPANDED};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::fmt;
@@ -655,8 +655,9 @@ enum Slot {
     Todo,
     /// On the current conversion path: meeting it again means the structure contains itself.
     Busy,
-    /// Converted, with its nesting height (a container of scalars has height 1).
-    Done(Value, usize),
+    /// Converted, with its nesting height (a container of scalars has height 1) and its
+    /// expanded size: the number of values it would contain if no reference were shared.
+    Done(Value, usize, u64),
 }
 
 /// Turns arena nodes into values, each node once, depth first with an explicit stack, so
@@ -678,7 +679,7 @@ impl<'n> Converter<'n> {
     /// Converts the root item.
     fn root(mut self, root: &Item) -> Result<Value> {
         let Item::Node(root) = root else {
-            return self.get(root).map(|(v, _)| v);
+            return self.get(root).map(|(v, ..)| v);
         };
         // The path from the root: node index and the next child to look at.
         let mut path: Vec<(usize, usize)> = vec![(*root, 0)];
@@ -715,7 +716,7 @@ impl<'n> Converter<'n> {
                 }
             }
         }
-        self.get(&Item::Node(*root)).map(|(v, _)| v)
+        self.get(&Item::Node(*root)).map(|(v, ..)| v)
     }
 
     fn node(&self, idx: usize) -> Result<&'n Node> {
@@ -737,12 +738,13 @@ impl<'n> Converter<'n> {
         }
     }
 
-    /// The value and height of an item whose node (if any) is converted already.
-    fn get(&self, item: &Item) -> Result<(Value, usize)> {
+    /// The value, height and expanded size of an item whose node (if any) is converted
+    /// already.
+    fn get(&self, item: &Item) -> Result<(Value, usize, u64)> {
         match item {
-            Item::Val(v) => Ok((v.clone(), 0)),
+            Item::Val(v) => Ok((v.clone(), 0, 1)),
             Item::Node(idx) => match self.slots.get(*idx) {
-                Some(Slot::Done(v, height)) => Ok((v.clone(), *height)),
+                Some(Slot::Done(v, height, size)) => Ok((v.clone(), *height, *size)),
                 _ => Err(Error::protocol("pickle: internal conversion order error")),
             },
         }
@@ -751,9 +753,11 @@ impl<'n> Converter<'n> {
     /// Builds a node's value once all its children are converted.
     fn build(&self, node: &Node) -> Result<Slot> {
         let mut height = 0;
+        let mut size: u64 = 1;
         let mut conv = |it: &Item| -> Result<Value> {
-            let (v, h) = self.get(it)?;
+            let (v, h, n) = self.get(it)?;
             height = height.max(h);
+            size = size.saturating_add(n);
             Ok(v)
         };
         let value = match node {
@@ -787,7 +791,16 @@ impl<'n> Converter<'n> {
         if height > MAX_DEPTH {
             return Err(too_deep());
         }
-        Ok(Slot::Done(value, height))
+        // Sharing keeps the decoded graph small, but anything that walks it as a tree
+        // (printing it, a Python client's `==`, a consumer's recursion) would expand it:
+        // refuse "billion laughs" graphs whose expansion exceeds the limit.
+        if size > MAX_EXPANDED {
+            return Err(Error::Value(format!(
+                "pickle expands to more than {MAX_EXPANDED} values through shared references \
+                 (a \"billion laughs\" structure); refused"
+            )));
+        }
+        Ok(Slot::Done(value, height, size))
     }
 }
 
@@ -1238,11 +1251,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn memo_bomb_stays_linear() {
-        // l0 = ['x']; l(k+1) = [l(k), l(k)]: a DAG of 2**60 leaves in a few hundred bytes.
+    /// l0 = ['x']; l(k+1) = [l(k), l(k)]: a DAG of 2**levels leaves in a few bytes each.
+    fn doubling_chain(levels: u32) -> Vec<u8> {
         let mut p = vec![0x80, 4, EMPTY_LIST, SHORT_BINUNICODE, 1, b'x', APPEND];
-        for k in 0..60u32 {
+        for k in 0..levels {
             p.extend_from_slice(&[LONG_BINPUT]);
             p.extend_from_slice(&k.to_le_bytes());
             p.extend_from_slice(&[EMPTY_LIST, MARK, LONG_BINGET]);
@@ -1252,8 +1264,14 @@ mod tests {
             p.push(APPENDS);
         }
         p.push(STOP);
-        let mut v = decode(&p).unwrap();
-        for _ in 0..60 {
+        p
+    }
+
+    #[test]
+    fn memo_bomb_stays_linear() {
+        // 2**20 leaves as a tree: decoded as 20 shared nodes.
+        let mut v = decode(&doubling_chain(20)).unwrap();
+        for _ in 0..20 {
             let Value::List(pair) = v else {
                 panic!("shape")
             };
@@ -1264,6 +1282,17 @@ mod tests {
             v = pair[0].clone();
         }
         assert_eq!(v, Value::list(vec![s("x")]));
+    }
+
+    #[test]
+    fn billion_laughs_is_refused_not_expanded() {
+        let err = value_error(&doubling_chain(60));
+        assert!(err.contains("billion laughs"), "{err}");
+        assert!(
+            decode(&doubling_chain(24)).is_ok(),
+            "2**24 leaves is within the limit"
+        );
+        assert!(decode(&doubling_chain(26)).is_err(), "2**26 leaves is not");
     }
 
     #[test]

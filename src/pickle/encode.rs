@@ -645,15 +645,18 @@ mod tests {
 
     #[test]
     fn shared_dag_encodes_linearly() {
-        // 2**60 leaves as a tree, 60 nodes as a DAG.
-        let mut v = Value::list(vec![Value::str("x")]);
-        for _ in 0..60 {
-            v = Value::list(vec![v.clone(), v]);
-        }
-        let bytes = encode(&v).unwrap();
+        // 2**60 leaves as a tree, 60 nodes as a DAG: encodes small (the decoder then
+        // refuses it as a "billion laughs"; 2**20 decodes back shared).
+        let chain = |levels: usize| {
+            (0..levels).fold(Value::list(vec![Value::str("x")]), |v, _| {
+                Value::list(vec![v.clone(), v])
+            })
+        };
+        let bytes = encode(&chain(60)).unwrap();
         assert!(bytes.len() < 1000, "{} bytes", bytes.len());
-        let mut back = decode(&bytes).unwrap();
-        for _ in 0..60 {
+        assert!(decode(&bytes).is_err());
+        let mut back = decode(&encode(&chain(20)).unwrap()).unwrap();
+        for _ in 0..20 {
             let Value::List(pair) = back else {
                 panic!("shape")
             };

@@ -22,3 +22,9 @@ pub use value::{Construct, Global, Object, Value};
 /// near 1000 (its recursion limit); a lower bound keeps recursive drop, compare and
 /// encode well inside a thread's stack.
 pub const MAX_DEPTH: usize = 500;
+
+/// The most values a decoded pickle may contain counting every shared reference as a
+/// copy (its size as a tree). Sharing keeps memory linear in the input, but a tree walk
+/// of a doubly-shared chain ("billion laughs": 60 levels, 2^60 leaves) would never end.
+/// 2^26 is far above any real item: a 64 MiB frame holds at most ~2^26 unshared values.
+pub const MAX_EXPANDED: u64 = 1 << 26;
