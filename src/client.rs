@@ -220,6 +220,13 @@ impl Manager {
         Ok(())
     }
 
+    /// Server statistics (a distq extension): a dict with `queues` (per queue: `size`,
+    /// `reserved`, `waiting_getters`, `puts`, `gets`, `acks`, `requeues`,
+    /// `dead_lettered`), `connections` and `uptime` in seconds.
+    pub fn stats(&self) -> Result<Value> {
+        self.call_public("stats", vec![])
+    }
+
     /// The number of objects clients hold references to (`number_of_objects()`).
     pub fn number_of_objects(&self) -> Result<i64> {
         self.call_public("number_of_objects", vec![])?

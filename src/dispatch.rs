@@ -40,6 +40,7 @@ pub const QUEUE_METHODS: &[&str] = &[
     "ack",
     "release",
     "touch",
+    "stats",
 ];
 
 /// The most items one `get_many` returns, whatever the caller asks for: it bounds the
@@ -84,6 +85,10 @@ pub fn public(map: &QueueMap, req: &Request) -> Public {
         "get_methods" => Reply::Return(exposed()),
         "debug_info" => match map.debug_info() {
             Ok(text) => Reply::Return(Value::str(&text)),
+            Err(e) => Reply::traceback("RuntimeError", &e.to_string()),
+        },
+        "stats" => match map.stats() {
+            Ok(v) => Reply::Return(v),
             Err(e) => Reply::traceback("RuntimeError", &e.to_string()),
         },
         "number_of_objects" => match map.number_of_objects() {
@@ -364,6 +369,10 @@ fn call(
             let immediate = args.optional(0, "immediate")?.is_some_and(|v| truthy(&v));
             args.finish()?;
             done(queue.shutdown(immediate))
+        }
+        "stats" => {
+            args.finish()?;
+            value(map.stats())
         }
         "qsize" => {
             args.finish()?;

@@ -297,6 +297,12 @@ impl Shared {
     }
 
     fn serve(&self, stream: TcpStream, id: u64) {
+        self.queues.connections.fetch_add(1, Ordering::Relaxed);
+        self.serve_connection(stream, id);
+        self.queues.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn serve_connection(&self, stream: TcpStream, id: u64) {
         let peer = peer_name(&stream);
         let handshake = Connection::handshake(
             stream,

@@ -10,16 +10,16 @@ mod packed;
 mod queue;
 
 pub use packed::Taken;
-pub use queue::{Queue, Reserved, LIVENESS_SLICE};
+pub use queue::{Counts, Queue, QueueStats, Reserved, LIVENESS_SLICE};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::log::log_at;
-use crate::{Error, Result};
+use crate::{Error, Result, Value};
 
 /// How long a blocking queue operation may wait.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,12 +106,15 @@ pub struct QueueMap {
     registry: Mutex<Registry>,
     next_ident: AtomicU64,
     policy: Policy,
+    /// Open client connections, kept by the server (for `stats`).
+    pub connections: AtomicUsize,
+    started: Option<Instant>,
 }
 
 impl QueueMap {
     /// An empty map with the default policy (no lease expiry, no dead-lettering).
     pub fn new() -> QueueMap {
-        QueueMap::default()
+        QueueMap::with_policy(Policy::default())
     }
 
     /// The delivery rules of this map's queues.
@@ -123,8 +126,44 @@ impl QueueMap {
     pub fn with_policy(policy: Policy) -> QueueMap {
         QueueMap {
             policy,
+            started: Some(Instant::now()),
             ..QueueMap::default()
         }
+    }
+
+    /// Every queue's statistics, by name, with the open connections and the time since
+    /// the map was created: what `stats()` returns to clients.
+    pub fn stats(&self) -> Result<Value> {
+        let count = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        let mut queues = Vec::new();
+        for q in self.queues()? {
+            let st = q.stats()?;
+            let c = st.counts;
+            let fields = [
+                ("size", count(st.size as u64)),
+                ("reserved", count(st.reserved as u64)),
+                ("waiting_getters", count(st.waiting_getters as u64)),
+                ("puts", count(c.puts)),
+                ("gets", count(c.gets)),
+                ("acks", count(c.acks)),
+                ("requeues", count(c.requeues)),
+                ("dead_lettered", count(c.dead_lettered)),
+            ];
+            let dict = fields
+                .into_iter()
+                .map(|(k, v)| (Value::str(k), v))
+                .collect();
+            queues.push((Value::str(q.name()), Value::dict(dict)));
+        }
+        let uptime = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        Ok(Value::dict(vec![
+            (Value::str("queues"), Value::dict(queues)),
+            (
+                Value::str("connections"),
+                count(self.connections.load(Ordering::Relaxed) as u64),
+            ),
+            (Value::str("uptime"), Value::Float(uptime)),
+        ]))
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Registry>> {
@@ -321,7 +360,6 @@ impl QueueMap {
 mod tests {
     use super::*;
     use crate::pickle::Fragment;
-    use crate::Value;
     use std::thread;
 
     fn item(v: impl Into<Value>) -> Fragment {
@@ -531,6 +569,8 @@ mod tests {
         let t = dead.get(Wait::No, ALIVE).unwrap();
         assert_eq!((t.item, t.deliveries), (item("poison"), 2));
         q.join(Wait::No, ALIVE).unwrap();
+        let c = q.stats().unwrap().counts;
+        assert_eq!((c.puts, c.gets, c.requeues, c.dead_lettered), (1, 2, 1, 1));
     }
 
     #[test]

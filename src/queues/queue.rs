@@ -58,6 +58,37 @@ struct State {
     leases: HashMap<u64, Lease>,
     /// Released with a delay: back at the head when due.
     delayed: Vec<(Instant, Taken)>,
+    /// Callers blocked in `get`/`get_many`/`reserve` right now.
+    getters: usize,
+    counts: Counts,
+}
+
+/// Lifetime counters of one queue, for `stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Items put.
+    pub puts: u64,
+    /// Items handed out by `get`, `get_many` and `reserve`.
+    pub gets: u64,
+    /// Leases acked.
+    pub acks: u64,
+    /// Items put back at the head: released, expired, or their connection closed.
+    pub requeues: u64,
+    /// Items moved to the dead-letter queue.
+    pub dead_lettered: u64,
+}
+
+/// A snapshot of one queue, for `stats`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Items waiting.
+    pub size: usize,
+    /// Items out under a lease.
+    pub reserved: usize,
+    /// Callers blocked waiting for an item.
+    pub waiting_getters: usize,
+    /// The lifetime counters.
+    pub counts: Counts,
 }
 
 #[derive(Debug)]
@@ -91,6 +122,8 @@ impl Queue {
                 shut_down: false,
                 leases: HashMap::new(),
                 delayed: Vec::new(),
+                getters: 0,
+                counts: Counts::default(),
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
@@ -197,6 +230,7 @@ impl Queue {
             });
         }
         guard.unfinished += n as u64;
+        guard.counts.puts += n as u64;
         drop(guard);
         if n == 1 {
             self.not_empty.notify_one();
@@ -214,10 +248,21 @@ impl Queue {
     /// [`Error::Empty`] if nothing arrived in time; [`Error::ShutDown`] once a shut-down
     /// queue is drained; [`Error::Closed`] on server shutdown or if the peer left.
     pub fn get_many(&self, max: usize, wait: Wait, alive: &dyn Fn() -> bool) -> Result<Vec<Taken>> {
-        let guard = self.lock()?;
-        let (mut guard, ready) = self.wait_until(&self.not_empty, guard, wait, alive, |s| {
+        let mut guard = self.lock()?;
+        guard.getters += 1;
+        let waited = self.wait_until(&self.not_empty, guard, wait, alive, |s| {
             !s.items.is_empty() || s.shut_down
-        })?;
+        });
+        let (mut guard, ready) = match waited {
+            Ok(ok) => ok,
+            Err(e) => {
+                if let Ok(mut s) = self.lock() {
+                    s.getters -= 1;
+                }
+                return Err(e);
+            }
+        };
+        guard.getters -= 1;
         if guard.items.is_empty() {
             return Err(if guard.shut_down {
                 Error::ShutDown
@@ -229,6 +274,7 @@ impl Queue {
         let take = max.min(guard.items.len());
         let items: Vec<Taken> = (0..take).filter_map(|_| guard.items.pop_front()).collect();
         guard.items.shrink_if_sparse();
+        guard.counts.gets += items.len() as u64;
         drop(guard);
         if items.len() == 1 {
             self.not_full.notify_one();
@@ -252,6 +298,7 @@ impl Queue {
         for t in items.iter().rev() {
             guard.items.push_front(t);
         }
+        guard.counts.gets = guard.counts.gets.saturating_sub(items.len() as u64);
         drop(guard);
         self.not_empty.notify_all();
         Ok(())
@@ -357,12 +404,14 @@ impl Queue {
     fn requeue(&self, s: &mut State, t: Taken) -> Option<Taken> {
         let max = self.policy.max_deliveries;
         if max > 0 && t.deliveries >= max {
+            s.counts.dead_lettered += 1;
             s.unfinished = s.unfinished.saturating_sub(1);
             if s.unfinished == 0 {
                 self.all_done.notify_all();
             }
             return Some(t);
         }
+        s.counts.requeues += 1;
         s.items.push_front(&t);
         None
     }
@@ -390,6 +439,7 @@ impl Queue {
             for t in due.iter().rev() {
                 s.items.push_front(t);
             }
+            s.counts.requeues += due.len() as u64;
             !due.is_empty()
         };
         if due {
@@ -475,6 +525,17 @@ impl Queue {
     /// The number of items out under a lease.
     pub fn reserved(&self) -> Result<usize> {
         Ok(self.lock()?.leases.len())
+    }
+
+    /// A snapshot of the queue's size, leases, waiters and counters.
+    pub fn stats(&self) -> Result<QueueStats> {
+        let s = self.lock()?;
+        Ok(QueueStats {
+            size: s.items.len(),
+            reserved: s.leases.len(),
+            waiting_getters: s.getters,
+            counts: s.counts,
+        })
     }
 
     pub(super) fn set_maxsize(&self, maxsize: usize) -> Result<()> {

@@ -68,4 +68,6 @@ try:
     raise AssertionError('expected Empty')
 except queue.Empty:
     pass
+st = q.stats()
+assert st['queues']['get_fifo']['puts'] == 105 and st['connections'] >= 1, st
 print('semantics ok')
