@@ -104,13 +104,69 @@ fn exposed() -> Value {
     Value::tuple(QUEUE_METHODS.iter().map(|m| Value::str(m)).collect())
 }
 
-/// `create(typeid)`: every typeid names a shared queue, created unbounded on first use,
-/// which is what the classic `register('get_task_queue', callable=lambda: q)` scripts mean.
+/// The typeids `SyncManager` registers for things that are not queues. distq refuses
+/// them by name rather than quietly handing out a queue that would behave nothing like a
+/// dict or a lock.
+const NOT_QUEUES: &[&str] = &[
+    "dict",
+    "list",
+    "Namespace",
+    "Value",
+    "Array",
+    "Lock",
+    "RLock",
+    "Semaphore",
+    "BoundedSemaphore",
+    "Condition",
+    "Event",
+    "Barrier",
+    "Pool",
+];
+
+/// `create(typeid, *args, **kwds)`.
+///
+/// - `Queue` and `JoinableQueue` are factories, as in `SyncManager`: each call makes a
+///   fresh anonymous queue bounded by `maxsize` (positional or keyword; 0 or negative
+///   means unbounded), freed when its refcount reaches zero.
+/// - `SyncManager`'s other typeids (`dict`, `Lock`, ...) are refused.
+/// - Every other typeid names a shared queue, created unbounded on first use, which is
+///   what the classic `register('get_task_queue', callable=lambda: q)` scripts mean.
 fn create(map: &QueueMap, req: &Request) -> Reply {
     let Some(typeid) = req.args.first().and_then(Value::as_str) else {
         return Reply::traceback("TypeError", "create() needs a typeid (str) argument");
     };
-    match map.create(typeid) {
+    let created = match typeid {
+        "Queue" | "JoinableQueue" => {
+            let by_kw = req
+                .kwargs
+                .iter()
+                .find(|(k, _)| k == "maxsize")
+                .map(|(_, v)| v);
+            let maxsize = match (req.args.get(1), by_kw, req.args.len() + req.kwargs.len()) {
+                (None, None, 1) => Ok(0),
+                (Some(v), None, 2) | (None, Some(v), 2) => match v {
+                    Value::Int(n) => Ok(usize::try_from(*n).unwrap_or(0)),
+                    other => Err(format!("maxsize must be an int, not {other}")),
+                },
+                _ => Err(format!("{typeid}() takes at most one argument, maxsize")),
+            };
+            match maxsize {
+                Ok(maxsize) => map.create_anonymous(typeid, maxsize),
+                Err(msg) => return Reply::traceback("TypeError", &msg),
+            }
+        }
+        t if NOT_QUEUES.contains(&t) => {
+            return Reply::traceback(
+                "TypeError",
+                &format!(
+                    "distq serves queues only: typeid {t:?} (a SyncManager {t}) is not supported; \
+                     use Queue() / JoinableQueue() or a registered queue name"
+                ),
+            )
+        }
+        name => map.create(name),
+    };
+    match created {
         Ok(q) => Reply::Return(Value::tuple(vec![Value::str(q.ident()), exposed()])),
         Err(e) => Reply::traceback("RuntimeError", &e.to_string()),
     }

@@ -75,6 +75,8 @@ pub const MAX_QUEUES: usize = 4096;
 struct Entry {
     queue: Arc<Queue>,
     refcount: u64,
+    /// Made by a `Queue()` factory call: no name, freed when its refcount reaches zero.
+    anonymous: bool,
 }
 
 #[derive(Debug, Default)]
@@ -85,10 +87,13 @@ struct Registry {
 
 /// All queues of one server, by name and by ident.
 ///
-/// Named queues live as long as the server: Python forgets an object when its refcount
-/// drops to zero, but a distq queue may still hold items nobody has fetched yet, and
-/// losing them silently is exactly what distq exists to avoid. So refcounts are tracked
-/// (clients and `number_of_objects` see Python's numbers) but never free a named queue.
+/// Two kinds of queue live here. **Named** queues (the classic
+/// `register('get_task_queue')` style) live as long as the server: Python forgets an
+/// object when its refcount drops to zero, but a named queue may still hold items nobody
+/// has fetched yet, and losing them silently is exactly what distq exists to avoid. So
+/// their refcounts are tracked (clients and `number_of_objects` see Python's numbers) but
+/// never free them. **Anonymous** queues (`SyncManager().Queue()`) follow Python exactly:
+/// each `create` makes a new one, and it is freed when its refcount reaches zero.
 ///
 /// # Example
 /// ```
@@ -185,9 +190,22 @@ impl QueueMap {
                 return Ok(entry.queue.clone());
             }
         }
+        let queue = self.insert(&mut reg, name, maxsize, false)?;
+        reg.by_name
+            .insert(name.to_string(), queue.ident().to_string());
+        Ok(queue)
+    }
+
+    fn insert(
+        &self,
+        reg: &mut Registry,
+        name: &str,
+        maxsize: usize,
+        anonymous: bool,
+    ) -> Result<Arc<Queue>> {
         if reg.by_ident.len() >= MAX_QUEUES {
             return Err(Error::Value(format!(
-                "too many queues (limit {MAX_QUEUES}); reuse existing queue names"
+                "too many queues (limit {MAX_QUEUES}); reuse existing queues or drop proxies"
             )));
         }
         // Idents look like Python's `'%x' % id(obj)` (12 lowercase hex digits) so that
@@ -195,15 +213,22 @@ impl QueueMap {
         let n = self.next_ident.fetch_add(1, Ordering::Relaxed);
         let ident = format!("{:x}", 0xd157_0000_0000u64 + n * 0x10);
         let queue = Arc::new(Queue::new(name, ident.clone(), maxsize, self.policy));
-        reg.by_name.insert(name.to_string(), ident.clone());
         reg.by_ident.insert(
             ident,
             Entry {
                 queue: queue.clone(),
-                refcount: 0,
+                refcount: u64::from(anonymous),
+                anonymous,
             },
         );
         Ok(queue)
+    }
+
+    /// A new anonymous queue with one reference, as `SyncManager().Queue(maxsize)`
+    /// creates: reachable only by its ident, freed when its refcount reaches zero.
+    pub fn create_anonymous(&self, typeid: &str, maxsize: usize) -> Result<Arc<Queue>> {
+        let mut reg = self.lock()?;
+        self.insert(&mut reg, &format!("<{typeid}>"), maxsize, true)
     }
 
     /// Python's `create(typeid)`: the queue named `name` (created unbounded on first use),
@@ -240,13 +265,18 @@ impl QueueMap {
     /// Unknown ident, or a decref below zero (Python raises `KeyError` for both).
     pub fn decref(&self, ident: &str) -> Result<()> {
         let mut reg = self.lock()?;
-        match reg.by_ident.get_mut(ident) {
+        let freed = match reg.by_ident.get_mut(ident) {
             Some(entry) if entry.refcount > 0 => {
                 entry.refcount -= 1;
-                Ok(())
+                entry.refcount == 0 && entry.anonymous
             }
-            _ => Err(Error::Value(format!("KeyError: {ident:?}"))),
+            _ => return Err(Error::Value(format!("KeyError: {ident:?}"))),
+        };
+        if freed {
+            // Its memory goes when the last in-flight call on it returns its `Arc`.
+            reg.by_ident.remove(ident);
         }
+        Ok(())
     }
 
     /// Python's `number_of_objects()`: idents that some client holds a reference to.
@@ -493,6 +523,25 @@ mod tests {
         assert!(map.incref("nope").is_err());
         // The queue itself survives and keeps its ident.
         assert_eq!(map.create("r").unwrap().ident(), q.ident());
+    }
+
+    #[test]
+    fn anonymous_queues_are_fresh_and_freed_at_zero() {
+        let map = QueueMap::new();
+        let a = map.create_anonymous("Queue", 2).unwrap();
+        let b = map.create_anonymous("Queue", 0).unwrap();
+        assert_ne!(a.ident(), b.ident());
+        assert_eq!(map.number_of_objects().unwrap(), 2);
+        put(&a, 1);
+        put(&a, 2);
+        assert!(matches!(a.put(item(3), Wait::No, ALIVE), Err(Error::Full)));
+        map.incref(a.ident()).unwrap();
+        map.decref(a.ident()).unwrap();
+        assert!(map.by_ident(a.ident()).is_some());
+        map.decref(a.ident()).unwrap();
+        assert!(map.by_ident(a.ident()).is_none(), "freed at zero");
+        assert!(map.incref(a.ident()).is_err());
+        assert_eq!(map.number_of_objects().unwrap(), 1);
     }
 
     #[test]
