@@ -202,7 +202,8 @@ pub struct Outcome {
     /// Set when the reply carries items taken off a queue by `get`/`get_many`: if the
     /// reply cannot be sent, [`Outcome::undo`] puts them back at the head of `queue`.
     pub taken_from: Option<Arc<Queue>>,
-    deliveries: Vec<u32>,
+    /// Delivery count and journal id of each item carried, to restore them on undo.
+    meta: Vec<(u32, u64)>,
     /// Send nothing and close the connection (the server is stopping or the peer left).
     pub hang_up: bool,
 }
@@ -212,13 +213,13 @@ impl Outcome {
         Outcome {
             reply,
             taken_from: None,
-            deliveries: Vec::new(),
+            meta: Vec::new(),
             hang_up: false,
         }
     }
 
     fn taken(queue: &Arc<Queue>, items: Vec<Taken>) -> Outcome {
-        let deliveries = items.iter().map(|t| t.deliveries).collect();
+        let meta = items.iter().map(|t| (t.deliveries, t.id)).collect();
         let mut fragments: Vec<Fragment> = items.into_iter().map(|t| t.item).collect();
         let reply = if fragments.len() == 1 {
             Reply::Item(fragments.remove(0))
@@ -228,7 +229,7 @@ impl Outcome {
         Outcome {
             reply,
             taken_from: Some(queue.clone()),
-            deliveries,
+            meta,
             hang_up: false,
         }
     }
@@ -245,8 +246,12 @@ impl Outcome {
         };
         let taken = items
             .into_iter()
-            .zip(self.deliveries)
-            .map(|(item, deliveries)| Taken { item, deliveries })
+            .zip(self.meta)
+            .map(|(item, (deliveries, id))| Taken {
+                item,
+                deliveries,
+                id,
+            })
             .collect();
         queue.unget(taken)
     }

@@ -41,6 +41,7 @@ pub mod conn;
 pub mod dispatch;
 pub mod error;
 pub mod frame;
+pub mod journal;
 pub mod log;
 pub mod pickle;
 pub mod protocol;

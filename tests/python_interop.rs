@@ -263,7 +263,10 @@ fn sync_manager_clients() {
     for py in legacy.iter().chain(modern.iter()) {
         let server = server();
         let port = server.local_addr().port().to_string();
-        let out = py.run_ok(include_str!("python/sync_manager.py"), &["127.0.0.1", &port, KEY]);
+        let out = py.run_ok(
+            include_str!("python/sync_manager.py"),
+            &["127.0.0.1", &port, KEY],
+        );
         assert!(out.contains("sync manager ok"), "{:?}: {out}", py.version);
         server.shutdown().unwrap();
     }

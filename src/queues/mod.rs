@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::journal::{Journal, Recovered, RecoveredQueue};
 use crate::log::log_at;
 use crate::{Error, Result, Value};
 
@@ -114,6 +115,8 @@ pub struct QueueMap {
     /// Open client connections, kept by the server (for `stats`).
     pub connections: AtomicUsize,
     started: Option<Instant>,
+    /// Where named queues record their mutations, if the server keeps a journal.
+    journal: Option<Arc<Journal>>,
 }
 
 impl QueueMap {
@@ -134,6 +137,46 @@ impl QueueMap {
             started: Some(Instant::now()),
             ..QueueMap::default()
         }
+    }
+
+    /// An empty map whose named queues record every mutation in `journal`, loaded with
+    /// the queues recovered from it.
+    pub fn with_journal(
+        policy: Policy,
+        journal: Arc<Journal>,
+        recovered: Vec<RecoveredQueue>,
+    ) -> Result<QueueMap> {
+        let map = QueueMap {
+            journal: Some(journal),
+            ..QueueMap::with_policy(policy)
+        };
+        let restore = |r: Vec<Recovered>| -> Vec<Taken> {
+            r.into_iter()
+                .map(|r| Taken {
+                    item: r.item,
+                    deliveries: r.deliveries,
+                    id: r.id,
+                })
+                .collect()
+        };
+        for q in recovered {
+            let (reserved, ready) = (q.reserved.len(), q.ready.len());
+            if reserved + ready > 0 {
+                log_at!(
+                    Info,
+                    "journal: queue {:?} recovered with {ready} waiting item(s) and {reserved} formerly reserved",
+                    q.name
+                );
+            }
+            map.lookup_or_insert(&q.name, 0)?
+                .restore(restore(q.reserved), restore(q.ready))?;
+        }
+        Ok(map)
+    }
+
+    /// The journal, if the server keeps one.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
     }
 
     /// Every queue's statistics, by name, with the open connections and the time since
@@ -212,7 +255,19 @@ impl QueueMap {
         // tools printing them see the familiar shape; they are opaque to clients.
         let n = self.next_ident.fetch_add(1, Ordering::Relaxed);
         let ident = format!("{:x}", 0xd157_0000_0000u64 + n * 0x10);
-        let queue = Arc::new(Queue::new(name, ident.clone(), maxsize, self.policy));
+        // Anonymous queues (`SyncManager().Queue()`) die with their proxies anyway, so
+        // only named queues are journaled.
+        let journal = match (&self.journal, anonymous) {
+            (Some(j), false) => Some((j.clone(), j.declare(name)?)),
+            _ => None,
+        };
+        let queue = Arc::new(Queue::new(
+            name,
+            ident.clone(),
+            maxsize,
+            self.policy,
+            journal,
+        ));
         reg.by_ident.insert(
             ident,
             Entry {
@@ -476,10 +531,7 @@ mod tests {
     fn unget_goes_to_the_head_in_order_even_when_full() {
         let q = QueueMap::new().declare("b", 1).unwrap();
         put(&q, 3);
-        let taken = |v: i64| Taken {
-            item: item(v),
-            deliveries: 0,
-        };
+        let taken = |v: i64| Taken::new(item(v));
         q.unget(vec![taken(1), taken(2)]).unwrap();
         for v in 1..=3 {
             assert_eq!(get(&q).unwrap(), item(v));
