@@ -51,17 +51,58 @@ struct Opts {
     skip_python: bool,
     skip_redis: bool,
     only: Vec<String>,
+    pin: bool,
 }
 
 const HELP: &str = "\
 bench: distq beside Python managers, Redis and the loopback floor
 
-USAGE: bench [--quick] [--rounds N] [--secs S] [--tasks N] [--python PATH]
+USAGE: bench [--quick] [--rounds N] [--secs S] [--tasks N] [--python PATH] [--no-pin]
              [--no-python] [--no-redis] [--only floor,rt,pipe,batch,many,lat,mem]
 
   --quick      3 rounds, 0.3 s per throughput case, 5,000 tasks (about a minute)
   default      5 rounds, 1 s per throughput case, 20,000 tasks (a few minutes)
+  --no-pin     let the scheduler place processes; by default (with taskset and 2+ CPUs)
+               every server runs on CPU 0 and every client on CPU 1, like two machines
 ";
+
+/// Set when servers go to CPU 0 and clients (this process and its children) to CPU 1.
+static PINNED: AtomicBool = AtomicBool::new(false);
+
+/// A command for a server process: under `taskset -c 0` when pinned.
+fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if PINNED.load(Ordering::Relaxed) {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg("0").arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Pins this process (and so every client it starts) to CPU 1 by re-executing itself
+/// under `taskset`; returns whether the run is pinned.
+fn pin_self(opts: &Opts) -> bool {
+    if std::env::var_os("DISTQ_BENCH_PINNED").is_some() {
+        return true;
+    }
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset = Command::new("taskset").arg("--version").output().is_ok();
+    if !opts.pin || cpus < 2 || !taskset {
+        if opts.pin {
+            eprintln!("bench: not pinning (needs taskset and 2 CPUs)");
+        }
+        return false;
+    }
+    let status = Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(std::env::current_exe().expect("current_exe"))
+        .args(std::env::args_os().skip(1))
+        .env("DISTQ_BENCH_PINNED", "1")
+        .status()
+        .unwrap_or_else(|e| fail(&format!("taskset: {e}")));
+    std::process::exit(status.code().unwrap_or(1));
+}
 
 fn parse_opts() -> Opts {
     let mut o = Opts {
@@ -72,6 +113,7 @@ fn parse_opts() -> Opts {
         skip_python: false,
         skip_redis: false,
         only: Vec::new(),
+        pin: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -95,6 +137,8 @@ fn parse_opts() -> Opts {
             "--python" => o.python = val("--python"),
             "--no-python" => o.skip_python = true,
             "--no-redis" => o.skip_redis = true,
+            "--no-pin" => o.pin = false,
+            "--serve-floor" => serve_floor(),
             "--only" => o.only = val("--only").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 print!("{HELP}");
@@ -159,7 +203,7 @@ fn start_distq_server() -> (Proc, SocketAddr) {
             path.display()
         ));
     }
-    let mut child = Command::new(&path)
+    let mut child = server_command(&path)
         .args(["--bind", "127.0.0.1:0", "--authkey", KEY])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -191,7 +235,7 @@ fn start_distq_server() -> (Proc, SocketAddr) {
 }
 
 fn start_python_server(python: &str) -> Option<(Proc, SocketAddr)> {
-    let mut child = Command::new(python)
+    let mut child = server_command(python)
         .args([PY_CLIENTS, "server"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -248,7 +292,7 @@ fn free_port() -> u16 {
 
 fn start_redis() -> Option<(Proc, u16)> {
     let port = free_port();
-    let child = Command::new("redis-server")
+    let child = server_command("redis-server")
         .args([
             "--port",
             &port.to_string(),
@@ -362,18 +406,38 @@ fn frame_sizes() -> FrameSizes {
     }
 }
 
-/// The echo server: reads a frame and answers with a frame of the size written in the
-/// request's first 4 payload bytes. Runs until the process ends (its threads are detached
-/// and block only in `accept`/`read` on loopback).
-fn start_floor_server() -> SocketAddr {
+/// The echo server, a child process (`bench --serve-floor`) like every other server:
+/// reads a frame and answers with a frame of the size written in the request's first 4
+/// payload bytes. Prints its port, then serves until killed.
+fn serve_floor() -> ! {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            thread::spawn(move || floor_serve(stream));
-        }
-    });
-    addr
+    println!("{}", listener.local_addr().expect("addr").port());
+    let _ = std::io::stdout().flush();
+    for stream in listener.incoming().flatten() {
+        thread::spawn(move || floor_serve(stream));
+    }
+    std::process::exit(0)
+}
+
+fn start_floor_server() -> (Proc, SocketAddr) {
+    let mut child = server_command(std::env::current_exe().expect("current_exe"))
+        .arg("--serve-floor")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| fail(&format!("cannot start the echo server: {e}")));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("echo server port");
+    let port: u16 = line.trim().parse().expect("echo server port");
+    (
+        Proc {
+            child,
+            name: "echo server",
+        },
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    )
 }
 
 fn floor_serve(stream: TcpStream) {
@@ -806,12 +870,17 @@ fn target_scale(t: &Target) -> f64 {
 fn print_report(results: &Results, opts: &Opts, sizes: &FrameSizes) {
     println!();
     println!(
-        "distq benchmark: {} rounds, {} s per throughput case, {} pipeline tasks, {} cores, {}",
+        "distq benchmark: {} rounds, {} s per throughput case, {} pipeline tasks, {} cores, {}, {}",
         opts.rounds,
         opts.secs,
         opts.tasks,
         thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model()
+        cpu_model(),
+        if PINNED.load(Ordering::Relaxed) {
+            "pinned: servers on CPU 0, clients on CPU 1"
+        } else {
+            "not pinned"
+        }
     );
     println!(
         "frame payload sizes: put {} B, get {} B, replies {} / {} B",
@@ -885,9 +954,10 @@ fn cpu_model() -> String {
 
 fn main() {
     let opts = parse_opts();
+    PINNED.store(pin_self(&opts), Ordering::Relaxed);
     let started = Instant::now();
     let sizes = frame_sizes();
-    let floor_addr = start_floor_server();
+    let (floor_proc, floor_addr) = start_floor_server();
     let (distq, distq_addr) = start_distq_server();
     let python = if opts.skip_python {
         None
@@ -1080,10 +1150,13 @@ fn main() {
     print_report(&r, &opts, &sizes);
     println!();
     println!("total time {:.0} s", started.elapsed().as_secs_f64());
-    for p in [Some(distq), python.map(|p| p.0), redis.map(|r| r.0)]
-        .into_iter()
-        .flatten()
-    {
+    let procs = [
+        Some(floor_proc),
+        Some(distq),
+        python.map(|p| p.0),
+        redis.map(|r| r.0),
+    ];
+    for p in procs.into_iter().flatten() {
         eprintln!("bench: stopping {} (pid {})", p.name, p.pid());
         drop(p);
     }
