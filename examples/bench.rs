@@ -51,19 +51,23 @@ struct Opts {
     skip_python: bool,
     skip_redis: bool,
     only: Vec<String>,
-    pin: bool,
+    /// "split" (servers on CPU 0, clients on CPU 1), "same" (all on CPU 0) or "none".
+    pin: String,
 }
 
 const HELP: &str = "\
 bench: distq beside Python managers, Redis and the loopback floor
 
-USAGE: bench [--quick] [--rounds N] [--secs S] [--tasks N] [--python PATH] [--no-pin]
+USAGE: bench [--quick] [--rounds N] [--secs S] [--tasks N] [--python PATH] [--pin MODE]
              [--no-python] [--no-redis] [--only floor,rt,pipe,batch,many,lat,mem]
 
   --quick      3 rounds, 0.3 s per throughput case, 5,000 tasks (about a minute)
   default      5 rounds, 1 s per throughput case, 20,000 tasks (a few minutes)
-  --no-pin     let the scheduler place processes; by default (with taskset and 2+ CPUs)
-               every server runs on CPU 0 and every client on CPU 1, like two machines
+  --pin split   (default, needs taskset and 2+ CPUs) every server on CPU 0 and every
+               client on CPU 1: each round trip crosses CPUs, as between two machines
+  --pin same   everything on CPU 0: no cross-CPU wake-ups, so CPU cost per call shows most
+  --pin none   (or --no-pin) let the scheduler place processes; it switches between the two
+               modes above by itself, which makes single-connection numbers swing ~4x
 ";
 
 /// Set when servers go to CPU 0 and clients (this process and its children) to CPU 1.
@@ -80,22 +84,26 @@ fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     }
 }
 
-/// Pins this process (and so every client it starts) to CPU 1 by re-executing itself
-/// under `taskset`; returns whether the run is pinned.
+/// Pins this process (and so every client it starts) by re-executing itself under
+/// `taskset`: to CPU 1 for `--pin split`, CPU 0 for `--pin same`. Returns whether the
+/// run is pinned.
 fn pin_self(opts: &Opts) -> bool {
     if std::env::var_os("DISTQ_BENCH_PINNED").is_some() {
         return true;
     }
+    let cpu = match opts.pin.as_str() {
+        "none" => return false,
+        "split" => "1",
+        "same" => "0",
+        other => fail(&format!("--pin {other:?}: use split, same or none")),
+    };
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    let taskset = Command::new("taskset").arg("--version").output().is_ok();
-    if !opts.pin || cpus < 2 || !taskset {
-        if opts.pin {
-            eprintln!("bench: not pinning (needs taskset and 2 CPUs)");
-        }
+    if cpus < 2 || Command::new("taskset").arg("--version").output().is_err() {
+        eprintln!("bench: not pinning (needs taskset and 2 CPUs)");
         return false;
     }
     let status = Command::new("taskset")
-        .args(["-c", "1"])
+        .args(["-c", cpu])
         .arg(std::env::current_exe().expect("current_exe"))
         .args(std::env::args_os().skip(1))
         .env("DISTQ_BENCH_PINNED", "1")
@@ -113,7 +121,7 @@ fn parse_opts() -> Opts {
         skip_python: false,
         skip_redis: false,
         only: Vec::new(),
-        pin: true,
+        pin: "split".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -137,7 +145,8 @@ fn parse_opts() -> Opts {
             "--python" => o.python = val("--python"),
             "--no-python" => o.skip_python = true,
             "--no-redis" => o.skip_redis = true,
-            "--no-pin" => o.pin = false,
+            "--pin" => o.pin = val("--pin"),
+            "--no-pin" => o.pin = "none".into(),
             "--serve-floor" => serve_floor(),
             "--only" => o.only = val("--only").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
@@ -876,10 +885,10 @@ fn print_report(results: &Results, opts: &Opts, sizes: &FrameSizes) {
         opts.tasks,
         thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model(),
-        if PINNED.load(Ordering::Relaxed) {
-            "pinned: servers on CPU 0, clients on CPU 1"
-        } else {
-            "not pinned"
+        match (PINNED.load(Ordering::Relaxed), opts.pin.as_str()) {
+            (true, "split") => "pinned: servers on CPU 0, clients on CPU 1",
+            (true, _) => "pinned: everything on CPU 0",
+            _ => "not pinned",
         }
     );
     println!(
