@@ -97,8 +97,7 @@ fn pin_self(opts: &Opts) -> bool {
         "same" => "0",
         other => fail(&format!("--pin {other:?}: use split, same or none")),
     };
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus < 2 || Command::new("taskset").arg("--version").output().is_err() {
+    if online_cpus() < 2 || Command::new("taskset").arg("--version").output().is_err() {
         eprintln!("bench: not pinning (needs taskset and 2 CPUs)");
         return false;
     }
@@ -883,7 +882,7 @@ fn print_report(results: &Results, opts: &Opts, sizes: &FrameSizes) {
         opts.rounds,
         opts.secs,
         opts.tasks,
-        thread::available_parallelism().map_or(0, |n| n.get()),
+        online_cpus(),
         cpu_model(),
         match (PINNED.load(Ordering::Relaxed), opts.pin.as_str()) {
             (true, "split") => "pinned: servers on CPU 0, clients on CPU 1",
@@ -945,6 +944,13 @@ fn print_report(results: &Results, opts: &Opts, sizes: &FrameSizes) {
             if met { "met" } else { "NOT met" }
         );
     }
+}
+
+/// CPUs of the machine (not of this process, which may be pinned to one).
+fn online_cpus() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(0)
 }
 
 fn cpu_model() -> String {
