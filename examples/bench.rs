@@ -362,10 +362,15 @@ fn redis_bench(port: u16, requests: usize) -> (f64, f64) {
 }
 
 fn rss_bytes(pid: u32) -> f64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb * 1024.0)
 }
@@ -670,13 +675,15 @@ fn distq_big(addr: SocketAddr, samples: usize, size: usize) -> f64 {
     median(&mut ms)
 }
 
-/// Server RSS: idle, bytes per queued small int, bytes per idle connection. A fresh
+/// Server RSS: idle (all, and the anonymous part: the rest is shared library and
+/// binary pages), bytes per queued small int, bytes per idle connection. A fresh
 /// distq-server for each measurement set, so nothing left by other cases counts.
-fn distq_memory() -> (f64, f64, f64) {
+fn distq_memory() -> (f64, f64, f64, f64) {
     let (server, addr) = start_distq_server();
     let pid = server.pid();
     thread::sleep(Duration::from_millis(200));
     let idle = rss_bytes(pid);
+    let idle_anon = status_bytes(pid, "RssAnon:");
 
     let m = manager(addr);
     let q = m.queue("get_mem_queue").unwrap();
@@ -708,7 +715,7 @@ fn distq_memory() -> (f64, f64, f64) {
     let per_conn = (rss_bytes(pid) - before) / CONNS as f64;
     drop(proxies);
     drop(server);
-    (idle, per_item, per_conn)
+    (idle, idle_anon, per_item, per_conn)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1012,6 +1019,16 @@ fn main() {
     let s = |x: &dyn ToString| x.to_string();
 
     let mut r = Results::default();
+    if opts.wants("mem") {
+        // Measured once, before any case has touched them.
+        thread::sleep(Duration::from_millis(200));
+        if let Some((p, _)) = &python {
+            r.add("7 Python server RSS idle", "bytes", rss_bytes(p.pid()));
+        }
+        if let Some((p, _)) = &redis {
+            r.add("7 redis-server RSS idle", "bytes", rss_bytes(p.pid()));
+        }
+    }
     for round in 1..=opts.rounds {
         eprintln!(
             "round {round}/{} ({:.0} s so far)",
@@ -1148,8 +1165,9 @@ fn main() {
             }
         }
         if opts.wants("mem") {
-            let (idle, per_item, per_conn) = distq_memory();
+            let (idle, idle_anon, per_item, per_conn) = distq_memory();
             r.add("7 distq-server RSS idle", "bytes", idle);
+            r.add("7 distq-server RssAnon idle", "bytes", idle_anon);
             r.add(
                 "7 distq-server RSS per queued small int",
                 "bytes/item",
