@@ -47,8 +47,9 @@ pub struct Connection {
 ///
 /// Reading a frame straight from the socket takes two `recv` calls (the 4-byte header,
 /// then the payload); reading through this buffer takes one for any frame that fits.
-/// On the put+get round trip that is one syscall fewer per message on each end, worth
-/// ~6% of round trips/s on loopback (43.6k -> 46.2k calls/s, bench `--only rt`).
+/// On the put+get round trip that is one syscall fewer per message on each end (checked
+/// with strace: one `recvfrom` per frame, as the bench's echo floor does). The gain in
+/// calls/s was below the noise of the shared 2-vCPU machine it was measured on.
 /// Frames larger than the buffer are read into their destination directly.
 #[derive(Debug, Default)]
 struct Inbox {
@@ -116,7 +117,7 @@ impl Connection {
     /// for `None` when it has any known timeout: reads then retry after the socket's
     /// timeout expires, which is the same as waiting for ever. A client alternating
     /// `put` (no limit) and `get` (a limit) thus makes no syscall here per call instead
-    /// of one: ~3% of round trips/s (bench `--only rt`).
+    /// of one (checked with strace; the gain in calls/s is within the bench's noise).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<()> {
         let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
         self.read_timeout.set(timeout);
