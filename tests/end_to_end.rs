@@ -290,11 +290,25 @@ fn a_blocked_get_does_not_delay_anyone_else() {
 fn shutdown_wakes_blocked_clients() {
     let server = server();
     let addr = server.local_addr();
-    let blocker = std::thread::spawn(move || {
-        let m = Manager::connect(addr, AuthKey::new(KEY)).unwrap();
-        m.queue("q").unwrap().get_blocking()
+    let blocker = std::thread::spawn(move || -> distq::Result<Value> {
+        let m = Manager::connect(addr, AuthKey::new(KEY))?;
+        m.queue("q")?.get_blocking()
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // Wait until the get is really blocked on the server.
+    let waiting = || {
+        let queues = server.handle().queues().queues().unwrap();
+        queues
+            .iter()
+            .any(|q| q.stats().unwrap().waiting_getters == 1)
+    };
+    let start = Instant::now();
+    while !waiting() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the get never blocked"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let start = Instant::now();
     server.shutdown().unwrap();
     assert!(blocker.join().unwrap().is_err());
