@@ -40,12 +40,14 @@ pub mod client;
 pub mod conn;
 pub mod dispatch;
 pub mod error;
+pub mod exec;
 pub mod frame;
 pub mod log;
 pub mod pickle;
 pub mod protocol;
 pub mod queues;
 pub mod server;
+pub mod text;
 
 pub use auth::AuthKey;
 pub use client::{ClientConfig, Manager, QueueProxy};

@@ -80,10 +80,17 @@ fn a_worker_killed_mid_task_loses_nothing() {
     // The server notices the closed connection and requeues 7 ahead of 8.
     let start = Instant::now();
     while tasks.qsize().unwrap() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(2), "7 was not requeued");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "7 was not requeued"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(tasks.get_nowait().unwrap(), Value::from(7), "back at the head");
+    assert_eq!(
+        tasks.get_nowait().unwrap(),
+        Value::from(7),
+        "back at the head"
+    );
     assert_eq!(tasks.get_nowait().unwrap(), Value::from(8));
     server.shutdown().unwrap();
 }
