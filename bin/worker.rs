@@ -238,13 +238,16 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
         };
         match taken {
             Ok((lease, task)) => {
-                std::thread::sleep(flags.sleep);
                 let done = match &flags.exec {
                     None => {
                         println!("Running task {task} * {task}...");
+                        std::thread::sleep(flags.sleep);
                         Some(square(&task))
                     }
-                    Some(exec) => run_command(shared, exec, &tasks, lease, &task)?,
+                    Some(exec) => {
+                        std::thread::sleep(flags.sleep);
+                        run_command(shared, exec, &tasks, lease, &task)?
+                    }
                 };
                 if let Some(result) = done {
                     results.put(result)?;
