@@ -65,7 +65,7 @@ EXAMPLES:
     distq-master --bind 0.0.0.0:5000 --authkey abc      # then run workers elsewhere
     distq-master --connect 127.0.0.1:5000 --authkey abc # a server that is already running
     find /var/log -name '*.log' | distq-master --input - -- gzip -9
-    distq-master --input urls.txt --output results.jsonl --ordered --exec 'curl -sf \"$1\"'
+    ls *.csv | distq-master --input - --ordered --output counts.jsonl --exec 'wc -l < \"$1\"'
     distq-master --bind 0.0.0.0:5000 --input jobs.txt --deadline 3600 > results.jsonl
 ";
 
