@@ -499,3 +499,36 @@ fn stat_shows_queues_as_a_table_or_json() {
     );
     server.shutdown().unwrap();
 }
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), progress is one line
+/// rewritten in place, ended by a newline before the summary.
+#[test]
+fn progress_is_one_line_updated_in_place_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("note: no `script` (util-linux) to make a terminal; skipping");
+        return;
+    }
+    let dir = scratch("tty");
+    std::fs::write(dir.join("in.txt"), "a\nb\nc\nd\n").unwrap();
+    let master = env!("CARGO_BIN_EXE_distq-master");
+    let inner = format!("{master} --input in.txt --local-workers 2 --exec 'sleep 0.3' > /dev/null");
+    let child = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_deadline(child, Duration::from_secs(30));
+    let tty = text(&out.stdout);
+    assert!(out.status.success(), "{tty}{}", text(&out.stderr));
+    assert!(tty.contains("\r0/4 done, 0 failed"), "{tty:?}");
+    assert!(tty.contains("\x1b[K"), "{tty:?}");
+    assert!(!tty.contains("progress: "), "{tty:?}");
+    assert!(
+        tty.contains("4 tasks: 4 done, 0 failed, 0 missing"),
+        "{tty:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
