@@ -1,6 +1,7 @@
 //! `distq-server`: a standalone queue server, compatible with Python's managers.
 
 use distq::cli::{self, exit, CommonFlags};
+use distq::journal::JournalConfig;
 use distq::{Server, ServerConfig};
 use lexopt::ValueExt;
 
@@ -23,6 +24,13 @@ OPTIONS:
                           instead of NAME; 0 = never [default: 0]
     --no-code-items       refuse items that reference classes or functions (so a client
                           holding the key cannot ship code to Python workers)
+    --journal DIR         keep named queues in an append-only journal in DIR, so a restart
+                          or crash loses no acknowledged put
+    --fsync POLICY        always | every=MS | never [default: every=50ms]
+    --journal-repair      start even if the journal is corrupt in the middle (skips the
+                          damaged records, losing their items)
+    --compact-min BYTES   compact the journal once it is this big and 4x the live data
+                          [default: 67108864]
     --authkey KEY         shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH   read the shared secret from a file
                           (or set DISTQ_AUTHKEY)
@@ -43,6 +51,7 @@ fn main() {
     let mut bind = "0.0.0.0:5000".to_string();
     let mut queues: Vec<(String, usize)> = Vec::new();
     let mut config = ServerConfig::new(distq::AuthKey::new(""));
+    let mut journal = JournalFlags::default();
     let parsed: Result<(), lexopt::Error> = (|| {
         let mut parser = lexopt::Parser::from_env();
         while let Some(flag) = cli::next(&mut parser)? {
@@ -64,6 +73,13 @@ fn main() {
                 }
                 "--max-deliveries" => config.max_deliveries = parser.value()?.parse()?,
                 "--no-code-items" => config.no_code_items = true,
+                "--journal" => journal.dir = Some(parser.value()?.into()),
+                "--fsync" => {
+                    let text = parser.value()?.string()?;
+                    journal.fsync = Some(distq::journal::Fsync::parse(&text)?);
+                }
+                "--journal-repair" => journal.repair = true,
+                "--compact-min" => journal.compact_min = Some(parser.value()?.parse()?),
                 _ => return Err(flag.unexpected()),
             }
         }
@@ -77,6 +93,30 @@ fn main() {
         .authkey()
         .unwrap_or_else(|e| cli::fail(e, exit::USAGE));
     common.warn_if_key_exposed(&bind);
+    config.journal = match journal {
+        JournalFlags {
+            dir: Some(dir),
+            fsync,
+            repair,
+            compact_min,
+        } => {
+            let mut jc = JournalConfig::new(dir);
+            jc.fsync = fsync.unwrap_or(jc.fsync);
+            jc.repair = repair;
+            jc.compact_min_bytes = compact_min.unwrap_or(jc.compact_min_bytes);
+            Some(jc)
+        }
+        JournalFlags {
+            dir: None,
+            fsync: None,
+            repair: false,
+            compact_min: None,
+        } => None,
+        _ => cli::fail(
+            "--fsync, --journal-repair and --compact-min need --journal DIR",
+            exit::USAGE,
+        ),
+    };
     let server =
         Server::bind(bind.as_str(), config).unwrap_or_else(|e| cli::fail(e, exit::FAILURE));
     for (name, max) in &queues {
@@ -87,6 +127,14 @@ fn main() {
     if let Err(e) = server.run() {
         cli::fail(e, exit::FAILURE);
     }
+}
+
+#[derive(Default)]
+struct JournalFlags {
+    dir: Option<std::path::PathBuf>,
+    fsync: Option<distq::journal::Fsync>,
+    repair: bool,
+    compact_min: Option<u64>,
 }
 
 fn parse_queue(spec: &str) -> Result<(String, usize), lexopt::Error> {

@@ -104,13 +104,69 @@ fn exposed() -> Value {
     Value::tuple(QUEUE_METHODS.iter().map(|m| Value::str(m)).collect())
 }
 
-/// `create(typeid)`: every typeid names a shared queue, created unbounded on first use,
-/// which is what the classic `register('get_task_queue', callable=lambda: q)` scripts mean.
+/// The typeids `SyncManager` registers for things that are not queues. distq refuses
+/// them by name rather than quietly handing out a queue that would behave nothing like a
+/// dict or a lock.
+const NOT_QUEUES: &[&str] = &[
+    "dict",
+    "list",
+    "Namespace",
+    "Value",
+    "Array",
+    "Lock",
+    "RLock",
+    "Semaphore",
+    "BoundedSemaphore",
+    "Condition",
+    "Event",
+    "Barrier",
+    "Pool",
+];
+
+/// `create(typeid, *args, **kwds)`.
+///
+/// - `Queue` and `JoinableQueue` are factories, as in `SyncManager`: each call makes a
+///   fresh anonymous queue bounded by `maxsize` (positional or keyword; 0 or negative
+///   means unbounded), freed when its refcount reaches zero.
+/// - `SyncManager`'s other typeids (`dict`, `Lock`, ...) are refused.
+/// - Every other typeid names a shared queue, created unbounded on first use, which is
+///   what the classic `register('get_task_queue', callable=lambda: q)` scripts mean.
 fn create(map: &QueueMap, req: &Request) -> Reply {
     let Some(typeid) = req.args.first().and_then(Value::as_str) else {
         return Reply::traceback("TypeError", "create() needs a typeid (str) argument");
     };
-    match map.create(typeid) {
+    let created = match typeid {
+        "Queue" | "JoinableQueue" => {
+            let by_kw = req
+                .kwargs
+                .iter()
+                .find(|(k, _)| k == "maxsize")
+                .map(|(_, v)| v);
+            let maxsize = match (req.args.get(1), by_kw, req.args.len() + req.kwargs.len()) {
+                (None, None, 1) => Ok(0),
+                (Some(v), None, 2) | (None, Some(v), 2) => match v {
+                    Value::Int(n) => Ok(usize::try_from(*n).unwrap_or(0)),
+                    other => Err(format!("maxsize must be an int, not {other}")),
+                },
+                _ => Err(format!("{typeid}() takes at most one argument, maxsize")),
+            };
+            match maxsize {
+                Ok(maxsize) => map.create_anonymous(typeid, maxsize),
+                Err(msg) => return Reply::traceback("TypeError", &msg),
+            }
+        }
+        t if NOT_QUEUES.contains(&t) => {
+            return Reply::traceback(
+                "TypeError",
+                &format!(
+                    "distq serves queues only: typeid {t:?} (a SyncManager {t}) is not supported; \
+                     use Queue() / JoinableQueue() or a registered queue name"
+                ),
+            )
+        }
+        name => map.create(name),
+    };
+    match created {
         Ok(q) => Reply::Return(Value::tuple(vec![Value::str(q.ident()), exposed()])),
         Err(e) => Reply::traceback("RuntimeError", &e.to_string()),
     }
@@ -146,7 +202,8 @@ pub struct Outcome {
     /// Set when the reply carries items taken off a queue by `get`/`get_many`: if the
     /// reply cannot be sent, [`Outcome::undo`] puts them back at the head of `queue`.
     pub taken_from: Option<Arc<Queue>>,
-    deliveries: Vec<u32>,
+    /// Delivery count and journal id of each item carried, to restore them on undo.
+    meta: Vec<(u32, u64)>,
     /// Send nothing and close the connection (the server is stopping or the peer left).
     pub hang_up: bool,
 }
@@ -156,13 +213,13 @@ impl Outcome {
         Outcome {
             reply,
             taken_from: None,
-            deliveries: Vec::new(),
+            meta: Vec::new(),
             hang_up: false,
         }
     }
 
     fn taken(queue: &Arc<Queue>, items: Vec<Taken>) -> Outcome {
-        let deliveries = items.iter().map(|t| t.deliveries).collect();
+        let meta = items.iter().map(|t| (t.deliveries, t.id)).collect();
         let mut fragments: Vec<Fragment> = items.into_iter().map(|t| t.item).collect();
         let reply = if fragments.len() == 1 {
             Reply::Item(fragments.remove(0))
@@ -172,7 +229,7 @@ impl Outcome {
         Outcome {
             reply,
             taken_from: Some(queue.clone()),
-            deliveries,
+            meta,
             hang_up: false,
         }
     }
@@ -189,8 +246,12 @@ impl Outcome {
         };
         let taken = items
             .into_iter()
-            .zip(self.deliveries)
-            .map(|(item, deliveries)| Taken { item, deliveries })
+            .zip(self.meta)
+            .map(|(item, (deliveries, id))| Taken {
+                item,
+                deliveries,
+                id,
+            })
             .collect();
         queue.unget(taken)
     }

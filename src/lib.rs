@@ -42,6 +42,7 @@ pub mod dispatch;
 pub mod error;
 pub mod exec;
 pub mod frame;
+pub mod journal;
 pub mod log;
 pub mod pickle;
 pub mod protocol;

@@ -23,6 +23,7 @@ use crate::auth::AuthKey;
 use crate::conn::{Connection, Role};
 use crate::dispatch::{self, Public};
 use crate::frame::DEFAULT_MAX_FRAME;
+use crate::journal::{Journal, JournalConfig};
 use crate::log::log_at;
 use crate::protocol::{Reply, Request};
 use crate::queues::{Policy, QueueMap, LIVENESS_SLICE};
@@ -53,6 +54,9 @@ pub struct ServerConfig {
     pub max_deliveries: u32,
     /// Refuse items that reference classes or functions (`--no-code-items`).
     pub no_code_items: bool,
+    /// Keep named queues in an append-only journal so they survive restarts
+    /// (`--journal DIR`); `None` keeps them in memory only.
+    pub journal: Option<JournalConfig>,
 }
 
 impl ServerConfig {
@@ -71,6 +75,7 @@ impl ServerConfig {
             lease_timeout: None,
             max_deliveries: 0,
             no_code_items: false,
+            journal: None,
         }
     }
 }
@@ -159,11 +164,18 @@ impl Server {
             max_deliveries: config.max_deliveries,
             no_code_items: config.no_code_items,
         };
+        let queues = match &config.journal {
+            Some(jc) => {
+                let (journal, recovered) = Journal::open(jc.clone())?;
+                QueueMap::with_journal(policy, Arc::new(journal), recovered)?
+            }
+            None => QueueMap::with_policy(policy),
+        };
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
                 config,
-                queues: QueueMap::with_policy(policy),
+                queues,
                 handshaking: AtomicUsize::new(0),
                 local_addr,
                 stopping: AtomicBool::new(false),
@@ -210,6 +222,18 @@ impl Server {
                 .name("distq-janitor".into())
                 .spawn(move || shared.expire_leases())
                 .map_err(|e| Error::io("starting the lease janitor", e))?
+        };
+        let flusher = match self.shared.queues.journal() {
+            Some(journal) => {
+                let (shared, journal) = (self.shared.clone(), journal.clone());
+                Some(
+                    thread::Builder::new()
+                        .name("distq-journal".into())
+                        .spawn(move || shared.flush_journal(&journal))
+                        .map_err(|e| Error::io("starting the journal flusher", e))?,
+                )
+            }
+            None => None,
         };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for incoming in self.listener.incoming() {
@@ -273,6 +297,9 @@ impl Server {
             let _ = t.join();
         }
         let _ = janitor.join();
+        if let Some(flusher) = flusher {
+            let _ = flusher.join();
+        }
         log_at!(Info, "server on {} stopped", self.shared.local_addr);
         Ok(())
     }
@@ -293,6 +320,21 @@ impl Shared {
             if let Err(e) = self.queues.expire() {
                 log_at!(Error, "expiring leases: {e}");
             }
+        }
+    }
+
+    /// Writes and syncs the journal every flush interval (see `journal.rs`), compacting
+    /// when due, and once more after the server stops so nothing buffered is left behind.
+    fn flush_journal(&self, journal: &Journal) {
+        loop {
+            let stopping = self.stopping.load(Ordering::SeqCst);
+            if let Err(e) = journal.tick() {
+                log_at!(Error, "journal: {e}");
+            }
+            if stopping {
+                return;
+            }
+            thread::sleep(journal.flush_interval());
         }
     }
 

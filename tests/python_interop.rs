@@ -254,3 +254,20 @@ fn both_handshakes_against_real_python() {
         wait_with_deadline(child, Duration::from_secs(10));
     }
 }
+
+/// `SyncManager().connect()` clients: fresh queues per `Queue()` call, refcounted
+/// lifetimes, JoinableQueue across processes, forked children, non-queue typeids refused.
+#[test]
+fn sync_manager_clients() {
+    let (legacy, modern) = legacy_and_modern();
+    for py in legacy.iter().chain(modern.iter()) {
+        let server = server();
+        let port = server.local_addr().port().to_string();
+        let out = py.run_ok(
+            include_str!("python/sync_manager.py"),
+            &["127.0.0.1", &port, KEY],
+        );
+        assert!(out.contains("sync manager ok"), "{:?}: {out}", py.version);
+        server.shutdown().unwrap();
+    }
+}

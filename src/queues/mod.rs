@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::journal::{Journal, Recovered, RecoveredQueue};
 use crate::log::log_at;
 use crate::{Error, Result, Value};
 
@@ -75,6 +76,8 @@ pub const MAX_QUEUES: usize = 4096;
 struct Entry {
     queue: Arc<Queue>,
     refcount: u64,
+    /// Made by a `Queue()` factory call: no name, freed when its refcount reaches zero.
+    anonymous: bool,
 }
 
 #[derive(Debug, Default)]
@@ -85,10 +88,13 @@ struct Registry {
 
 /// All queues of one server, by name and by ident.
 ///
-/// Named queues live as long as the server: Python forgets an object when its refcount
-/// drops to zero, but a distq queue may still hold items nobody has fetched yet, and
-/// losing them silently is exactly what distq exists to avoid. So refcounts are tracked
-/// (clients and `number_of_objects` see Python's numbers) but never free a named queue.
+/// Two kinds of queue live here. **Named** queues (the classic
+/// `register('get_task_queue')` style) live as long as the server: Python forgets an
+/// object when its refcount drops to zero, but a named queue may still hold items nobody
+/// has fetched yet, and losing them silently is exactly what distq exists to avoid. So
+/// their refcounts are tracked (clients and `number_of_objects` see Python's numbers) but
+/// never free them. **Anonymous** queues (`SyncManager().Queue()`) follow Python exactly:
+/// each `create` makes a new one, and it is freed when its refcount reaches zero.
 ///
 /// # Example
 /// ```
@@ -109,6 +115,8 @@ pub struct QueueMap {
     /// Open client connections, kept by the server (for `stats`).
     pub connections: AtomicUsize,
     started: Option<Instant>,
+    /// Where named queues record their mutations, if the server keeps a journal.
+    journal: Option<Arc<Journal>>,
 }
 
 impl QueueMap {
@@ -129,6 +137,46 @@ impl QueueMap {
             started: Some(Instant::now()),
             ..QueueMap::default()
         }
+    }
+
+    /// An empty map whose named queues record every mutation in `journal`, loaded with
+    /// the queues recovered from it.
+    pub fn with_journal(
+        policy: Policy,
+        journal: Arc<Journal>,
+        recovered: Vec<RecoveredQueue>,
+    ) -> Result<QueueMap> {
+        let map = QueueMap {
+            journal: Some(journal),
+            ..QueueMap::with_policy(policy)
+        };
+        let restore = |r: Vec<Recovered>| -> Vec<Taken> {
+            r.into_iter()
+                .map(|r| Taken {
+                    item: r.item,
+                    deliveries: r.deliveries,
+                    id: r.id,
+                })
+                .collect()
+        };
+        for q in recovered {
+            let (reserved, ready) = (q.reserved.len(), q.ready.len());
+            if reserved + ready > 0 {
+                log_at!(
+                    Info,
+                    "journal: queue {:?} recovered with {ready} waiting item(s) and {reserved} formerly reserved",
+                    q.name
+                );
+            }
+            map.lookup_or_insert(&q.name, 0)?
+                .restore(restore(q.reserved), restore(q.ready))?;
+        }
+        Ok(map)
+    }
+
+    /// The journal, if the server keeps one.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
     }
 
     /// Every queue's statistics, by name, with the open connections and the time since
@@ -185,25 +233,57 @@ impl QueueMap {
                 return Ok(entry.queue.clone());
             }
         }
+        let queue = self.insert(&mut reg, name, maxsize, false)?;
+        reg.by_name
+            .insert(name.to_string(), queue.ident().to_string());
+        Ok(queue)
+    }
+
+    fn insert(
+        &self,
+        reg: &mut Registry,
+        name: &str,
+        maxsize: usize,
+        anonymous: bool,
+    ) -> Result<Arc<Queue>> {
         if reg.by_ident.len() >= MAX_QUEUES {
             return Err(Error::Value(format!(
-                "too many queues (limit {MAX_QUEUES}); reuse existing queue names"
+                "too many queues (limit {MAX_QUEUES}); reuse existing queues or drop proxies"
             )));
         }
         // Idents look like Python's `'%x' % id(obj)` (12 lowercase hex digits) so that
         // tools printing them see the familiar shape; they are opaque to clients.
         let n = self.next_ident.fetch_add(1, Ordering::Relaxed);
         let ident = format!("{:x}", 0xd157_0000_0000u64 + n * 0x10);
-        let queue = Arc::new(Queue::new(name, ident.clone(), maxsize, self.policy));
-        reg.by_name.insert(name.to_string(), ident.clone());
+        // Anonymous queues (`SyncManager().Queue()`) die with their proxies anyway, so
+        // only named queues are journaled.
+        let journal = match (&self.journal, anonymous) {
+            (Some(j), false) => Some((j.clone(), j.declare(name)?)),
+            _ => None,
+        };
+        let queue = Arc::new(Queue::new(
+            name,
+            ident.clone(),
+            maxsize,
+            self.policy,
+            journal,
+        ));
         reg.by_ident.insert(
             ident,
             Entry {
                 queue: queue.clone(),
-                refcount: 0,
+                refcount: u64::from(anonymous),
+                anonymous,
             },
         );
         Ok(queue)
+    }
+
+    /// A new anonymous queue with one reference, as `SyncManager().Queue(maxsize)`
+    /// creates: reachable only by its ident, freed when its refcount reaches zero.
+    pub fn create_anonymous(&self, typeid: &str, maxsize: usize) -> Result<Arc<Queue>> {
+        let mut reg = self.lock()?;
+        self.insert(&mut reg, &format!("<{typeid}>"), maxsize, true)
     }
 
     /// Python's `create(typeid)`: the queue named `name` (created unbounded on first use),
@@ -240,13 +320,18 @@ impl QueueMap {
     /// Unknown ident, or a decref below zero (Python raises `KeyError` for both).
     pub fn decref(&self, ident: &str) -> Result<()> {
         let mut reg = self.lock()?;
-        match reg.by_ident.get_mut(ident) {
+        let freed = match reg.by_ident.get_mut(ident) {
             Some(entry) if entry.refcount > 0 => {
                 entry.refcount -= 1;
-                Ok(())
+                entry.refcount == 0 && entry.anonymous
             }
-            _ => Err(Error::Value(format!("KeyError: {ident:?}"))),
+            _ => return Err(Error::Value(format!("KeyError: {ident:?}"))),
+        };
+        if freed {
+            // Its memory goes when the last in-flight call on it returns its `Arc`.
+            reg.by_ident.remove(ident);
         }
+        Ok(())
     }
 
     /// Python's `number_of_objects()`: idents that some client holds a reference to.
@@ -446,10 +531,7 @@ mod tests {
     fn unget_goes_to_the_head_in_order_even_when_full() {
         let q = QueueMap::new().declare("b", 1).unwrap();
         put(&q, 3);
-        let taken = |v: i64| Taken {
-            item: item(v),
-            deliveries: 0,
-        };
+        let taken = |v: i64| Taken::new(item(v));
         q.unget(vec![taken(1), taken(2)]).unwrap();
         for v in 1..=3 {
             assert_eq!(get(&q).unwrap(), item(v));
@@ -493,6 +575,25 @@ mod tests {
         assert!(map.incref("nope").is_err());
         // The queue itself survives and keeps its ident.
         assert_eq!(map.create("r").unwrap().ident(), q.ident());
+    }
+
+    #[test]
+    fn anonymous_queues_are_fresh_and_freed_at_zero() {
+        let map = QueueMap::new();
+        let a = map.create_anonymous("Queue", 2).unwrap();
+        let b = map.create_anonymous("Queue", 0).unwrap();
+        assert_ne!(a.ident(), b.ident());
+        assert_eq!(map.number_of_objects().unwrap(), 2);
+        put(&a, 1);
+        put(&a, 2);
+        assert!(matches!(a.put(item(3), Wait::No, ALIVE), Err(Error::Full)));
+        map.incref(a.ident()).unwrap();
+        map.decref(a.ident()).unwrap();
+        assert!(map.by_ident(a.ident()).is_some());
+        map.decref(a.ident()).unwrap();
+        assert!(map.by_ident(a.ident()).is_none(), "freed at zero");
+        assert!(map.incref(a.ident()).is_err());
+        assert_eq!(map.number_of_objects().unwrap(), 1);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Queued items packed back to back in one ring buffer.
 //!
-//! Each item is a LEB128 header, `len << 2 | uses_memo << 1 | has_count`, then (if
-//! `has_count`) a LEB128 delivery count, then its pickle fragment. A queued small int
-//! costs 3 bytes (1 header + 2 opcode bytes) plus the ring's spare capacity, against ~40
-//! for a boxed item per slot (pointer, length, allocator overhead). Items that were
-//! never delivered (the common case) pay nothing for the delivery count.
+//! Each item is a LEB128 header, `len << 3 | uses_memo << 2 | has_count << 1 | has_id`,
+//! then (if `has_count`) a LEB128 delivery count, then (if `has_id`) a LEB128 journal id,
+//! then its pickle fragment. A queued small int costs 3 bytes (1 header + 2 opcode bytes)
+//! plus the ring's spare capacity, against ~40 for a boxed item per slot (pointer, length,
+//! allocator overhead). Items that were never delivered (the common case) pay nothing for
+//! the delivery count, and without a journal nothing for an id.
 
 use std::collections::VecDeque;
 
@@ -18,6 +19,19 @@ pub struct Taken {
     pub item: Fragment,
     /// How many leases have handed this item out so far.
     pub deliveries: u32,
+    /// The item's id in the journal (0 when the server keeps no journal).
+    pub id: u64,
+}
+
+impl Taken {
+    /// A new item: never delivered, not journaled.
+    pub fn new(item: Fragment) -> Taken {
+        Taken {
+            item,
+            deliveries: 0,
+            id: 0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -56,21 +70,27 @@ impl Packed {
         self.bytes.len()
     }
 
-    /// The header bytes for `t`: a LEB128 tag, then the count if non-zero.
-    fn header(t: &Taken) -> ([u8; 20], usize) {
+    /// The header bytes for `t`: a LEB128 tag, then the count and the id if non-zero.
+    fn header(t: &Taken) -> ([u8; 30], usize) {
         let has_count = t.deliveries > 0;
-        let tag = ((t.item.bytes().len() as u64) << 2)
-            | (u64::from(t.item.uses_memo()) << 1)
-            | u64::from(has_count);
-        let mut out = [0u8; 20];
+        let has_id = t.id > 0;
+        let tag = ((t.item.bytes().len() as u64) << 3)
+            | (u64::from(t.item.uses_memo()) << 2)
+            | (u64::from(has_count) << 1)
+            | u64::from(has_id);
+        let mut out = [0u8; 30];
+        let mut total = 0;
         let mut buf = [0u8; 10];
-        let n = leb128(tag, &mut buf);
-        out[..n].copy_from_slice(&buf[..n]);
-        let mut total = n;
-        if has_count {
-            let m = leb128(u64::from(t.deliveries), &mut buf);
-            out[n..n + m].copy_from_slice(&buf[..m]);
-            total += m;
+        for (present, v) in [
+            (true, tag),
+            (has_count, u64::from(t.deliveries)),
+            (has_id, t.id),
+        ] {
+            if present {
+                let n = leb128(v, &mut buf);
+                out[total..total + n].copy_from_slice(&buf[..n]);
+                total += n;
+            }
         }
         (out, total)
     }
@@ -106,20 +126,24 @@ impl Packed {
     pub(super) fn pop_front(&mut self) -> Option<Taken> {
         // Only this module writes the ring, so the headers always match what follows.
         let (tag, mut used) = self.read_leb128(0)?;
-        let deliveries = if tag & 1 == 1 {
-            let (count, n) = self.read_leb128(used)?;
+        let mut field = |present: bool| -> Option<u64> {
+            if !present {
+                return Some(0);
+            }
+            let (v, n) = self.read_leb128(used)?;
             used += n;
-            u32::try_from(count).unwrap_or(u32::MAX)
-        } else {
-            0
+            Some(v)
         };
-        let len = usize::try_from(tag >> 2).ok()?;
+        let deliveries = u32::try_from(field(tag & 2 == 2)?).unwrap_or(u32::MAX);
+        let id = field(tag & 1 == 1)?;
+        let len = usize::try_from(tag >> 3).ok()?;
         self.bytes.drain(..used);
         let bytes: Vec<u8> = self.bytes.drain(..len).collect();
         self.count -= 1;
         Some(Taken {
-            item: Fragment::from_parts(bytes, tag & 2 == 2),
+            item: Fragment::from_parts(bytes, tag & 4 == 4),
             deliveries,
+            id,
         })
     }
 
@@ -149,6 +173,7 @@ mod tests {
         Taken {
             item: Fragment::encode(&v).unwrap(),
             deliveries,
+            id: u64::from(deliveries) * 1000,
         }
     }
 
@@ -158,6 +183,7 @@ mod tests {
         let items = vec![
             taken(Value::from(1), 0),
             taken(Value::from("x".repeat(300)), 3),
+            taken(Value::from(2), 0),
             taken(Value::tuple(vec![shared.clone(), shared]), 0),
             taken(Value::from(vec![0u8; 70_000]), 200),
         ];
@@ -166,7 +192,7 @@ mod tests {
             p.push_back(t);
         }
         p.push_front(&items[0]);
-        assert_eq!(p.len(), 4);
+        assert_eq!(p.len(), 5);
         for t in &items {
             assert_eq!(p.pop_front().as_ref(), Some(t));
         }

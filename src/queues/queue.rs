@@ -17,11 +17,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::packed::{Packed, Taken};
 use super::{poisoned, Policy, Wait};
+use crate::journal::{Journal, Record};
 use crate::pickle::Fragment;
 use crate::{Error, Result};
 
@@ -38,6 +39,8 @@ pub struct Queue {
     name: String,
     ident: String,
     policy: Policy,
+    /// The server's journal and this queue's number in it (named queues only).
+    journal: Option<(Arc<Journal>, u32)>,
     state: Mutex<State>,
     not_empty: Condvar,
     not_full: Condvar,
@@ -109,11 +112,18 @@ pub struct Reserved {
 }
 
 impl Queue {
-    pub(super) fn new(name: &str, ident: String, maxsize: usize, policy: Policy) -> Queue {
+    pub(super) fn new(
+        name: &str,
+        ident: String,
+        maxsize: usize,
+        policy: Policy,
+        journal: Option<(Arc<Journal>, u32)>,
+    ) -> Queue {
         Queue {
             name: name.to_string(),
             ident,
             policy,
+            journal,
             state: Mutex::new(State {
                 items: Packed::default(),
                 maxsize,
@@ -143,6 +153,21 @@ impl Queue {
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
         self.state.lock().map_err(|_| poisoned())
+    }
+
+    /// Buffers a journal record built from this queue's number (no I/O; called with the
+    /// queue lock held so the journal sees events in the queue's order). Returns the
+    /// record's sequence number, 0 without a journal.
+    fn journal(&self, record: impl FnOnce(u32) -> Record<'static>) -> u64 {
+        match &self.journal {
+            Some((j, qnum)) => j.append(&record(*qnum)),
+            None => 0,
+        }
+    }
+
+    /// A new journal id for an item, 0 without a journal.
+    fn new_id(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |(j, _)| j.next_id())
     }
 
     /// Waits on `cv` until `ready` holds, the deadline passes, the queue closes, or
@@ -223,11 +248,22 @@ impl Queue {
         if !ready {
             return Err(Error::Full);
         }
+        let mut seq = 0;
         for item in items {
-            guard.items.push_back(&Taken {
-                item,
-                deliveries: 0,
-            });
+            let t = Taken {
+                id: self.new_id(),
+                ..Taken::new(item)
+            };
+            if let Some((j, qnum)) = &self.journal {
+                seq = j.append(&Record::Put {
+                    qnum: *qnum,
+                    front: false,
+                    id: t.id,
+                    deliveries: 0,
+                    item: &t.item,
+                });
+            }
+            guard.items.push_back(&t);
         }
         guard.unfinished += n as u64;
         guard.counts.puts += n as u64;
@@ -237,7 +273,12 @@ impl Queue {
         } else {
             self.not_empty.notify_all();
         }
-        Ok(())
+        // Acknowledge only what is written (and synced, with `--fsync always`): the wait
+        // happens here, with no queue lock held.
+        match &self.journal {
+            Some((j, _)) if seq > 0 => j.commit(seq),
+            _ => Ok(()),
+        }
     }
 
     /// Waits like Python's `get` for at least one item, then takes up to `max` of those
@@ -248,6 +289,18 @@ impl Queue {
     /// [`Error::Empty`] if nothing arrived in time; [`Error::ShutDown`] once a shut-down
     /// queue is drained; [`Error::Closed`] on server shutdown or if the peer left.
     pub fn get_many(&self, max: usize, wait: Wait, alive: &dyn Fn() -> bool) -> Result<Vec<Taken>> {
+        self.take(max, wait, alive, None).map(|(items, _)| items)
+    }
+
+    /// Waits for items and takes up to `max`: handed out plainly, or (with `lease`:
+    /// owner and expiry) one item under a new lease, whose id is returned too.
+    fn take(
+        &self,
+        max: usize,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+        lease: Option<(u64, Option<Instant>)>,
+    ) -> Result<(Vec<Taken>, Option<u64>)> {
         let mut guard = self.lock()?;
         guard.getters += 1;
         let waited = self.wait_until(&self.not_empty, guard, wait, alive, |s| {
@@ -271,17 +324,46 @@ impl Queue {
             });
         }
         debug_assert!(ready);
-        let take = max.min(guard.items.len());
-        let items: Vec<Taken> = (0..take).filter_map(|_| guard.items.pop_front()).collect();
+        let take = if lease.is_some() {
+            1
+        } else {
+            max.min(guard.items.len())
+        };
+        let mut items: Vec<Taken> = (0..take).filter_map(|_| guard.items.pop_front()).collect();
         guard.items.shrink_if_sparse();
         guard.counts.gets += items.len() as u64;
+        let mut lease_id = None;
+        match (lease, items.first_mut()) {
+            (Some((owner, expires)), Some(t)) => {
+                t.deliveries = t.deliveries.saturating_add(1);
+                let id = t.id;
+                self.journal(|qnum| Record::Reserve { qnum, id });
+                let lease = NEXT_LEASE.fetch_add(1, Ordering::Relaxed);
+                let taken = t.clone();
+                guard.leases.insert(
+                    lease,
+                    Lease {
+                        taken,
+                        owner,
+                        expires,
+                    },
+                );
+                lease_id = Some(lease);
+            }
+            _ => {
+                for t in &items {
+                    let id = t.id;
+                    self.journal(|qnum| Record::Take { qnum, id });
+                }
+            }
+        }
         drop(guard);
         if items.len() == 1 {
             self.not_full.notify_one();
         } else {
             self.not_full.notify_all();
         }
-        Ok(items)
+        Ok((items, lease_id))
     }
 
     /// Takes one item (see [`Queue::get_many`]).
@@ -297,6 +379,18 @@ impl Queue {
         let mut guard = self.lock()?;
         for t in items.iter().rev() {
             guard.items.push_front(t);
+        }
+        // In the journal the items were taken; put them back in the same order.
+        for t in items.iter().rev() {
+            if let Some((j, qnum)) = &self.journal {
+                j.append(&Record::Put {
+                    qnum: *qnum,
+                    front: true,
+                    id: t.id,
+                    deliveries: t.deliveries,
+                    item: &t.item,
+                });
+            }
         }
         guard.counts.gets = guard.counts.gets.saturating_sub(items.len() as u64);
         drop(guard);
@@ -316,23 +410,18 @@ impl Queue {
         wait: Wait,
         alive: &dyn Fn() -> bool,
     ) -> Result<Reserved> {
-        let mut taken = self.get(wait, alive)?;
-        taken.deliveries = taken.deliveries.saturating_add(1);
-        let item = taken.item.clone();
-        let lease = NEXT_LEASE.fetch_add(1, Ordering::Relaxed);
         let expires = lease_time
             .or(self.policy.lease_timeout)
             .filter(|t| !t.is_zero())
             .and_then(|t| Instant::now().checked_add(t));
-        self.lock()?.leases.insert(
-            lease,
-            Lease {
-                taken,
-                owner,
-                expires,
-            },
-        );
-        Ok(Reserved { lease, item })
+        let (mut items, lease) = self.take(1, wait, alive, Some((owner, expires)))?;
+        match (items.pop(), lease) {
+            (Some(t), Some(lease)) => Ok(Reserved {
+                lease,
+                item: t.item,
+            }),
+            _ => Err(Error::Empty),
+        }
     }
 
     fn unknown_lease(&self, lease: u64) -> Error {
@@ -348,10 +437,14 @@ impl Queue {
     /// [`Error::Value`] if the lease is unknown.
     pub fn ack(&self, lease: u64) -> Result<()> {
         let mut s = self.lock()?;
-        s.leases
+        let done = s
+            .leases
             .remove(&lease)
             .ok_or_else(|| self.unknown_lease(lease))?;
+        let id = done.taken.id;
+        self.journal(|qnum| Record::Ack { qnum, id });
         s.unfinished = s.unfinished.saturating_sub(1);
+        s.counts.acks += 1;
         if s.unfinished == 0 {
             self.all_done.notify_all();
         }
@@ -390,6 +483,9 @@ impl Queue {
             .filter(|d| !d.is_zero())
             .and_then(|d| Instant::now().checked_add(d));
         if let Some(due) = due {
+            // The journal has no clocks: after a restart a delayed item is ready at once.
+            let id = l.taken.id;
+            self.journal(|qnum| Record::Requeue { qnum, id });
             s.delayed.push((due, l.taken));
             return Ok(None);
         }
@@ -403,7 +499,18 @@ impl Queue {
     /// dead-letters it; it no longer counts as unfinished here).
     fn requeue(&self, s: &mut State, t: Taken) -> Option<Taken> {
         let max = self.policy.max_deliveries;
+        let id = t.id;
         if max > 0 && t.deliveries >= max {
+            if let Some((j, qnum)) = &self.journal {
+                let to = j
+                    .declare(&format!("{}.dead", self.name))
+                    .unwrap_or(u32::MAX);
+                j.append(&Record::DeadLetter {
+                    qnum: *qnum,
+                    id,
+                    to,
+                });
+            }
             s.counts.dead_lettered += 1;
             s.unfinished = s.unfinished.saturating_sub(1);
             if s.unfinished == 0 {
@@ -411,6 +518,7 @@ impl Queue {
             }
             return Some(t);
         }
+        self.journal(|qnum| Record::Requeue { qnum, id });
         s.counts.requeues += 1;
         s.items.push_front(&t);
         None
@@ -488,6 +596,19 @@ impl Queue {
         Ok(())
     }
 
+    /// Loads items recovered from the journal: formerly reserved ones first (they come
+    /// back ready, at the head), then the waiting ones in order. Writes no records: they
+    /// are in the journal already.
+    pub(super) fn restore(&self, reserved: Vec<Taken>, ready: Vec<Taken>) -> Result<()> {
+        let mut s = self.lock()?;
+        let n = (reserved.len() + ready.len()) as u64;
+        for t in reserved.iter().chain(&ready) {
+            s.items.push_back(t);
+        }
+        s.unfinished += n;
+        Ok(())
+    }
+
     /// Python 3.13's `shutdown(immediate)`: later puts fail with `ShutDown`; gets drain
     /// the remaining items (none, if `immediate`) and then fail the same way.
     pub fn shutdown(&self, immediate: bool) -> Result<()> {
@@ -495,6 +616,10 @@ impl Queue {
         s.shut_down = true;
         if immediate {
             let dropped = s.items.clear() as u64;
+            self.journal(|qnum| Record::Clear {
+                qnum,
+                count: dropped,
+            });
             s.unfinished = s.unfinished.saturating_sub(dropped);
             if s.unfinished == 0 {
                 self.all_done.notify_all();
