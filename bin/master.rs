@@ -1,141 +1,584 @@
-//! `distq-master`: the Rust twin of the classic `task_master.py`.
+//! `distq-master`: the Rust twin of the classic `task_master.py`, and with `--input` a
+//! line-oriented master that feeds one task per line and writes one result per line.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{BufWriter, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use distq::cli::{self, CommonFlags};
-use distq::{AuthKey, Error, Manager, Server, ServerConfig, Value};
+use distq::cli::{self, exit, CommonFlags, Progress};
+use distq::Value;
+use distq::{text, AuthKey, Error, Manager, QueueProxy, RunningServer, Server, ServerConfig};
 use lexopt::ValueExt;
 use rand::Rng;
 
 const HELP: &str = "\
-distq-master: put random tasks on a queue, collect the workers' results
+distq-master: put tasks on a queue, collect the workers' results
 
 USAGE:
-    distq-master [OPTIONS]
+    distq-master [OPTIONS]                               random int tasks (the demo)
+    distq-master --input FILE|- [OPTIONS] [-- PROG ARGS...]  one task per line
 
 By default the master hosts the server itself (like Python's manager.start()).
 
 OPTIONS:
-    --bind ADDR             where the hosted server listens [default: 0.0.0.0:5000]
+    --bind ADDR             where the hosted server listens [default: 0.0.0.0:5000;
+                            127.0.0.1:0 when it only serves its own local workers]
     --connect HOST:PORT     use an existing server (distq or Python) instead of hosting one
-    --tasks N               how many tasks to put [default: 10]
-    --result-timeout SECS   how long to wait for each result [default: 10]
+    --tasks N               how many random int tasks to put [default: 10]
+    --result-timeout SECS   give up when no result arrives for this long
+                            [default: 10; with --input: never]
     --local-workers K       also run K distq-worker processes against this master
     --authkey KEY           shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH     read the shared secret from a file (or set DISTQ_AUTHKEY)
-    -v, -q                  more / less logging on stderr
+    -v, -q                  more / less logging on stderr (-q also hides the progress)
     -h, --help              this text;  -V, --version
+
+LINE MODE:
+    --input FILE|-          one task (a str) per line; `-` is stdin; blank lines skipped
+    --output FILE|-         one result per line [default: -, stdout]: command records as
+                            JSON Lines, other values as text (str as is, others as JSON)
+    --ordered               write results in input order (default: as they complete)
+    --deadline SECS         stop waiting after this long in total [default: never]
+    --exec CMD              run `sh -c CMD` for each line on local workers; the line is $1
+    -- PROG ARGS...         the same without a shell: PROG ARGS... LINE, or with the line
+                            wherever an argument contains {}
+    --concurrency N, --task-timeout SECS, --kill-after SECS, --retries N,
+    --retry-delay SECS, --max-output BYTES
+                            passed to the local workers (see distq-worker --help)
+    --progress-every SECS   when stderr is not a terminal, print progress this often
+                            [default: 5]; on a terminal it is one line updated in place
+
+    With a command and no --local-workers, one local worker per CPU runs it. Without an
+    authkey, a master serving only its own local workers (no --bind, no --connect) makes
+    up a random one.
+
+EXIT STATUS:
+    0 every task succeeded; 1 other failure; 2 bad usage; 3 authentication failed;
+    4 server unreachable or lost; 5 some tasks have no result; 6 some tasks failed
 
 EXAMPLES:
     distq-master --local-workers 2 --authkey abc        # the whole demo, one command
     distq-master --bind 0.0.0.0:5000 --authkey abc      # then run workers elsewhere
     distq-master --connect 127.0.0.1:5000 --authkey abc # a server that is already running
+    find /var/log -name '*.log' | distq-master --input - -- gzip -9
+    ls *.csv | distq-master --input - --ordered --output counts.jsonl --exec 'wc -l < \"$1\"'
+    distq-master --bind 0.0.0.0:5000 --input jobs.txt --deadline 3600 > results.jsonl
 ";
 
+/// Flags passed through to local `--exec` workers.
+const WORKER_FLAGS: [&str; 6] = [
+    "--concurrency",
+    "--task-timeout",
+    "--kill-after",
+    "--retries",
+    "--retry-delay",
+    "--max-output",
+];
+
 struct Flags {
-    bind: String,
+    bind: Option<String>,
     connect: Option<String>,
-    tasks: u64,
-    result_timeout: Duration,
-    local_workers: u32,
+    tasks: Option<u64>,
+    result_timeout: Option<Duration>,
+    local_workers: Option<u32>,
+    input: Option<String>,
+    output: Option<String>,
+    ordered: bool,
+    deadline: Option<Duration>,
+    /// The `sh -c` script local workers run: `--exec`, or the words after `--` quoted.
+    command: Option<String>,
+    worker_flags: Vec<String>,
+    progress_every: Duration,
 }
 
 fn main() {
     let mut common = CommonFlags::default();
     let mut flags = Flags {
-        bind: "0.0.0.0:5000".into(),
+        bind: None,
         connect: None,
-        tasks: 10,
-        result_timeout: Duration::from_secs(10),
-        local_workers: 0,
+        tasks: None,
+        result_timeout: None,
+        local_workers: None,
+        input: None,
+        output: None,
+        ordered: false,
+        deadline: None,
+        command: None,
+        worker_flags: Vec::new(),
+        progress_every: Duration::from_secs(5),
     };
     let parsed: Result<(), lexopt::Error> = (|| {
         let mut parser = lexopt::Parser::from_env();
+        let mut words: Vec<OsString> = Vec::new();
         while let Some(flag) = cli::next(&mut parser)? {
             if common.take(&flag, &mut parser, HELP)? {
                 continue;
             }
-            match flag.name().as_str() {
-                "--bind" => flags.bind = parser.value()?.string()?,
+            let name = flag.name();
+            match name.as_str() {
+                "--bind" => flags.bind = Some(parser.value()?.string()?),
                 "--connect" => flags.connect = Some(parser.value()?.string()?),
-                "--tasks" => flags.tasks = parser.value()?.parse()?,
-                "--result-timeout" => flags.result_timeout = cli::seconds(parser.value()?)?,
-                "--local-workers" => flags.local_workers = parser.value()?.parse()?,
+                "--tasks" => flags.tasks = Some(parser.value()?.parse()?),
+                "--result-timeout" => flags.result_timeout = Some(cli::seconds(parser.value()?)?),
+                "--local-workers" => flags.local_workers = Some(parser.value()?.parse()?),
+                "--input" => flags.input = Some(parser.value()?.string()?),
+                "--output" => flags.output = Some(parser.value()?.string()?),
+                "--ordered" => flags.ordered = true,
+                "--deadline" => flags.deadline = Some(cli::seconds(parser.value()?)?),
+                "--exec" => flags.command = Some(parser.value()?.string()?),
+                "--progress-every" => flags.progress_every = cli::seconds(parser.value()?)?,
+                n if WORKER_FLAGS.contains(&n) => {
+                    let value = parser.value()?.string()?;
+                    flags.worker_flags.extend([name, value]);
+                }
+                "" => match flag {
+                    cli::Flag::Value(word) => words.push(word),
+                    other => return Err(other.unexpected()),
+                },
                 _ => return Err(flag.unexpected()),
             }
         }
-        Ok(())
+        if !words.is_empty() {
+            if flags.command.is_some() {
+                return Err("give the command either as --exec CMD or after --, not both".into());
+            }
+            flags.command = Some(shell_command(&words)?);
+        }
+        check(&flags)
     })();
     if let Err(e) = parsed {
-        cli::fail(format!("{e} (see --help)"), 2);
+        cli::fail(format!("{e} (see --help)"), exit::USAGE);
     }
     common.init_logging();
-    let authkey = common.authkey().unwrap_or_else(|e| cli::fail(e, 2));
-    match run(&flags, authkey) {
-        Ok(()) => println!("Master exit."),
-        Err(e) => cli::fail(e, 1),
+    let status = if flags.input.is_some() {
+        // Stdout carries the results and stderr the progress: the hosted server's
+        // connection chatter (info) only with -v, every request (debug) with -vv.
+        match common.verbosity() {
+            0 => distq::log::set_level(distq::log::Level::Warn),
+            1 => distq::log::set_level(distq::log::Level::Info),
+            _ => {}
+        }
+        let authkey = match common.authkey() {
+            Ok(key) => key,
+            Err(_) if serves_only_itself(&flags) => random_key(),
+            Err(e) => cli::fail(e, exit::USAGE),
+        };
+        warn_if_key_exposed(&common, &flags);
+        run_lines(&flags, authkey, common.verbosity())
+    } else {
+        let authkey = common
+            .authkey()
+            .unwrap_or_else(|e| cli::fail(e, exit::USAGE));
+        warn_if_key_exposed(&common, &flags);
+        run_classic(&flags, authkey)
+    };
+    std::process::exit(status)
+}
+
+/// Combinations that cannot mean anything, refused before anything starts.
+fn check(flags: &Flags) -> Result<(), lexopt::Error> {
+    let line_only = [
+        ("--output", flags.output.is_some()),
+        ("--ordered", flags.ordered),
+        ("--deadline", flags.deadline.is_some()),
+        ("a command (--exec or --)", flags.command.is_some()),
+    ];
+    if flags.input.is_none() {
+        if let Some((name, _)) = line_only.iter().find(|(_, set)| *set) {
+            return Err(format!("{name} only applies with --input").into());
+        }
+    } else if flags.tasks.is_some() {
+        return Err("--tasks and --input exclude each other: the input decides the tasks".into());
+    }
+    if flags.command.is_none() && !flags.worker_flags.is_empty() {
+        return Err(format!("{} only applies with a command", flags.worker_flags[0]).into());
+    }
+    if flags.input.is_some()
+        && flags.local_workers.is_some_and(|k| k > 0)
+        && flags.command.is_none()
+    {
+        return Err(
+            "--local-workers with --input needs a command to run (--exec CMD or -- PROG ARGS)"
+                .into(),
+        );
+    }
+    if flags.command.is_some() && flags.local_workers == Some(0) {
+        return Err("a command runs on local workers; --local-workers 0 leaves none (remote workers take --exec themselves)".into());
+    }
+    Ok(())
+}
+
+/// `-- gzip -9 {}` as a script for `sh -c`: every word single-quoted, `{}` (inside any
+/// word) replaced by `"$1"`, or `"$1"` appended if no word has one.
+fn shell_command(words: &[OsString]) -> Result<String, lexopt::Error> {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut placed = false;
+    let mut script = Vec::new();
+    for word in words {
+        let word = word
+            .to_str()
+            .ok_or_else(|| format!("the command word {word:?} is not UTF-8"))?;
+        let pieces: Vec<String> = word.split("{}").map(quote).collect();
+        placed |= pieces.len() > 1;
+        script.push(pieces.join("\"$1\""));
+    }
+    if !placed {
+        script.push("\"$1\"".into());
+    }
+    Ok(script.join(" "))
+}
+
+/// A hosted server on the default loopback address, reached only by our own workers.
+fn serves_only_itself(flags: &Flags) -> bool {
+    flags.command.is_some() && flags.bind.is_none() && flags.connect.is_none()
+}
+
+fn random_key() -> AuthKey {
+    let bytes: [u8; 16] = rand::rngs::OsRng.gen();
+    AuthKey::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn warn_if_key_exposed(common: &CommonFlags, flags: &Flags) {
+    match &flags.connect {
+        Some(addr) => common.warn_if_key_exposed(addr),
+        None => common.warn_if_key_exposed(&bind_addr(flags)),
     }
 }
 
-fn run(flags: &Flags, authkey: AuthKey) -> distq::Result<()> {
-    // Host the server unless told to use an existing one.
-    let (running, addr) = match &flags.connect {
-        Some(addr) => (None, addr.clone()),
-        None => {
-            let server = Server::bind(flags.bind.as_str(), ServerConfig::new(authkey.clone()))?;
-            println!("Listening on {}", server.local_addr());
-            let addr = loopback(server.local_addr());
-            (Some(server.spawn()?), addr.to_string())
-        }
-    };
-    let manager = Manager::connect(addr.as_str(), authkey.clone())?;
-    let tasks = manager.queue("get_task_queue")?;
-    let results = manager.queue("get_result_queue")?;
+fn bind_addr(flags: &Flags) -> String {
+    match &flags.bind {
+        Some(bind) => bind.clone(),
+        None if flags.command.is_some() => "127.0.0.1:0".into(),
+        None => "0.0.0.0:5000".into(),
+    }
+}
 
-    let mut workers = spawn_workers(flags.local_workers, &addr, &authkey)?;
-    for _ in 0..flags.tasks {
+/// The server the master talks to: hosted (and shut down at the end) or `--connect`ed.
+struct Session {
+    hosted: Option<RunningServer>,
+    addr: String,
+    manager: Manager,
+}
+
+impl Session {
+    fn open(flags: &Flags, authkey: &AuthKey, announce: bool) -> distq::Result<Session> {
+        let (hosted, addr) = match &flags.connect {
+            Some(addr) => (None, addr.clone()),
+            None => {
+                let server = Server::bind(
+                    bind_addr(flags).as_str(),
+                    ServerConfig::new(authkey.clone()),
+                )?;
+                if announce {
+                    println!("Listening on {}", server.local_addr());
+                }
+                let addr = loopback(server.local_addr());
+                (Some(server.spawn()?), addr.to_string())
+            }
+        };
+        let manager = Manager::connect(addr.as_str(), authkey.clone())?;
+        Ok(Session {
+            hosted,
+            addr,
+            manager,
+        })
+    }
+
+    /// Shuts a hosted server down (after the queue proxies are dropped).
+    fn close(self) -> distq::Result<()> {
+        if let Some(running) = self.hosted {
+            self.manager.shutdown()?;
+            running.join()?;
+        }
+        Ok(())
+    }
+}
+
+fn run_classic(flags: &Flags, authkey: AuthKey) -> i32 {
+    let result = (|| {
+        let session = Session::open(flags, &authkey, true).map_err(failed)?;
+        let tasks = session.manager.queue("get_task_queue").map_err(failed)?;
+        let results = session.manager.queue("get_result_queue").map_err(failed)?;
+        let workers = Workers::spawn(
+            flags.local_workers.unwrap_or(0),
+            &session.addr,
+            &authkey,
+            &[],
+        )
+        .map_err(failed)?;
+        let outcome = classic(flags, &tasks, &results);
+        drop((workers, tasks, results));
+        session.close().map_err(failed)?;
+        outcome
+    })();
+    match result {
+        Ok(()) => {
+            println!("Master exit.");
+            exit::OK
+        }
+        Err((e, status)) => {
+            eprintln!("error: {e}");
+            status
+        }
+    }
+}
+
+/// An error and the exit status it calls for.
+type Failure = (Error, i32);
+
+fn failed(e: Error) -> Failure {
+    let status = cli::status_for(&e);
+    (e, status)
+}
+
+fn classic(flags: &Flags, tasks: &QueueProxy, results: &QueueProxy) -> Result<(), Failure> {
+    let total = flags.tasks.unwrap_or(10);
+    let result_timeout = flags.result_timeout.unwrap_or(Duration::from_secs(10));
+    for _ in 0..total {
         let n: i64 = rand::rngs::OsRng.gen_range(0..=10_000);
         println!("Put task {n}...");
-        tasks.put(Value::from(n))?;
+        tasks.put(Value::from(n)).map_err(failed)?;
     }
     println!("Try getting results...");
-    let mut received = 0;
-    let mut outcome = Ok(());
-    while received < flags.tasks {
-        match results.get(flags.result_timeout) {
-            Ok(r) => {
-                received += 1;
-                println!(
-                    "Result: {}",
-                    r.as_str().map_or_else(|| r.to_string(), str::to_string)
-                );
-            }
+    for received in 0..total {
+        match results.get(result_timeout) {
+            Ok(r) => println!(
+                "Result: {}",
+                r.as_str().map_or_else(|| r.to_string(), str::to_string)
+            ),
             Err(Error::Empty) => {
-                outcome = Err(Error::Protocol(format!(
-                    "only {received} of {} results arrived; none came for {:?} (are workers running? see --result-timeout)",
-                    flags.tasks, flags.result_timeout
-                )));
-                break;
+                let e = Error::Protocol(format!(
+                    "only {received} of {total} results arrived; none came for {result_timeout:?} (are workers running? see --result-timeout)"
+                ));
+                return Err((e, exit::MISSING));
             }
-            Err(e) => {
-                outcome = Err(e);
-                break;
-            }
+            Err(e) => return Err(failed(e)),
         }
     }
-    for w in &mut workers {
-        let _ = w.kill();
-        let _ = w.wait();
+    Ok(())
+}
+
+fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
+    let input = flags.input.as_deref().unwrap_or("-");
+    let lines = match read_lines(input) {
+        Ok(lines) => lines,
+        Err(e) => cli::fail(format!("cannot read {input}: {e}"), exit::FAILURE),
+    };
+    let output: Box<dyn Write> = match flags.output.as_deref().unwrap_or("-") {
+        "-" => Box::new(std::io::stdout().lock()),
+        path => match std::fs::File::create(path) {
+            Ok(f) => Box::new(f),
+            Err(e) => cli::fail(format!("cannot write {path}: {e}"), exit::FAILURE),
+        },
+    };
+    let result = (|| {
+        let session = Session::open(flags, &authkey, false)?;
+        let tasks = session.manager.queue("get_task_queue")?;
+        let results = session.manager.queue("get_result_queue")?;
+        let mut workers = match &flags.command {
+            Some(command) => {
+                let k = flags.local_workers.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+                });
+                let mut args = vec!["--exec".to_string(), command.clone()];
+                args.extend(flags.worker_flags.iter().cloned());
+                Workers::spawn(k, &session.addr, &authkey, &args)?
+            }
+            None => Workers::spawn(0, &session.addr, &authkey, &[])?,
+        };
+        // Batches keep the round trips few; put_many on an unbounded queue never blocks.
+        let mut ids = 0u64..;
+        for chunk in lines.chunks(1000) {
+            let batch = chunk
+                .iter()
+                .zip(&mut ids)
+                .map(|(line, id)| text::envelope(id, Value::from(line.as_str())))
+                .collect();
+            tasks.put_many(batch, None)?;
+        }
+        let mut collector = Collector::new(lines.len(), flags.ordered, BufWriter::new(output));
+        let mut progress = Progress::new(lines.len(), flags.progress_every, verbosity >= 0);
+        let stopped = collector.collect(flags, &results, &mut workers, &mut progress);
+        progress.finish();
+        collector.finish();
+        drop((workers, tasks, results));
+        session.close()?;
+        stopped.map(|why| (collector, why))
+    })();
+    let (collector, why) = match result {
+        Ok(done) => done,
+        Err(e) => cli::fail(&e, cli::status_for(&e)),
+    };
+    let Collector {
+        total,
+        done,
+        failed,
+        seen,
+        start,
+        ..
+    } = collector;
+    let missing = total - done - failed;
+    if verbosity > -2 {
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{total} tasks: {done} done, {failed} failed, {missing} missing in {secs:.1}s ({:.1} tasks/s)",
+            (done + failed) as f64 / secs.max(1e-9)
+        );
+        if let Some(why) = why {
+            eprintln!("stopped waiting: {why}");
+        }
+        let unseen = seen.iter().enumerate().filter(|(_, s)| !**s);
+        for (id, _) in unseen.take(if missing > 0 { 10 } else { 0 }) {
+            eprintln!("missing: {}", lines[id]);
+        }
     }
-    if let Some(running) = running {
-        manager.shutdown()?;
-        drop((tasks, results));
-        running.join()?;
+    if missing > 0 {
+        exit::MISSING
+    } else if failed > 0 {
+        exit::TASKS_FAILED
+    } else {
+        exit::OK
     }
-    outcome
+}
+
+/// The input's lines: `\n`-separated, a trailing `\r` dropped, blank lines skipped.
+/// Bytes that are not UTF-8 (a file name, say) become U+FFFD: a task is a str.
+fn read_lines(path: &str) -> std::io::Result<Vec<String>> {
+    let mut bytes = Vec::new();
+    if path == "-" {
+        std::io::stdin().lock().read_to_end(&mut bytes)?;
+    } else {
+        bytes = std::fs::read(path)?;
+    }
+    Ok(bytes
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect())
+}
+
+/// Results as they arrive: matched to their lines by id, counted, written out.
+struct Collector {
+    total: usize,
+    done: usize,
+    failed: usize,
+    /// Which ids have a result (a redelivered task can produce two).
+    seen: Vec<bool>,
+    /// Results waiting for an earlier line's result (`--ordered`), by id.
+    pending: BTreeMap<usize, String>,
+    next: usize,
+    ordered: bool,
+    out: BufWriter<Box<dyn Write>>,
+    start: Instant,
+}
+
+impl Collector {
+    fn new(total: usize, ordered: bool, out: BufWriter<Box<dyn Write>>) -> Collector {
+        Collector {
+            total,
+            done: 0,
+            failed: 0,
+            seen: vec![false; total],
+            pending: BTreeMap::new(),
+            next: 0,
+            ordered,
+            out,
+            start: Instant::now(),
+        }
+    }
+
+    /// Collects until every line has a result or a reason to stop (returned).
+    fn collect(
+        &mut self,
+        flags: &Flags,
+        results: &QueueProxy,
+        workers: &mut Workers,
+        progress: &mut Progress,
+    ) -> distq::Result<Option<String>> {
+        let mut last_result = Instant::now();
+        while self.done + self.failed < self.total {
+            progress.update(self.done, self.failed);
+            let mut wait = Duration::from_millis(200);
+            if let Some(deadline) = flags.deadline {
+                let left = deadline.saturating_sub(self.start.elapsed());
+                if left.is_zero() {
+                    return Ok(Some(format!("the --deadline of {deadline:?} passed")));
+                }
+                wait = wait.min(left);
+            }
+            if let Some(limit) = flags.result_timeout {
+                if last_result.elapsed() >= limit {
+                    return Ok(Some(format!("no result for --result-timeout {limit:?}")));
+                }
+            }
+            if workers.all_exited() {
+                return Ok(Some("every local worker exited".into()));
+            }
+            match results.get_many(1000, wait) {
+                Ok(items) => {
+                    last_result = Instant::now();
+                    for item in items {
+                        self.take(&item);
+                    }
+                    self.out
+                        .flush()
+                        .map_err(|e| Error::io("writing results", e))?;
+                }
+                Err(Error::Empty) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        progress.update(self.done, self.failed);
+        Ok(None)
+    }
+
+    /// Counts and writes one result. Results without a valid id (a worker that does
+    /// not echo ids) count and are written at once, even with `--ordered`.
+    fn take(&mut self, item: &Value) {
+        let id = text::field(item, text::ID)
+            .and_then(Value::as_int)
+            .and_then(|id| usize::try_from(id).ok())
+            .filter(|id| *id < self.total);
+        if let Some(id) = id {
+            if std::mem::replace(&mut self.seen[id], true) {
+                return; // a duplicate after a redelivery: the first result stands
+            }
+        }
+        // A result is a failure if it is a record whose status is not "ok".
+        match text::field(item, "status") {
+            Some(status) if status.as_str() != Some("ok") => self.failed += 1,
+            _ => self.done += 1,
+        }
+        let line = text::text_form(item);
+        match id {
+            Some(id) if self.ordered => {
+                self.pending.insert(id, line);
+                while let Some(line) = self.pending.remove(&self.next) {
+                    self.write(&line);
+                    self.next += 1;
+                }
+            }
+            _ => self.write(&line),
+        }
+    }
+
+    fn write(&mut self, line: &str) {
+        // A closed stdout (`| head`) must not stop the collection: results still count.
+        let _ = writeln!(self.out, "{line}");
+    }
+
+    /// Writes what `--ordered` still holds (their predecessors are missing), in order.
+    fn finish(&mut self) {
+        for line in std::mem::take(&mut self.pending).into_values() {
+            self.write(&line);
+        }
+        let _ = self.out.flush();
+    }
 }
 
 /// The address our own clients and workers use for a hosted server: a wildcard bind
@@ -150,22 +593,50 @@ fn loopback(mut addr: SocketAddr) -> SocketAddr {
     addr
 }
 
-/// Starts `k` `distq-worker` processes (from the directory of this executable), handing
-/// them the key through the environment so it never shows in `ps`.
-fn spawn_workers(k: u32, addr: &str, authkey: &AuthKey) -> distq::Result<Vec<Child>> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::io("finding distq-master's own path", e))?
-        .with_file_name("distq-worker");
-    (0..k)
-        .map(|_| {
-            Command::new(&exe)
-                .args(["--connect", addr, "--forever", "-q"])
+/// Local `distq-worker` processes, killed when dropped (on every path out of the
+/// master, errors included).
+struct Workers(Vec<Child>);
+
+impl Workers {
+    /// Starts `k` workers (from the directory of this executable) with `extra` flags,
+    /// handing them the key through the environment so it never shows in `ps`. Command
+    /// workers write nothing to stdout (it carries the results) and give up at once if
+    /// the master goes away.
+    fn spawn(k: u32, addr: &str, authkey: &AuthKey, extra: &[String]) -> distq::Result<Workers> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::io("finding distq-master's own path", e))?
+            .with_file_name("distq-worker");
+        let mut workers = Workers(Vec::new());
+        for _ in 0..k {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--connect", addr, "--forever", "-q"])
+                .args(extra)
                 .env(
                     "DISTQ_AUTHKEY",
                     std::ffi::OsStr::from_bytes(authkey.as_bytes()),
-                )
+                );
+            if !extra.is_empty() {
+                cmd.args(["--reconnect-for", "0"]).stdout(Stdio::null());
+            }
+            let child = cmd
                 .spawn()
-                .map_err(|e| Error::io(format!("starting {}", exe.display()), e))
-        })
-        .collect()
+                .map_err(|e| Error::io(format!("starting {}", exe.display()), e))?;
+            workers.0.push(child);
+        }
+        Ok(workers)
+    }
+
+    /// Whether there were local workers and none is left (they cannot finish the job).
+    fn all_exited(&mut self) -> bool {
+        !self.0.is_empty() && self.0.iter_mut().all(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &mut self.0 {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! `distq-server`: a standalone queue server, compatible with Python's managers.
 
-use distq::cli::{self, CommonFlags};
+use distq::cli::{self, exit, CommonFlags};
 use distq::journal::JournalConfig;
 use distq::{Server, ServerConfig};
 use lexopt::ValueExt;
@@ -41,8 +41,9 @@ EXAMPLES:
     DISTQ_AUTHKEY=abc distq-server --bind 127.0.0.1:5000 --queue jobs:1000
     distq-server --authkey-file /etc/distq/key --bind 0.0.0.0:5000
 
-The server runs until a client calls shutdown() (e.g. `distq-master --connect`'s owner, or
-Python's manager.shutdown()).
+The server runs until a client calls shutdown() (e.g. Python's manager.shutdown()).
+`distq-stat HOST:PORT` shows its queues; Python clients can call q.stats() on any queue.
+Exit status: 0 after a shutdown; 1 cannot listen; 2 bad usage.
 ";
 
 fn main() {
@@ -85,10 +86,13 @@ fn main() {
         Ok(())
     })();
     if let Err(e) = parsed {
-        cli::fail(format!("{e} (see --help)"), 2);
+        cli::fail(format!("{e} (see --help)"), exit::USAGE);
     }
     common.init_logging();
-    config.authkey = common.authkey().unwrap_or_else(|e| cli::fail(e, 2));
+    config.authkey = common
+        .authkey()
+        .unwrap_or_else(|e| cli::fail(e, exit::USAGE));
+    common.warn_if_key_exposed(&bind);
     config.journal = match journal {
         JournalFlags {
             dir: Some(dir),
@@ -110,17 +114,18 @@ fn main() {
         } => None,
         _ => cli::fail(
             "--fsync, --journal-repair and --compact-min need --journal DIR",
-            2,
+            exit::USAGE,
         ),
     };
-    let server = Server::bind(bind.as_str(), config).unwrap_or_else(|e| cli::fail(e, 1));
+    let server =
+        Server::bind(bind.as_str(), config).unwrap_or_else(|e| cli::fail(e, exit::FAILURE));
     for (name, max) in &queues {
         if let Err(e) = server.queues().declare(name, *max) {
-            cli::fail(e, 1);
+            cli::fail(e, exit::FAILURE);
         }
     }
     if let Err(e) = server.run() {
-        cli::fail(e, 1);
+        cli::fail(e, exit::FAILURE);
     }
 }
 

@@ -1,20 +1,26 @@
-//! `distq-worker`: the Rust twin of the classic `task_worker.py`.
+//! `distq-worker`: the Rust twin of the classic `task_worker.py`, and with `--exec` a
+//! worker that runs a shell command for each task.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use distq::cli::{self, CommonFlags};
-use distq::{ClientConfig, Error, Manager, Value};
+use distq::exec::{self, ExecConfig};
+use distq::{text, ClientConfig, Error, Manager, QueueProxy, Value};
 use lexopt::ValueExt;
 
 const HELP: &str = "\
-distq-worker: take tasks from a distq or Python manager, square them, put results back
+distq-worker: take tasks from a distq or Python manager and put results back
 
 USAGE:
-    distq-worker [OPTIONS]
+    distq-worker [OPTIONS]                  square int tasks (the classic demo)
+    distq-worker --exec 'CMD' [OPTIONS]     run CMD for each task
 
 OPTIONS:
     --connect HOST:PORT   server address [default: 127.0.0.1:5000]
-    --tasks N             rounds of get(timeout) to run [default: 10]
+    --tasks N             rounds of get(timeout) to run [default: 10; with --exec: forever]
     --forever             keep taking tasks until the server goes away
     --get-timeout SECS    how long each get waits for a task [default: 1]
     --sleep SECS          pretend each task takes this long [default: 0]
@@ -25,82 +31,205 @@ OPTIONS:
     -v, -q                more / less logging on stderr
     -h, --help            this text;  -V, --version
 
-EXAMPLE:
-    distq-worker --connect 192.168.1.10:5000 --authkey abc --forever
+COMMAND OPTIONS:
+    --exec CMD            run `sh -c CMD` per task: the task is $1 (a str as is, other
+                          values as JSON) and also on stdin; the result is a record
+                          {id, task, status, exit_code, signal, stdout, stderr,
+                          truncated, duration, attempts}
+    --concurrency N       run up to N tasks at once [default: 1]
+    --task-timeout SECS   stop a command after this long: SIGTERM to its process group,
+                          then SIGKILL after --kill-after [default: no limit]
+    --kill-after SECS     grace period between SIGTERM and SIGKILL [default: 5]
+    --retries N           give a failed task back (release) up to N more times before
+                          putting its failed record [default: 0]
+    --retry-delay SECS    how long a given-back task waits before it is retried [default: 1]
+    --max-output BYTES    keep this much of stdout and of stderr [default: 65536]
+
+EXAMPLES:
+    distq-worker --connect 192.168.1.10:5000 --authkey-file ~/.distq-key --forever
+    distq-worker --connect 127.0.0.1:5000 --exec 'gzip -9 \"$1\"' --concurrency 4
+    distq-worker --exec 'sendmail -t < \"$1\"' --retries 3 --task-timeout 60
 
 By default each task is taken with a lease (reserve), its result is put, and only then is
 the lease acked: a worker killed mid-task loses nothing, the task goes back to the queue.
 A task can therefore run twice if a worker dies after putting its result but before the
-ack. Against a server without leases (Python's BaseManager) the worker uses get/put.
+ack. Against a server without leases (Python's BaseManager) the worker uses get/put and
+retries a failed command in place.
+
+A failing command is a failed result, never a dead worker. Each command runs in its own
+process group (so a timeout stops everything it started); Ctrl-C on the worker does not
+reach it.
 ";
 
 struct Flags {
     connect: String,
-    rounds: Option<u64>,
+    /// `None`: forever; unset: the mode's default (10 rounds, or forever with --exec).
+    rounds: Option<Option<u64>>,
     get_timeout: Duration,
     sleep: Duration,
     reconnect_for: Duration,
     leases: bool,
+    exec: Option<ExecConfig>,
+    concurrency: usize,
+    retries: u32,
+    retry_delay: Duration,
 }
 
 fn main() {
     let mut common = CommonFlags::default();
     let mut flags = Flags {
         connect: "127.0.0.1:5000".into(),
-        rounds: Some(10),
+        rounds: None,
         get_timeout: Duration::from_secs(1),
         sleep: Duration::ZERO,
         reconnect_for: Duration::from_secs(300),
         leases: true,
+        exec: None,
+        concurrency: 1,
+        retries: 0,
+        retry_delay: Duration::from_secs(1),
     };
+    // Command options may come before --exec, so they are collected first.
+    let mut exec = ExecConfig::new("");
+    let mut command_flags: Vec<String> = Vec::new();
     let parsed: Result<(), lexopt::Error> = (|| {
         let mut parser = lexopt::Parser::from_env();
         while let Some(flag) = cli::next(&mut parser)? {
             if common.take(&flag, &mut parser, HELP)? {
                 continue;
             }
-            match flag.name().as_str() {
+            let name = flag.name();
+            match name.as_str() {
                 "--connect" => flags.connect = parser.value()?.string()?,
-                "--tasks" => flags.rounds = Some(parser.value()?.parse()?),
-                "--forever" => flags.rounds = None,
+                "--tasks" => flags.rounds = Some(Some(parser.value()?.parse()?)),
+                "--forever" => flags.rounds = Some(None),
                 "--get-timeout" => flags.get_timeout = cli::seconds(parser.value()?)?,
                 "--sleep" => flags.sleep = cli::seconds(parser.value()?)?,
                 "--reconnect-for" => flags.reconnect_for = cli::seconds(parser.value()?)?,
                 "--no-leases" => flags.leases = false,
+                "--exec" => exec.command = parser.value()?.string()?,
+                "--concurrency" | "--task-timeout" | "--kill-after" | "--retries"
+                | "--retry-delay" | "--max-output" => {
+                    let value = parser.value()?;
+                    match name.as_str() {
+                        "--concurrency" => flags.concurrency = value.parse()?,
+                        "--task-timeout" => exec.timeout = Some(cli::seconds(value)?),
+                        "--kill-after" => exec.grace = cli::seconds(value)?,
+                        "--retries" => flags.retries = value.parse()?,
+                        "--retry-delay" => flags.retry_delay = cli::seconds(value)?,
+                        _ => exec.max_output = value.parse()?,
+                    }
+                    command_flags.push(name);
+                }
                 _ => return Err(flag.unexpected()),
             }
+        }
+        if exec.command.is_empty() {
+            if let Some(first) = command_flags.first() {
+                return Err(format!("{first} only applies with --exec CMD").into());
+            }
+        } else {
+            flags.exec = Some(exec);
+        }
+        if flags.concurrency == 0 {
+            return Err("--concurrency must be at least 1".into());
         }
         Ok(())
     })();
     if let Err(e) = parsed {
-        cli::fail(format!("{e} (see --help)"), 2);
+        cli::fail(format!("{e} (see --help)"), cli::exit::USAGE);
     }
     common.init_logging();
-    let authkey = common.authkey().unwrap_or_else(|e| cli::fail(e, 2));
-    if let Err(e) = run(&flags, authkey) {
-        cli::fail(e, 1);
+    let authkey = common
+        .authkey()
+        .unwrap_or_else(|e| cli::fail(e, cli::exit::USAGE));
+    common.warn_if_key_exposed(&flags.connect);
+    let chatty = common.verbosity() >= 0;
+    if let Err(e) = run(&flags, authkey, chatty) {
+        cli::fail(&e, cli::status_for(&e));
     }
     println!("Worker exit.");
 }
 
-fn run(flags: &Flags, authkey: distq::AuthKey) -> distq::Result<()> {
+/// What every slot shares.
+struct Shared<'a> {
+    flags: &'a Flags,
+    manager: Manager,
+    leases: bool,
+    /// Rounds of get left (`u64::MAX`: forever).
+    rounds: AtomicU64,
+    /// Set when a slot fails, so the others stop at their next round.
+    stop: AtomicBool,
+    /// Failed attempts per task this worker released for a retry, by task key. Only
+    /// this worker's attempts are counted: with several workers a task may be tried up
+    /// to (retries + 1) times by each.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Print a line per task on stdout (not with -q).
+    chatty: bool,
+}
+
+fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()> {
     println!("Connecting to server {}...", flags.connect);
     let mut config = ClientConfig::default();
     config.reconnect_for = flags.reconnect_for;
     let manager = Manager::connect_with(flags.connect.as_str(), authkey, config)?;
-    let tasks = manager.queue("get_task_queue")?;
-    let results = manager.queue("get_result_queue")?;
-    let leases = flags.leases && tasks.exposes("reserve");
+    let leases = flags.leases && manager.queue("get_task_queue")?.exposes("reserve");
     if flags.leases && !leases {
         eprintln!(
             "note: the server has no leases (reserve/ack; e.g. Python's BaseManager): \
              using get/put, so a task this worker is running is lost if it dies"
         );
     }
-    let mut round = 0;
-    while flags.rounds.map_or(true, |n| round < n) {
-        round += 1;
-        let taken = if leases {
+    let default_rounds = if flags.exec.is_some() { None } else { Some(10) };
+    let shared = Shared {
+        flags,
+        manager,
+        leases,
+        rounds: AtomicU64::new(flags.rounds.unwrap_or(default_rounds).unwrap_or(u64::MAX)),
+        stop: AtomicBool::new(false),
+        failures: Mutex::new(HashMap::new()),
+        chatty,
+    };
+    std::thread::scope(|s| {
+        let slots: Vec<_> = (0..flags.concurrency)
+            .map(|_| s.spawn(|| slot(&shared)))
+            .collect();
+        slots
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Value("a worker slot panicked".into())))
+            })
+            .fold(Ok(()), Result::and)
+    })
+}
+
+/// One task at a time, on its own connections: leases belong to the connection that
+/// took them, and a blocked reserve must not hold up another slot's ack.
+fn slot(shared: &Shared) -> distq::Result<()> {
+    let result = slot_loop(shared);
+    if result.is_err() {
+        shared.stop.store(true, Ordering::SeqCst);
+    }
+    result
+}
+
+fn slot_loop(shared: &Shared) -> distq::Result<()> {
+    let tasks = shared.manager.queue("get_task_queue")?;
+    let results = shared.manager.queue("get_result_queue")?;
+    let take_round = || {
+        shared
+            .rounds
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                0 => None,
+                u64::MAX => Some(u64::MAX),
+                n => Some(n - 1),
+            })
+            .is_ok()
+    };
+    while !shared.stop.load(Ordering::SeqCst) && take_round() {
+        let flags = shared.flags;
+        let taken = if shared.leases {
             tasks
                 .reserve(flags.get_timeout)
                 .map(|(lease, task)| (Some(lease), task))
@@ -109,22 +238,89 @@ fn run(flags: &Flags, authkey: distq::AuthKey) -> distq::Result<()> {
         };
         match taken {
             Ok((lease, task)) => {
-                println!("Running task {task} * {task}...");
-                std::thread::sleep(flags.sleep);
-                results.put(square(&task))?;
-                if let Some(lease) = lease {
-                    if let Err(e) = tasks.ack(lease) {
-                        // The connection was lost and the task requeued: another worker
-                        // may run it again (at-least-once), which is safe to continue from.
-                        eprintln!("warning: could not ack task {task}: {e}");
+                let done = match &flags.exec {
+                    None => {
+                        println!("Running task {task} * {task}...");
+                        std::thread::sleep(flags.sleep);
+                        Some(square(&task))
+                    }
+                    Some(exec) => {
+                        std::thread::sleep(flags.sleep);
+                        run_command(shared, exec, &tasks, lease, &task)?
+                    }
+                };
+                if let Some(result) = done {
+                    results.put(result)?;
+                    if let Some(lease) = lease {
+                        if let Err(e) = tasks.ack(lease) {
+                            // The connection was lost and the task requeued: another
+                            // worker may run it again (at-least-once), which is safe to
+                            // continue from.
+                            eprintln!("warning: could not ack task {task}: {e}");
+                        }
                     }
                 }
             }
-            Err(Error::Empty) => println!("Task queue is empty."),
+            Err(Error::Empty) if flags.exec.is_none() => println!("Task queue is empty."),
+            Err(Error::Empty) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Runs the command for `item`. Returns the record to put, or `None` if the task was
+/// released for a retry.
+fn run_command(
+    shared: &Shared,
+    exec: &ExecConfig,
+    tasks: &QueueProxy,
+    lease: Option<u64>,
+    item: &Value,
+) -> distq::Result<Option<Value>> {
+    let flags = shared.flags;
+    let (id, task) = text::open_envelope(item);
+    let arg = text::text_form(task);
+    let key = id.map_or_else(|| item.to_string(), |id| format!("#{id}"));
+    let failures = || shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let mut attempts = failures().get(&key).copied().unwrap_or(0) + 1;
+    loop {
+        let outcome = exec::run(exec, &arg, format!("{arg}\n").as_bytes());
+        let retry = !outcome.succeeded() && attempts <= flags.retries;
+        if shared.chatty {
+            let then = if retry { "; will retry" } else { "" };
+            println!("Task {}: {}{then}", shorten(&arg), outcome.summary());
+        }
+        if !retry {
+            failures().remove(&key);
+            return Ok(Some(outcome.record(id, task, attempts)));
+        }
+        match lease {
+            // Given back to the queue, so that another worker (or this one, later)
+            // retries it after the delay; the lease is ended either way.
+            Some(lease) => {
+                failures().insert(key, attempts);
+                tasks.release(lease, Some(flags.retry_delay))?;
+                return Ok(None);
+            }
+            // Without leases, giving it back would mean a new put at the tail and no
+            // memory of the attempts: retry here instead.
+            None => {
+                std::thread::sleep(flags.retry_delay);
+                attempts += 1;
+            }
+        }
+    }
+}
+
+/// A task for a one-line log: at most 60 characters, on one line.
+fn shorten(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("");
+    let mut short: String = line.chars().take(60).collect();
+    if short.len() < text.len() {
+        short.push('…');
+    }
+    short
 }
 
 /// `"n * n = n²"`, computed in 128 bits so no 64-bit task can overflow.

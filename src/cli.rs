@@ -1,18 +1,52 @@
-//! What the three binaries share: where the authkey comes from, `--help`/`--version`,
-//! and turning errors into one clear line on stderr.
+//! What the binaries share: where the authkey comes from, `--help`/`--version`, the
+//! exit codes, the warning about a key on the command line, the progress line, and
+//! turning errors into one clear line on stderr.
 //!
 //! Kept in the library so each binary stays a flag parser plus a few library calls.
 
 use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::auth::AuthKey;
 use crate::log::{self, Level};
+use crate::Error;
+
+/// The exit statuses of every binary, so scripts can tell failures apart without
+/// parsing messages. Documented in `docs/cli.md`.
+pub mod exit {
+    /// Everything worked (for `distq-master`: every task has a successful result).
+    pub const OK: i32 = 0;
+    /// Any other failure (e.g. the port to listen on is taken, an unreadable input file).
+    pub const FAILURE: i32 = 1;
+    /// Bad usage: an unknown flag, a malformed value, no authkey.
+    pub const USAGE: i32 = 2;
+    /// The server refused our authkey (or we refused its).
+    pub const AUTH: i32 = 3;
+    /// The server could not be reached, or the connection was lost and not regained.
+    pub const CONNECTION: i32 = 4;
+    /// `distq-master`: some tasks have no result (deadline, result timeout, workers gone).
+    pub const MISSING: i32 = 5;
+    /// `distq-master`: every task has a result, but some of them are failures.
+    pub const TASKS_FAILED: i32 = 6;
+}
+
+/// The exit status for a client-side error: authentication and connection problems
+/// get their own codes, anything else is [`exit::FAILURE`].
+pub fn status_for(e: &Error) -> i32 {
+    match e {
+        Error::AuthFailed(_) => exit::AUTH,
+        Error::Io { .. } | Error::Closed | Error::Timeout(_) => exit::CONNECTION,
+        _ => exit::FAILURE,
+    }
+}
 
 /// The flags every binary accepts besides its own.
 #[derive(Debug, Default)]
 pub struct CommonFlags {
+    /// `--authkey KEY`: on the command line, hence visible to every user in `ps`.
     authkey: Option<OsString>,
     authkey_file: Option<PathBuf>,
     verbosity: i8,
@@ -84,6 +118,35 @@ impl CommonFlags {
         Ok(true)
     }
 
+    /// `-v` count minus `-q` count: 0 by default, negative when asked to be quiet.
+    pub fn verbosity(&self) -> i8 {
+        self.verbosity
+    }
+
+    /// Warns (once, on stderr) when the key came from `--authkey` and `addr` is not a
+    /// loopback address: anyone on this machine can read it with `ps`, and a server
+    /// reachable from the network makes that key worth stealing. Loopback-only setups
+    /// (tests, a classroom laptop) stay quiet.
+    pub fn warn_if_key_exposed(&self, addr: &str) {
+        if self.authkey.is_none() {
+            return;
+        }
+        let exposed = match addr.to_socket_addrs() {
+            Ok(mut addrs) => addrs.any(|a| !a.ip().is_loopback()),
+            Err(_) => true,
+        };
+        if exposed {
+            log::write(
+                Level::Warn,
+                format_args!(
+                    "--authkey is visible to every user of this machine (ps); \
+                     with {addr} reachable from the network, prefer --authkey-file PATH \
+                     or the DISTQ_AUTHKEY environment variable"
+                ),
+            );
+        }
+    }
+
     /// Applies `-v`/`-q` to the library's logger.
     pub fn init_logging(&self) {
         log::set_level(match self.verbosity {
@@ -132,8 +195,125 @@ pub fn seconds(value: OsString) -> Result<Duration, lexopt::Error> {
         .ok_or_else(|| format!("{text:?} is not a number of seconds").into())
 }
 
-/// Prints `error: msg` and exits with status 2 (bad usage) or 1 (failure).
+/// Prints `error: msg` and exits with `status` (one of [`exit`]).
 pub fn fail(msg: impl std::fmt::Display, status: i32) -> ! {
     eprintln!("error: {msg}");
     std::process::exit(status)
+}
+
+/// A progress report on stderr for a known number of tasks.
+///
+/// On a terminal it is one line rewritten in place (`\r`, at most every 0.2 s) so it
+/// never scrolls the results away; elsewhere (a log file, CI) it is a plain line every
+/// `every`, because carriage returns make logs unreadable.
+#[derive(Debug)]
+pub struct Progress {
+    total: usize,
+    start: Instant,
+    last: Option<Instant>,
+    tty: bool,
+    every: Duration,
+    enabled: bool,
+}
+
+impl Progress {
+    /// A report for `total` tasks; `enabled: false` (for `-q`) makes every call a no-op.
+    pub fn new(total: usize, every: Duration, enabled: bool) -> Progress {
+        let tty = std::io::stderr().is_terminal();
+        Progress {
+            total,
+            start: Instant::now(),
+            last: None,
+            tty,
+            every: if tty {
+                Duration::from_millis(200)
+            } else {
+                every
+            },
+            enabled,
+        }
+    }
+
+    /// Reports `done` successes and `failed` failures if the last report is old enough.
+    pub fn update(&mut self, done: usize, failed: usize) {
+        let now = Instant::now();
+        if !self.enabled || self.last.is_some_and(|t| now - t < self.every) {
+            return;
+        }
+        self.last = Some(now);
+        let line = progress_line(done, failed, self.total, self.start.elapsed());
+        let mut err = std::io::stderr().lock();
+        let _ = if self.tty {
+            // \x1b[K clears what a longer previous line left behind.
+            write!(err, "\r{line}\x1b[K")
+        } else {
+            writeln!(err, "progress: {line}")
+        };
+        let _ = err.flush();
+    }
+
+    /// Ends the in-place line so that what follows starts on a fresh line.
+    pub fn finish(&mut self) {
+        if self.enabled && self.tty && self.last.is_some() {
+            eprintln!();
+        }
+    }
+}
+
+/// `12/100 done, 1 failed, 3.4/s, ETA 26s`: results so far, the rate since the start,
+/// and the time left at that rate (unknown until the first result).
+pub fn progress_line(done: usize, failed: usize, total: usize, elapsed: Duration) -> String {
+    let finished = done + failed;
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 {
+        finished as f64 / secs
+    } else {
+        0.0
+    };
+    let eta = if finished == 0 || rate <= 0.0 {
+        "ETA ?".to_string()
+    } else {
+        let left = total.saturating_sub(finished) as f64 / rate;
+        format!("ETA {}", human_duration(Duration::from_secs_f64(left)))
+    };
+    format!("{finished}/{total} done, {failed} failed, {rate:.1}/s, {eta}")
+}
+
+/// `850ms`, `42s`, `3m05s`, `2h07m`: short enough for a status line.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_show_rate_and_eta() {
+        assert_eq!(
+            progress_line(0, 0, 10, Duration::from_secs(1)),
+            "0/10 done, 0 failed, 0.0/s, ETA ?"
+        );
+        assert_eq!(
+            progress_line(4, 1, 10, Duration::from_secs(2)),
+            "5/10 done, 1 failed, 2.5/s, ETA 2s"
+        );
+        assert_eq!(human_duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(human_duration(Duration::from_secs(185)), "3m05s");
+        assert_eq!(human_duration(Duration::from_secs(7620)), "2h07m");
+    }
+
+    #[test]
+    fn errors_map_to_distinct_exit_codes() {
+        assert_eq!(status_for(&Error::AuthFailed("x".into())), exit::AUTH);
+        assert_eq!(status_for(&Error::Closed), exit::CONNECTION);
+        assert_eq!(status_for(&Error::Timeout("t")), exit::CONNECTION);
+        assert_eq!(status_for(&Error::Protocol("p".into())), exit::FAILURE);
+    }
 }

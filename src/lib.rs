@@ -40,6 +40,7 @@ pub mod client;
 pub mod conn;
 pub mod dispatch;
 pub mod error;
+pub mod exec;
 pub mod frame;
 pub mod journal;
 pub mod log;
@@ -47,6 +48,7 @@ pub mod pickle;
 pub mod protocol;
 pub mod queues;
 pub mod server;
+pub mod text;
 
 pub use auth::AuthKey;
 pub use client::{ClientConfig, Manager, QueueProxy};

@@ -118,7 +118,7 @@ fn master_without_workers_fails_clearly() {
         .spawn()
         .unwrap();
     let out = wait_with_deadline(child, Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5), "missing results");
     let err = text(&out.stderr);
     assert!(err.contains("only 0 of 3 results"), "{err}");
 }
@@ -188,7 +188,7 @@ fn port_in_use_and_unreachable_server_are_one_clear_line() {
         .args(["--connect", &addr, "--authkey", KEY])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "connection failure");
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(

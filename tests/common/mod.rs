@@ -33,6 +33,7 @@ pub fn bin(name: &str) -> Command {
         "distq-master" => env!("CARGO_BIN_EXE_distq-master"),
         "distq-worker" => env!("CARGO_BIN_EXE_distq-worker"),
         "distq-server" => env!("CARGO_BIN_EXE_distq-server"),
+        "distq-stat" => env!("CARGO_BIN_EXE_distq-stat"),
         other => panic!("unknown binary {other}"),
     };
     let mut cmd = Command::new(path);
