@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use distq::cli::{self, exit, CommonFlags, Progress};
+use distq::journal::{Fsync, JournalConfig};
 use distq::Value;
 use distq::{text, AuthKey, Error, Manager, QueueProxy, RunningServer, Server, ServerConfig};
 use lexopt::ValueExt;
@@ -32,6 +33,11 @@ OPTIONS:
     --result-timeout SECS   give up when no result arrives for this long
                             [default: 10; with --input: never]
     --local-workers K       also run K distq-worker processes against this master
+    --journal DIR           keep the hosted server's queues in a journal in DIR (see
+                            distq-server --help), so a restarted master picks up where
+                            it left off
+    --fsync POLICY          the journal's sync policy: always | every=MS | never
+                            [default: every=50ms]
     --authkey KEY           shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH     read the shared secret from a file (or set DISTQ_AUTHKEY)
     -v, -q                  more / less logging on stderr (-q also hides the progress)
@@ -93,6 +99,7 @@ struct Flags {
     command: Option<String>,
     worker_flags: Vec<String>,
     progress_every: Duration,
+    journal: Option<JournalConfig>,
 }
 
 fn main() {
@@ -110,6 +117,7 @@ fn main() {
         command: None,
         worker_flags: Vec::new(),
         progress_every: Duration::from_secs(5),
+        journal: None,
     };
     let parsed: Result<(), lexopt::Error> = (|| {
         let mut parser = lexopt::Parser::from_env();
@@ -131,6 +139,22 @@ fn main() {
                 "--deadline" => flags.deadline = Some(cli::seconds(parser.value()?)?),
                 "--exec" => flags.command = Some(parser.value()?.string()?),
                 "--progress-every" => flags.progress_every = cli::seconds(parser.value()?)?,
+                "--journal" => {
+                    let dir: std::path::PathBuf = parser.value()?.into();
+                    let fsync = flags.journal.take().map(|j| j.fsync);
+                    let mut jc = JournalConfig::new(dir);
+                    jc.fsync = fsync.unwrap_or(jc.fsync);
+                    flags.journal = Some(jc);
+                }
+                "--fsync" => {
+                    let fsync = Fsync::parse(&parser.value()?.string()?)?;
+                    let mut jc = flags
+                        .journal
+                        .take()
+                        .unwrap_or_else(|| JournalConfig::new(""));
+                    jc.fsync = fsync;
+                    flags.journal = Some(jc);
+                }
                 n if WORKER_FLAGS.contains(&n) => {
                     let value = parser.value()?.string()?;
                     flags.worker_flags.extend([name, value]);
@@ -193,6 +217,13 @@ fn check(flags: &Flags) -> Result<(), lexopt::Error> {
         }
     } else if flags.tasks.is_some() {
         return Err("--tasks and --input exclude each other: the input decides the tasks".into());
+    }
+    match &flags.journal {
+        Some(_) if flags.connect.is_some() => {
+            return Err("--journal applies to a hosted server, not with --connect".into())
+        }
+        Some(j) if j.dir.as_os_str().is_empty() => return Err("--fsync needs --journal DIR".into()),
+        _ => {}
     }
     if flags.command.is_none() && !flags.worker_flags.is_empty() {
         return Err(format!("{} only applies with a command", flags.worker_flags[0]).into());
@@ -269,10 +300,9 @@ impl Session {
         let (hosted, addr) = match &flags.connect {
             Some(addr) => (None, addr.clone()),
             None => {
-                let server = Server::bind(
-                    bind_addr(flags).as_str(),
-                    ServerConfig::new(authkey.clone()),
-                )?;
+                let mut config = ServerConfig::new(authkey.clone());
+                config.journal = flags.journal.clone();
+                let server = Server::bind(bind_addr(flags).as_str(), config)?;
                 if announce {
                     println!("Listening on {}", server.local_addr());
                 }

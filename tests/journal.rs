@@ -303,3 +303,33 @@ fn a_corrupt_journal_refuses_to_start_unless_repaired() {
     kill9(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A master hosting its server with `--journal` leaves unfinished tasks in the journal,
+/// and a server started on the same directory serves them.
+#[test]
+fn a_hosting_master_keeps_its_tasks_in_the_journal() {
+    let dir = tmpdir("master");
+    let out = bin("distq-master")
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--tasks",
+            "3",
+            "--result-timeout",
+            "0.3",
+        ])
+        .args(["--authkey", KEY, "--journal"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let (server, addr) = start(&dir, "127.0.0.1:0", &[]);
+    let tasks = connect(addr).queue("get_task_queue").unwrap();
+    assert_eq!(
+        tasks.qsize().unwrap(),
+        3,
+        "the unworked tasks survived the master"
+    );
+    kill9(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
