@@ -15,7 +15,7 @@ use crate::log::{self, Level};
 use crate::Error;
 
 /// The exit statuses of every binary, so scripts can tell failures apart without
-/// parsing messages. Documented in `docs/cli.md`.
+/// parsing messages. Documented in the README ("Exit codes").
 pub mod exit {
     /// Everything worked (for `distq-master`: every task has a successful result).
     pub const OK: i32 = 0;
