@@ -959,46 +959,23 @@ mod tests {
     /// The records of a small history, and the ready items after each prefix.
     fn history() -> (Vec<Vec<u8>>, Vec<Vec<u64>>) {
         let items: Vec<Fragment> = (0..6).map(|i| frag(format!("item {i}"))).collect();
+        let put = |id: u64, front: bool| Record::Put {
+            qnum: 0,
+            front,
+            id,
+            deliveries: 0,
+            item: &items[id as usize],
+        };
         let recs = vec![
             Record::Declare { qnum: 0, name: "q" },
-            Record::Put {
-                qnum: 0,
-                front: false,
-                id: 1,
-                deliveries: 0,
-                item: &items[1],
-            },
-            Record::Put {
-                qnum: 0,
-                front: false,
-                id: 2,
-                deliveries: 0,
-                item: &items[2],
-            },
+            put(1, false),
+            put(2, false),
             Record::Take { qnum: 0, id: 1 },
-            Record::Put {
-                qnum: 0,
-                front: false,
-                id: 3,
-                deliveries: 0,
-                item: &items[3],
-            },
+            put(3, false),
             Record::Reserve { qnum: 0, id: 2 },
-            Record::Put {
-                qnum: 0,
-                front: true,
-                id: 4,
-                deliveries: 0,
-                item: &items[4],
-            },
+            put(4, true),
             Record::Ack { qnum: 0, id: 2 },
-            Record::Put {
-                qnum: 0,
-                front: false,
-                id: 5,
-                deliveries: 0,
-                item: &items[5],
-            },
+            put(5, false),
         ];
         let encoded: Vec<Vec<u8>> = recs
             .iter()
