@@ -285,7 +285,9 @@ fn run_command(
     let failures = || shared.failures.lock().unwrap_or_else(|p| p.into_inner());
     let mut attempts = failures().get(&key).copied().unwrap_or(0) + 1;
     loop {
-        let outcome = exec::run(exec, &arg, format!("{arg}\n").as_bytes());
+        let outcome = run_keeping_lease(tasks, lease, || {
+            exec::run(exec, &arg, format!("{arg}\n").as_bytes())
+        });
         let retry = !outcome.succeeded() && attempts <= flags.retries;
         if shared.chatty {
             let then = if retry { "; will retry" } else { "" };
@@ -311,6 +313,39 @@ fn run_command(
             }
         }
     }
+}
+
+/// How often a running command's lease is extended: inside any `--lease-timeout` of two
+/// seconds or more, for one tiny call per second per running command.
+const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs `work` while another thread `touch`es the task's lease every [`TOUCH_EVERY`], so
+/// a command that runs longer than the server's `--lease-timeout` is not requeued (and
+/// run twice) while it is still making progress.
+fn run_keeping_lease<T>(tasks: &QueueProxy, lease: Option<u64>, work: impl FnOnce() -> T) -> T {
+    let Some(lease) = lease else { return work() };
+    let done = std::sync::Mutex::new(false);
+    let wake = std::sync::Condvar::new();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut finished = done.lock().unwrap_or_else(|p| p.into_inner());
+            while !*finished {
+                let (guard, timeout) = wake
+                    .wait_timeout(finished, TOUCH_EVERY)
+                    .unwrap_or_else(|p| p.into_inner());
+                finished = guard;
+                if timeout.timed_out() && !*finished {
+                    // A failed touch means the lease is already gone (the connection
+                    // dropped): the ack will say so; nothing to do here.
+                    let _ = tasks.touch(lease, None);
+                }
+            }
+        });
+        let result = work();
+        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        wake.notify_all();
+        result
+    })
 }
 
 /// A task for a one-line log: at most 60 characters, on one line.

@@ -350,6 +350,33 @@ fn retries_go_through_release() {
     server.shutdown().unwrap();
 }
 
+/// A command running longer than the server's lease timeout keeps its lease (the worker
+/// touches it), so it is not requeued and run a second time.
+#[test]
+fn long_commands_keep_their_lease() {
+    let server = server_with(|c| c.lease_timeout = Some(Duration::from_millis(1500)));
+    let addr = server.local_addr().to_string();
+    let m = Manager::connect(server.local_addr(), AuthKey::new(KEY)).unwrap();
+    m.queue("get_task_queue").unwrap().put("slow").unwrap();
+    let out = worker(&addr, &["--exec", "sleep 3.5", "--tasks", "3"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let results = m.queue("get_result_queue").unwrap();
+    assert_eq!(
+        field(&results.get(Duration::from_secs(5)).unwrap(), "status"),
+        Value::from("ok")
+    );
+    assert!(
+        matches!(results.get_nowait(), Err(distq::Error::Empty)),
+        "ran once"
+    );
+    let stats = m.stats().unwrap().to_string();
+    assert!(
+        stats.contains("'requeues': 0") && stats.contains("'acks': 1"),
+        "{stats}"
+    );
+    server.shutdown().unwrap();
+}
+
 /// Four slow tasks with --concurrency 4 run at once; a timed-out one is a result too.
 #[test]
 fn concurrency_and_timeouts_in_the_worker() {
