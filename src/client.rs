@@ -449,7 +449,8 @@ impl QueueProxy {
         match self.call("get_many", args, kwargs, Some(timeout))? {
             Value::List(items) => Ok(items.to_vec()),
             other => Err(Error::protocol(format!(
-                "get_many returned {other}, not a list"
+                "get_many returned {}, not a list",
+                other.brief(60)
             ))),
         }
     }
@@ -477,7 +478,8 @@ impl QueueProxy {
                 _ => Err(Error::protocol("reserve must return (lease, item)")),
             },
             other => Err(Error::protocol(format!(
-                "reserve returned {other}, not (lease, item)"
+                "reserve returned {}, not (lease, item)",
+                other.brief(60)
             ))),
         }
     }
@@ -550,7 +552,8 @@ impl QueueProxy {
         match self.call(method, vec![], vec![], Some(Duration::ZERO))? {
             Value::Bool(b) => Ok(b),
             other => Err(Error::protocol(format!(
-                "{method} returned {other}, not a bool"
+                "{method} returned {}, not a bool",
+                other.brief(60)
             ))),
         }
     }

@@ -146,7 +146,7 @@ fn create(map: &QueueMap, req: &Request) -> Reply {
                 (None, None, 1) => Ok(0),
                 (Some(v), None, 2) | (None, Some(v), 2) => match v {
                     Value::Int(n) => Ok(usize::try_from(*n).unwrap_or(0)),
-                    other => Err(format!("maxsize must be an int, not {other}")),
+                    other => Err(format!("maxsize must be an int, not {}", other.brief(60))),
                 },
                 _ => Err(format!("{typeid}() takes at most one argument, maxsize")),
             };
@@ -353,7 +353,10 @@ fn call(
                 other => {
                     return Err(Fault::from(exceptions::builtin(
                         "TypeError",
-                        &format!("put_many() takes a list or tuple of items, not {other}"),
+                        &format!(
+                            "put_many() takes a list or tuple of items, not {}",
+                            other.brief(60)
+                        ),
                     )))
                 }
             };
@@ -385,7 +388,10 @@ fn call(
                 Some(other) => {
                     return Err(Fault::from(exceptions::builtin(
                         "ValueError",
-                        &format!("get_many() max_items must be a positive int, not {other}"),
+                        &format!(
+                            "get_many() max_items must be a positive int, not {}",
+                            other.brief(60)
+                        ),
                     )))
                 }
             };
@@ -579,7 +585,9 @@ impl<'a> Args<'a> {
             Some(Value::Bool(b)) => f64::from(u8::from(b)),
             Some(Value::BigInt(_)) => return Ok(Wait::Forever),
             Some(other) => {
-                return Err(self.type_error(format!("timeout must be a number, not {other}")))
+                return Err(
+                    self.type_error(format!("timeout must be a number, not {}", other.brief(60)))
+                )
             }
         };
         if secs.is_nan() || secs < 0.0 {
@@ -598,7 +606,7 @@ impl<'a> Args<'a> {
             Value::Int(n) => {
                 u64::try_from(n).map_err(|_| self.type_error("lease must be a lease id".into()))
             }
-            other => Err(self.type_error(format!("lease must be an int, not {other}"))),
+            other => Err(self.type_error(format!("lease must be an int, not {}", other.brief(60)))),
         }
     }
 
@@ -609,7 +617,9 @@ impl<'a> Args<'a> {
             Some(Value::Int(n)) => n as f64,
             Some(Value::Float(x)) => x,
             Some(other) => {
-                return Err(self.type_error(format!("{name} must be a number, not {other}")))
+                return Err(
+                    self.type_error(format!("{name} must be a number, not {}", other.brief(60)))
+                )
             }
         };
         if secs.is_nan() || secs < 0.0 {

@@ -230,8 +230,8 @@ pub fn exception_to_error(exc: &Value) -> Error {
             let message = match exc {
                 Value::Object(o) => match o.args.as_tuple() {
                     Some([Value::Str(s)]) => s.to_string(),
-                    Some(args) => Value::tuple(args.to_vec()).to_string(),
-                    None => o.args.to_string(),
+                    Some(args) => Value::tuple(args.to_vec()).brief(1000),
+                    None => o.args.brief(1000),
                 },
                 _ => String::new(),
             };
@@ -242,7 +242,7 @@ pub fn exception_to_error(exc: &Value) -> Error {
         }
         None => Error::Remote {
             class: "unknown".into(),
-            message: exc.to_string(),
+            message: exc.brief(1000),
         },
     }
 }

@@ -371,7 +371,12 @@ impl Shared {
             Ok(None) => return,
             Err(e) => return log_at!(Warn, "{peer}: {e}"),
         };
-        log_at!(Debug, "{peer}: {}{:?}", req.method, req.args);
+        log_at!(
+            Debug,
+            "{peer}: {}{}",
+            req.method,
+            Value::tuple(req.args.clone()).brief(200)
+        );
         let result = match dispatch::public(&self.queues, &req) {
             Public::Reply(reply) => conn.write_reply(&reply),
             Public::AcceptConnection => {

@@ -234,6 +234,11 @@ fn bytes_repr(b: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
 /// Decimal rendering of a little-endian two's complement int of any size: the magnitude
 /// is divided by 10^9 repeatedly (O(n²), fine for printing).
 fn big_int(b: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    // Python itself refuses to print ints over 4300 digits (CVE-2020-10735): the
+    // quadratic conversion is a denial of service. 1786 bytes is about 4300 digits.
+    if b.len() > 1786 {
+        return write!(f, "<int of {} bits>", b.len() * 8);
+    }
     let negative = b.last().is_some_and(|&top| top >= 0x80);
     // Magnitude as big-endian bytes: two's complement negation if negative.
     let mut mag: Vec<u8> = b.iter().rev().copied().collect();
@@ -321,6 +326,19 @@ mod tests {
             r(&Value::ByteArray(Arc::from(&b"ab\xff"[..]))),
             r"bytearray(b'ab\xff')"
         );
+    }
+
+    #[test]
+    fn brief_stops_early_on_huge_and_shared_values() {
+        // 2**40 leaves as a tree: a full repr would never finish.
+        let dag = (0..40).fold(Value::list(vec![Value::from(1)]), |v, _| {
+            Value::list(vec![v.clone(), v])
+        });
+        let short = dag.brief(50);
+        assert!(short.len() <= 53 && short.ends_with("..."), "{short}");
+        assert_eq!(Value::from("ok").brief(50), "'ok'");
+        let huge = Value::BigInt(std::sync::Arc::from(vec![1u8; 1 << 20]));
+        assert_eq!(huge.brief(100), "<int of 8388608 bits>");
     }
 
     #[test]

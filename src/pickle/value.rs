@@ -153,6 +153,39 @@ impl Value {
         }
     }
 
+    /// The value's repr cut off after about `max` bytes (with `...`): for error messages
+    /// and logs, where a hostile value (a long string, a widely shared graph) must not
+    /// turn into megabytes of text. Writing stops as soon as the budget is spent.
+    pub fn brief(&self, max: usize) -> String {
+        struct Capped {
+            out: String,
+            max: usize,
+        }
+        impl fmt::Write for Capped {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                let room = self.max.saturating_sub(self.out.len());
+                if s.len() <= room {
+                    self.out.push_str(s);
+                    return Ok(());
+                }
+                let mut cut = room;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                self.out.push_str(&s[..cut]);
+                Err(fmt::Error)
+            }
+        }
+        let mut capped = Capped {
+            out: String::new(),
+            max,
+        };
+        if fmt::Write::write_fmt(&mut capped, format_args!("{self}")).is_err() {
+            capped.out.push_str("...");
+        }
+        capped.out
+    }
+
     /// `(module, name)` of the class or callable that built this object, if it is one.
     pub fn class_name(&self) -> Option<(&str, &str)> {
         match self {
