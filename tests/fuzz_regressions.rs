@@ -41,8 +41,8 @@ fn inputs(target: &str) -> Vec<PathBuf> {
     files
 }
 
-/// Runs `run` on every input of `target` in a worker thread, failing with the input's name
-/// if one panics or takes longer than [`BOUND`].
+/// Runs `run` on every input of `target` in a worker thread, failing with the names of the
+/// inputs that panicked or took longer than [`BOUND`] (all of them, not just the first).
 fn replay(target: &str) {
     let run = harness::TARGETS
         .iter()
@@ -69,19 +69,38 @@ fn replay(target: &str) {
             })
             .expect("spawning the replay thread")
     };
+    let mut failures = Vec::new();
     for expected in &files {
         match rx.recv_timeout(BOUND) {
             Ok((file, ok, took)) => {
                 assert_eq!(&file, expected);
-                assert!(ok, "{target}: {} panicked (see above)", file.display());
-                assert!(took <= BOUND, "{target}: {} took {took:?}", file.display());
+                if !ok {
+                    failures.push(format!("{} panicked (message above)", file.display()));
+                } else if took > BOUND {
+                    failures.push(format!("{} took {took:?}", file.display()));
+                }
             }
-            Err(_) => panic!(
-                "{target}: {} did not return within {BOUND:?}",
-                expected.display()
-            ),
+            Err(_) => {
+                // The worker is stuck in the harness; it cannot be stopped, only reported.
+                failures.push(format!(
+                    "{} did not return within {BOUND:?}",
+                    expected.display()
+                ));
+                panic!(
+                    "{target}: {} input(s) failed:\n{}",
+                    failures.len(),
+                    failures.join("\n")
+                );
+            }
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{target}: {} of {} input(s) failed:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
     worker.join().expect("replay thread");
 }
 
