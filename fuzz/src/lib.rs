@@ -382,7 +382,15 @@ pub fn dispatch(data: &[u8]) {
                     Public::AcceptConnection | Public::Shutdown => Reply::Return(Value::None),
                 },
                 Some(_) => match tame_request(req) {
-                    Some(req) => dispatch::method(&map, &req),
+                    Some(req) => {
+                        let alive = || true;
+                        let outcome =
+                            dispatch::method(&map, &req, &dispatch::Session::new(1, &alive));
+                        if outcome.hang_up {
+                            continue;
+                        }
+                        outcome.reply
+                    }
                     None => continue,
                 },
             },
@@ -419,18 +427,17 @@ fn bounded_text_len(len: usize, input_len: usize, what: &str) {
 ///
 /// A fuzz run cannot wait: `get()` on an empty queue with no timeout blocks forever. So:
 /// * `join` is dropped (it has no timeout and blocks while any item is unfinished);
-/// * for `get`, `get_many`, `put` and `put_many`, a `timeout` that would wait (`None`,
+/// * for `get`, `reserve`, `get_many`, `put` and `put_many`, a `timeout` that would wait (`None`,
 ///   a non-negative number, a big int, or no timeout at all) becomes `0`, wherever it was
 ///   passed (by position or keyword). `block` is left alone, and timeouts the method
 ///   rejects (negative, NaN, wrong type) are kept, so argument binding and validation are
 ///   still fuzzed; a `timeout=0` wait still runs the blocking code path up to its
 ///   deadline.
 ///
-/// When the dispatcher gains methods that block (`reserve`), add them here.
 pub fn tame_request(mut req: Request) -> Option<Request> {
     let timeout_pos = match req.method.as_str() {
         "join" => return None,
-        "get" => 1,
+        "get" | "reserve" => 1,
         "put" | "get_many" | "put_many" => 2,
         _ => return Some(req),
     };
