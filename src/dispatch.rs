@@ -583,6 +583,8 @@ impl<'a> Args<'a> {
             Some(Value::Int(n)) => n as f64,
             Some(Value::Float(x)) => x,
             Some(Value::Bool(b)) => f64::from(u8::from(b)),
+            // Too big for a float's integer range either way: negative is still an error.
+            Some(Value::BigInt(b)) if b.last().is_some_and(|&top| top >= 0x80) => -1.0,
             Some(Value::BigInt(_)) => return Ok(Wait::Forever),
             Some(other) => {
                 return Err(
@@ -768,6 +770,16 @@ mod tests {
     #[test]
     fn negative_timeout_is_value_error() {
         let (map, id) = setup();
+        let minus_2_pow_70 =
+            Value::BigInt(std::sync::Arc::from(vec![0, 0, 0, 0, 0, 0, 0, 0, 0xc0]));
+        let r = call(
+            &map,
+            &req(&id, "get", vec![], vec![("timeout", minus_2_pow_70)]),
+        );
+        assert!(
+            matches!(&r, Reply::Error(e) if e.class_name() == Some(("builtins", "ValueError"))),
+            "{r:?}"
+        );
         let r = call(
             &map,
             &req(&id, "get", vec![], vec![("timeout", Value::Float(-1.0))]),

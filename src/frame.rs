@@ -87,9 +87,21 @@ pub fn read_frame<R: Read>(r: &mut R, max: usize, buf: &mut Vec<u8>) -> Result<(
     if len <= KEEP_CAPACITY && buf.capacity() > KEEP_CAPACITY {
         buf.shrink_to(KEEP_CAPACITY);
     }
-    buf.resize(len, 0);
-    read_full(r, buf, false)
+    // Grow the buffer as the payload arrives rather than to the announced length at
+    // once: a peer that announces 64 MiB and sends nothing more then holds at most one
+    // step of memory, not 64 MiB per connection.
+    let mut filled = 0;
+    while filled < len {
+        let step = (len - filled).min(GROW_STEP);
+        buf.resize(filled + step, 0);
+        read_full(r, &mut buf[filled..], false)?;
+        filled += step;
+    }
+    Ok(())
 }
+
+/// How much of a frame's payload is allocated ahead of the bytes that fill it.
+const GROW_STEP: usize = 1 << 20;
 
 /// Fills `dst` completely. `at_boundary` says whether a clean end of file before the first byte
 /// means the peer finished (a frame boundary) rather than hung up mid-frame.
@@ -227,6 +239,22 @@ fn write_error(e: io::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn memory_follows_the_bytes_received_not_the_announced_length() {
+        // 64 MiB announced, 10 bytes sent: at most one growth step is allocated.
+        let mut input = (64u32 << 20).to_be_bytes().to_vec();
+        input.extend_from_slice(&[7; 10]);
+        let mut buf = Vec::new();
+        let r = read_frame(&mut Cursor::new(input), 64 << 20, &mut buf);
+        assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
+        assert!(
+            buf.capacity() <= 2 * GROW_STEP,
+            "{} bytes allocated",
+            buf.capacity()
+        );
+    }
+
     use super::*;
     use std::io::Cursor;
 
