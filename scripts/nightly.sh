@@ -13,6 +13,7 @@
 # then call nightly_prepare TARGET... and nightly_build TARGET....
 
 NIGHTLY_CONFIG=.cargo/nightly-release.toml
+NIGHTLY_ENV=() # VAR=value pairs for the nightly cargo only (borrow_self_contained)
 
 # nightly_prepare TARGET...: checks that the nightly toolchain is there, adds rust-src and the
 # musl targets' rust-std to it. Targets with a glibc C linker (armv7 gnueabihf) need no
@@ -20,12 +21,14 @@ NIGHTLY_CONFIG=.cargo/nightly-release.toml
 # objects and libc. musl targets link with rust-lld against the crt objects, libc.a and
 # libunwind.a that rust-std ships in lib/self-contained, so they need it.
 nightly_check() {
+  [ -z "${NIGHTLY_CHECKED:-}" ] || return 0
   if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "ERROR: the nightly Rust toolchain is not installed. The size-budget build needs it" >&2
     echo "(build-std and panic=immediate-abort are nightly-only): rustup toolchain install nightly" >&2
     return 1
   fi
   echo "nightly: $(rustup run nightly rustc --version)"
+  NIGHTLY_CHECKED=1
 }
 
 nightly_prepare() {
@@ -58,8 +61,8 @@ nightly_prepare() {
   done
 }
 
-# borrow_self_contained TARGET: builds NIGHTLY_TARGET_DIR/sysroot-TARGET and points the
-# target's rustflags at it.
+# borrow_self_contained TARGET: builds NIGHTLY_TARGET_DIR/sysroot-TARGET and adds to
+# NIGHTLY_ENV the variable that points the nightly build's rustflags for TARGET at it.
 borrow_self_contained() {
   local t=$1 nightly stable root e var
   nightly=$(rustup run nightly rustc --print sysroot)
@@ -79,8 +82,10 @@ borrow_self_contained() {
   # CARGO_TARGET_<TRIPLE>_RUSTFLAGS, so only this target's crates get the sysroot (build
   # scripts and the host keep nightly's own). No [target] in .cargo/config.toml sets
   # rustflags for a musl target other than x86_64, whose nightly rust-std is downloadable.
+  # Not exported: nightly_build passes it to nightly cargo only (stable rustc must not see
+  # a nightly sysroot).
   var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$t")_RUSTFLAGS
-  export "$var=--sysroot=$root"
+  NIGHTLY_ENV+=("$var=--sysroot=$root")
 }
 
 # nightly_build TARGET...: the four binaries for each target, into NIGHTLY_TARGET_DIR (its own
@@ -89,6 +94,6 @@ nightly_build() {
   local target_args=() t
   for t in "$@"; do target_args+=(--target "$t"); done
   # --locked: exactly the dependency versions in Cargo.lock (std's own come with rust-src).
-  CARGO_TARGET_DIR=$NIGHTLY_TARGET_DIR cargo +nightly build --locked --config "$NIGHTLY_CONFIG" \
-    --profile tiny --bins "${target_args[@]}"
+  env ${NIGHTLY_ENV[@]+"${NIGHTLY_ENV[@]}"} CARGO_TARGET_DIR="$NIGHTLY_TARGET_DIR" \
+    cargo +nightly build --locked --config "$NIGHTLY_CONFIG" --profile tiny --bins "${target_args[@]}"
 }
