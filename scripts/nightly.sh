@@ -4,7 +4,7 @@
 # Why nightly: on stable, `panic = "abort"` still links the standard library's panic message
 # and backtrace printer (gimli, addr2line, miniz_oxide, libunwind), about 120 KiB of every
 # binary. Rebuilding std from source (-Zbuild-std, needs the rust-src component) with the
-# `immediate-abort` panic strategy leaves all of that out: a panic is a bare abort (SIGABRT,
+# `immediate-abort` panic strategy leaves all of that out: a panic is a bare trap (SIGILL,
 # no message, no backtrace). The settings are in .cargo/nightly-release.toml, which only these
 # scripts load with `--config`, so stable `cargo build`/`test`/`clippy` never see them (stable
 # cargo would reject `panic = "immediate-abort"` in Cargo.toml).
