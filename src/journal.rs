@@ -966,7 +966,7 @@ mod tests {
             deliveries: 0,
             item: &items[id as usize],
         };
-        let recs = vec![
+        let recs = [
             Record::Declare { qnum: 0, name: "q" },
             put(1, false),
             put(2, false),
