@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::pickle::Fragment;
@@ -472,7 +473,7 @@ fn call(
 /// class or function a Python worker would import when unpickling) are refused.
 fn fragment(map: &QueueMap, item: &Value) -> Result<Fragment, Value> {
     if map.policy().no_code_items {
-        if let Some(g) = first_global(item, 0) {
+        if let Some(g) = first_global(item, 0, &mut HashSet::new()) {
             return Err(exceptions::builtin(
                 "TypeError",
                 &format!(
@@ -489,24 +490,36 @@ fn fragment(map: &QueueMap, item: &Value) -> Result<Fragment, Value> {
 }
 
 /// The first global a value references, if any (depth-bounded like the codec).
-fn first_global(v: &Value, depth: usize) -> Option<&crate::pickle::Global> {
+///
+/// Shared containers are visited once (`seen` holds their addresses): a widely shared
+/// graph is checked in time linear in its size, not in its size as a tree.
+fn first_global<'v>(
+    v: &'v Value,
+    depth: usize,
+    seen: &mut HashSet<usize>,
+) -> Option<&'v crate::pickle::Global> {
     if depth > crate::pickle::MAX_DEPTH {
         return None;
     }
-    fn any(items: &[Value], depth: usize) -> Option<&crate::pickle::Global> {
-        items.iter().find_map(|i| first_global(i, depth + 1))
-    }
+    let mut first_visit = |ptr: *const u8| seen.insert(ptr as usize);
     match v {
         Value::Global(g) => Some(g),
-        Value::Object(o) => first_global(&o.callable, depth + 1)
-            .or_else(|| first_global(&o.args, depth + 1))
-            .or_else(|| o.state.as_ref().and_then(|s| first_global(s, depth + 1))),
-        Value::Tuple(items) | Value::List(items) | Value::Set(items) | Value::FrozenSet(items) => {
-            any(items, depth)
+        Value::Object(o) if first_visit(Arc::as_ptr(o).cast()) => {
+            [Some(&o.callable), Some(&o.args), o.state.as_ref()]
+                .into_iter()
+                .flatten()
+                .find_map(|c| first_global(c, depth + 1, seen))
         }
-        Value::Dict(pairs) => pairs
-            .iter()
-            .find_map(|(k, v)| first_global(k, depth + 1).or_else(|| first_global(v, depth + 1))),
+        Value::Tuple(items) | Value::List(items) | Value::Set(items) | Value::FrozenSet(items)
+            if first_visit(items.as_ptr().cast()) =>
+        {
+            items.iter().find_map(|i| first_global(i, depth + 1, seen))
+        }
+        Value::Dict(pairs) if first_visit(pairs.as_ptr().cast()) => {
+            pairs.iter().find_map(|(k, v)| {
+                first_global(k, depth + 1, seen).or_else(|| first_global(v, depth + 1, seen))
+            })
+        }
         _ => None,
     }
 }
@@ -765,6 +778,33 @@ mod tests {
         assert!(
             matches!(bad, Reply::Error(e) if e.class_name() == Some(("builtins", "ValueError")))
         );
+    }
+
+    #[test]
+    fn no_code_items_checks_shared_graphs_in_linear_time() {
+        let map = QueueMap::with_policy(crate::queues::Policy {
+            no_code_items: true,
+            ..Default::default()
+        });
+        let Public::Reply(Reply::Return(v)) =
+            public(&map, &Request::new(None, "create", vec![Value::str("q")]))
+        else {
+            panic!("create failed")
+        };
+        let id = v.as_tuple().unwrap()[0].as_str().unwrap().to_string();
+        // 2**40 leaves as a tree: a tree walk would never finish.
+        let chain = |leaf: Value| {
+            (0..40).fold(Value::list(vec![leaf]), |v, _| {
+                Value::list(vec![v.clone(), v])
+            })
+        };
+        let plain = call(&map, &req(&id, "put", vec![chain(Value::from(1))], vec![]));
+        assert_eq!(plain, Reply::Return(Value::None));
+        let code = chain(Value::exception("os", "system", vec![Value::from("x")]));
+        match call(&map, &req(&id, "put", vec![code], vec![])) {
+            Reply::Error(e) => assert_eq!(e.class_name(), Some(("builtins", "TypeError"))),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
