@@ -137,7 +137,26 @@ impl Manager {
     }
 
     /// Opens and authenticates a new connection.
+    ///
+    /// A server that closes the connection before its challenge is shedding load (it is
+    /// at its limit of connections authenticating at once): the attempt is repeated with
+    /// a short, growing pause until `connect_timeout` has passed.
     fn open(&self) -> Result<Connection> {
+        let cfg = &self.inner.config;
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match self.open_once() {
+                Err(Error::Closed) if start.elapsed() + pause < cfg.connect_timeout => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(&self) -> Result<Connection> {
         let cfg = &self.inner.config;
         let mut last = None;
         for addr in &self.inner.addrs {
