@@ -115,7 +115,7 @@ struct Shared {
     /// Connections accepted but not yet authenticated.
     handshaking: AtomicUsize,
     /// A second handle on every live socket, so shutdown can unblock their threads.
-    live: Mutex<HashMap<u64, TcpStream>>,
+    live: Mutex<HashMap<u64, Arc<TcpStream>>>,
 }
 
 /// A cheap, cloneable handle that can stop a running server and reach its queues.
@@ -268,19 +268,30 @@ impl Server {
                 );
                 continue;
             }
+            // A second handle on the socket: shutdown uses it to wake the connection's
+            // thread, and a blocked `get` to check that the peer is still there.
+            let handle = match stream.try_clone() {
+                Ok(h) => Arc::new(h),
+                Err(e) => {
+                    log_at!(
+                        Warn,
+                        "{}: refused, cannot duplicate its socket: {e}",
+                        peer_name(&stream)
+                    );
+                    continue;
+                }
+            };
             self.shared.handshaking.fetch_add(1, Ordering::SeqCst);
             let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-            if let Ok(clone) = stream.try_clone() {
-                if let Ok(mut live) = self.shared.live.lock() {
-                    live.insert(id, clone);
-                }
+            if let Ok(mut live) = self.shared.live.lock() {
+                live.insert(id, handle.clone());
             }
             let shared = self.shared.clone();
             let spawned = thread::Builder::new()
                 .name(format!("distq-conn-{id}"))
                 .stack_size(512 * 1024)
                 .spawn(move || {
-                    shared.serve(stream, id);
+                    shared.serve(stream, id, &handle);
                     if let Ok(mut live) = shared.live.lock() {
                         live.remove(&id);
                     }
@@ -338,13 +349,13 @@ impl Shared {
         }
     }
 
-    fn serve(&self, stream: TcpStream, id: u64) {
+    fn serve(&self, stream: TcpStream, id: u64, handle: &TcpStream) {
         self.queues.connections.fetch_add(1, Ordering::Relaxed);
-        self.serve_connection(stream, id);
+        self.serve_connection(stream, id, handle);
         self.queues.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn serve_connection(&self, stream: TcpStream, id: u64) {
+    fn serve_connection(&self, stream: TcpStream, id: u64, handle: &TcpStream) {
         let peer = peer_name(&stream);
         let handshake = Connection::handshake(
             stream,
@@ -383,7 +394,7 @@ impl Shared {
                 let name = req.args.first().map(Value::to_string).unwrap_or_default();
                 log_at!(Info, "{peer}: method channel opened by {name}");
                 conn.write_reply(&Reply::Return(Value::None))
-                    .and_then(|()| self.serve_methods(&mut conn, id))
+                    .and_then(|()| self.serve_methods(&mut conn, id, handle))
             }
             Public::Shutdown => {
                 log_at!(Info, "{peer}: asked the server to shut down");
@@ -427,14 +438,10 @@ impl Shared {
     /// The method channel: requests on queues until the peer hangs up. A malformed
     /// request is answered with a `#TRACEBACK` and the loop goes on, as in Python.
     /// However the channel ends, the leases it holds go back to their queues.
-    fn serve_methods(&self, conn: &mut Connection, id: u64) -> Result<()> {
+    fn serve_methods(&self, conn: &mut Connection, id: u64, handle: &TcpStream) -> Result<()> {
         conn.set_read_timeout(self.config.idle_timeout)?;
         let peer = conn.peer();
-        let probe = conn
-            .stream()
-            .try_clone()
-            .map_err(|e| Error::io("cloning a socket", e))?;
-        let alive = move || crate::conn::peer_alive(&probe);
+        let alive = || crate::conn::peer_alive(handle);
         let session = dispatch::Session::new(id, &alive);
         let result = self.method_loop(conn, &session);
         if session.has_leases.get() {
