@@ -12,10 +12,13 @@
 //! - [`auth`]: the HMAC challenge-response handshake, legacy (MD5) and modern (SHA-256).
 //! - [`pickle`]: the value model and a data-only pickle codec.
 //! - [`protocol`]: requests and replies.
-//! - [`queues`]: the queue map with `queue.Queue`'s blocking semantics.
+//! - [`queues`]: the queue map with `queue.Queue`'s blocking semantics, and leases.
+//! - [`journal`]: the append-only file that makes queues survive restarts.
 //! - [`dispatch`]: what each request does to the queues.
 //! - [`conn`]: one authenticated socket.
 //! - [`server`] and [`client`]: the two ends.
+//! - For the binaries: [`cli`] (flags, exit codes, progress), [`exec`] (a shell command
+//!   per task) and [`text`] (values as text and JSON), plus [`log`].
 //!
 //! ```
 //! use distq::{AuthKey, Manager, Server, ServerConfig};
