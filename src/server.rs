@@ -111,6 +111,8 @@ struct Shared {
     queues: QueueMap,
     local_addr: SocketAddr,
     stopping: AtomicBool,
+    /// Every connection thread has been joined: the journal's last flush may run.
+    drained: AtomicBool,
     next_conn: AtomicU64,
     /// Connections accepted but not yet authenticated.
     handshaking: AtomicUsize,
@@ -179,6 +181,7 @@ impl Server {
                 handshaking: AtomicUsize::new(0),
                 local_addr,
                 stopping: AtomicBool::new(false),
+                drained: AtomicBool::new(false),
                 next_conn: AtomicU64::new(0),
                 live: Mutex::new(HashMap::new()),
             }),
@@ -308,6 +311,9 @@ impl Server {
             let _ = t.join();
         }
         let _ = janitor.join();
+        // Only now: acks, takes and requeues appended while connections wound down are
+        // buffered, and the flusher's last write must include them.
+        self.shared.drained.store(true, Ordering::SeqCst);
         if let Some(flusher) = flusher {
             let _ = flusher.join();
         }
@@ -335,10 +341,11 @@ impl Shared {
     }
 
     /// Writes and syncs the journal every flush interval (see `journal.rs`), compacting
-    /// when due, and once more after the server stops so nothing buffered is left behind.
+    /// when due, and once more after every connection thread has been joined so nothing
+    /// buffered is left behind.
     fn flush_journal(&self, journal: &Journal) {
         loop {
-            let stopping = self.stopping.load(Ordering::SeqCst);
+            let stopping = self.drained.load(Ordering::SeqCst);
             if let Err(e) = journal.tick() {
                 log_at!(Error, "journal: {e}");
             }
