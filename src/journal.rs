@@ -35,7 +35,7 @@
 //! a put is acknowledged only then, by construction. A put whose batch failed is taken
 //! back out of memory by its queue (see `Queue::withdraw`) and answered "not stored".
 //! While writes keep failing, new puts are refused up front once the retry backlog
-//! passes [`MAX_BACKLOG`]. The file goes through [`JournalFile`], so tests inject
+//! passes `MAX_BACKLOG` (16 MiB). The file goes through [`JournalFile`], so tests inject
 //! failing writes, short writes and failing syncs.
 //!
 //! # Recovery
@@ -967,7 +967,7 @@ impl Journal {
     }
 
     /// Refuses new puts while writes keep failing and the records waiting for a retry
-    /// exceed [`MAX_BACKLOG`], so a full disk cannot grow the server's memory without bound.
+    /// exceed `MAX_BACKLOG` (16 MiB), so a full disk cannot grow the server's memory without bound.
     ///
     /// # Errors
     /// [`Error::Io`] naming the last write error.
