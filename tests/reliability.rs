@@ -38,6 +38,34 @@ fn worker(addr: SocketAddr, extra: &[&str]) -> Child {
         .expect("start distq-worker")
 }
 
+/// Polls the server's `stats()` until `queue` has `n` callers blocked in a get (a test
+/// waits for the state it needs instead of sleeping and hoping the other side is there).
+fn wait_for_getters(m: &Manager, queue: &str, n: i64) {
+    let start = Instant::now();
+    loop {
+        let stats = m.stats().unwrap();
+        let field = |v: &Value, key: &str| match v {
+            Value::Dict(items) => items
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v.clone()),
+            _ => None,
+        };
+        let waiting = field(&stats, "queues")
+            .and_then(|q| field(&q, queue))
+            .and_then(|q| field(&q, "waiting_getters"))
+            .and_then(|v| v.as_int());
+        if waiting == Some(n) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{queue}: waiting_getters is {waiting:?}, expected {n}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn kill(mut child: Child) {
     let _ = child.kill(); // SIGKILL
     let _ = child.wait();
@@ -54,10 +82,10 @@ fn a_killed_waiter_swallows_no_task() {
         &["--no-leases", "--get-timeout", "3600", "--tasks", "1"],
     );
     read_line_starting(&mut w, "Connecting to server");
-    std::thread::sleep(Duration::from_millis(500)); // it is now blocked in get
-    kill(w);
-    std::thread::sleep(Duration::from_millis(100));
     let m = connect(addr);
+    wait_for_getters(&m, "get_task_queue", 1); // it is now blocked in get
+    kill(w);
+    wait_for_getters(&m, "get_task_queue", 0); // the server noticed it left
     let tasks = m.queue("get_task_queue").unwrap();
     tasks.put(42).unwrap();
     assert_eq!(tasks.get(Duration::from_secs(2)).unwrap(), Value::from(42));
@@ -275,7 +303,7 @@ fn manager_shutdown_exits_cleanly() {
         let m = connect(addr);
         m.queue("empty").unwrap().get_blocking()
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for_getters(&m, "empty", 1);
     m.shutdown().unwrap();
     assert!(
         blocked.join().unwrap().is_err(),

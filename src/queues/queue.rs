@@ -88,6 +88,8 @@ pub struct QueueStats {
     pub size: usize,
     /// Items out under a lease.
     pub reserved: usize,
+    /// Items released with a delay, not yet back in the queue.
+    pub delayed: usize,
     /// Callers blocked waiting for an item.
     pub waiting_getters: usize,
     /// The lifetime counters.
@@ -541,7 +543,9 @@ impl Queue {
         let due = delay
             .filter(|d| !d.is_zero())
             .and_then(|d| Instant::now().checked_add(d));
-        if let Some(due) = due {
+        let max = self.policy.max_deliveries;
+        let exhausted = max > 0 && l.taken.deliveries >= max;
+        if let (Some(due), false) = (due, exhausted) {
             // The journal has no clocks: after a restart a delayed item is ready at once.
             let id = l.taken.id;
             self.journal(|qnum| Record::Requeue { qnum, id });
@@ -680,7 +684,10 @@ impl Queue {
         let mut s = self.lock()?;
         s.shut_down = true;
         if immediate {
-            let dropped = s.items.clear() as u64;
+            // Delayed releases are waiting items too (the journal has them as requeued).
+            let delayed = s.delayed.len() as u64;
+            s.delayed.clear();
+            let dropped = s.items.clear() as u64 + delayed;
             self.journal(|qnum| Record::Clear {
                 qnum,
                 count: dropped,
@@ -723,6 +730,7 @@ impl Queue {
         Ok(QueueStats {
             size: s.items.len(),
             reserved: s.leases.len(),
+            delayed: s.delayed.len(),
             waiting_getters: s.getters,
             counts: s.counts,
         })
