@@ -419,11 +419,9 @@ impl Queue {
             }
         }
         drop(guard);
-        if items.len() == 1 {
-            self.not_full.notify_one();
-        } else {
-            self.not_full.notify_all();
-        }
+        // Every waiting put: one woken `put_many` that still does not fit would otherwise
+        // swallow the wakeup while a single `put` that fits sleeps until its poll.
+        self.not_full.notify_all();
         Ok((items, lease_id))
     }
 
