@@ -67,9 +67,13 @@ fn poisoned() -> Error {
     Error::Value("internal error: a queue lock was poisoned by a panicking thread".into())
 }
 
-/// The most queues one server holds; creating a new name beyond it fails, so a client
-/// cannot grow the server without bound by inventing names.
+/// The most named queues one server holds; creating a new name beyond it fails, so a
+/// client cannot grow the server without bound by inventing names.
 pub const MAX_QUEUES: usize = 4096;
+
+/// The most anonymous (`SyncManager().Queue()`) queues alive at once, counted apart from
+/// named ones: filling this table never stops `create('get_task_queue')`.
+pub const MAX_ANONYMOUS_QUEUES: usize = 1024;
 
 /// A queue and the number of client references Python's refcounting protocol holds on it.
 #[derive(Debug)]
@@ -84,6 +88,8 @@ struct Entry {
 struct Registry {
     by_name: HashMap<String, String>,
     by_ident: HashMap<String, Entry>,
+    /// How many of `by_ident` are anonymous.
+    anonymous: usize,
 }
 
 /// All queues of one server, by name and by ident.
@@ -257,11 +263,17 @@ impl QueueMap {
         anonymous: bool,
         bounded: bool,
     ) -> Result<Arc<Queue>> {
-        if bounded && reg.by_ident.len() >= MAX_QUEUES {
+        if bounded && anonymous && reg.anonymous >= MAX_ANONYMOUS_QUEUES {
             return Err(Error::Value(format!(
-                "too many queues (limit {MAX_QUEUES}); reuse existing queues or drop proxies"
+                "too many anonymous queues (limit {MAX_ANONYMOUS_QUEUES}); drop Queue() proxies you no longer use"
             )));
         }
+        if bounded && !anonymous && reg.by_ident.len() - reg.anonymous >= MAX_QUEUES {
+            return Err(Error::Value(format!(
+                "too many named queues (limit {MAX_QUEUES}); reuse existing queues"
+            )));
+        }
+        reg.anonymous += usize::from(anonymous);
         // Idents look like Python's `'%x' % id(obj)` (12 lowercase hex digits) so that
         // tools printing them see the familiar shape; they are opaque to clients.
         let n = self.next_ident.fetch_add(1, Ordering::Relaxed);
@@ -341,6 +353,7 @@ impl QueueMap {
         if freed {
             // Its memory goes when the last in-flight call on it returns its `Arc`.
             reg.by_ident.remove(ident);
+            reg.anonymous -= 1;
         }
         Ok(())
     }
@@ -741,6 +754,23 @@ mod tests {
     }
 
     #[test]
+    fn anonymous_queues_cannot_crowd_out_named_ones() {
+        let map = QueueMap::new();
+        let mut anon = Vec::new();
+        while let Ok(q) = map.create_anonymous("Queue", 0) {
+            anon.push(q);
+        }
+        assert_eq!(anon.len(), MAX_ANONYMOUS_QUEUES);
+        let q = map.create("get_task_queue").unwrap();
+        put(&q, 1);
+        map.decref(anon[0].ident()).unwrap();
+        assert!(
+            map.create_anonymous("Queue", 0).is_ok(),
+            "room again once freed"
+        );
+    }
+
+    #[test]
     fn dead_lettering_works_with_the_queue_table_full() {
         let map = QueueMap::with_policy(Policy {
             max_deliveries: 1,
@@ -752,9 +782,9 @@ mod tests {
         put(&b, "y");
         a.reserve(9, None, Wait::No, ALIVE).unwrap();
         b.reserve(9, None, Wait::No, ALIVE).unwrap();
-        let mut anon = Vec::new();
-        while let Ok(q) = map.create_anonymous("Queue", 0) {
-            anon.push(q);
+        let mut i = 0;
+        while map.create(&format!("filler{i}")).is_ok() {
+            i += 1;
         }
         assert_eq!(map.release_owner(9).unwrap(), 2);
         let got: Vec<Fragment> = ["a.dead", "b.dead"]
