@@ -361,6 +361,9 @@ fn run_classic(flags: &Flags, authkey: AuthKey) -> i32 {
         )
         .map_err(failed)?;
         let outcome = classic(flags, &tasks, &results);
+        if outcome.is_ok() && session.hosted.is_some() {
+            end_of_job(&session.manager, &tasks);
+        }
         drop((workers, tasks, results));
         session.close().map_err(failed)?;
         outcome
@@ -375,6 +378,39 @@ fn run_classic(flags: &Flags, authkey: AuthKey) -> i32 {
             status
         }
     }
+}
+
+/// How long a hosting master waits, after the last result, for workers to ack it.
+const ACK_GRACE: Duration = Duration::from_secs(5);
+
+/// Ends the job for the workers before the hosted server goes: the task queue is shut
+/// down (Python 3.13's `Queue.shutdown`: a worker's next take fails with `ShutDown`, so it
+/// exits at once instead of reconnecting for minutes or taking the next master's tasks),
+/// then the master waits, bounded, until no task is still reserved, so that a worker that
+/// put its result is not cut off before its ack.
+fn end_of_job(manager: &Manager, tasks: &QueueProxy) {
+    if let Err(e) = tasks.shutdown(false) {
+        eprintln!("note: could not tell the workers the job is over: {e}");
+        return;
+    }
+    let deadline = Instant::now() + ACK_GRACE;
+    while reserved_tasks(manager).is_some_and(|n| n > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Tasks taken under a lease and not yet acked, from the server's `stats()`.
+fn reserved_tasks(manager: &Manager) -> Option<i64> {
+    let field = |v: &Value, name: &str| match v {
+        Value::Dict(pairs) => pairs
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map(|(_, v)| v.clone()),
+        _ => None,
+    };
+    let stats = manager.stats().ok()?;
+    let queue = field(&field(&stats, "queues")?, "get_task_queue")?;
+    field(&queue, "reserved")?.as_int()
 }
 
 /// An error and the exit status it calls for.

@@ -55,6 +55,44 @@ fn readme_demo_needs_only_the_master_binary() {
     );
 }
 
+/// The end of a run (issue 12): a slow remote worker whose last result is the master's
+/// last one is neither cut off before its ack nor left reconnecting for minutes: the
+/// master tells it the job is over and it exits 0 at once.
+#[test]
+fn a_forever_worker_exits_when_the_job_is_over() {
+    let mut master = bin("distq-master")
+        .args(["--bind", "127.0.0.1:0", "--tasks", "3", "--authkey", KEY])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = read_line_starting(&mut master, "Listening on ");
+    let worker = bin("distq-worker")
+        .args(["--connect", &addr, "--forever", "--sleep", "0.3"])
+        .env("DISTQ_AUTHKEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let wout = wait_with_deadline(worker, Duration::from_secs(30));
+    let mout = wait_with_deadline(master, Duration::from_secs(30));
+    let (wtext, werr) = (text(&wout.stdout), text(&wout.stderr));
+    assert!(wout.status.success(), "worker: {wtext}{werr}");
+    assert!(wtext.ends_with("Worker exit.\n"), "{wtext}");
+    assert!(
+        !werr.contains("could not ack"),
+        "the master left before the ack: {werr}"
+    );
+    assert!(mout.status.success(), "{}", text(&mout.stderr));
+    assert_eq!(squares_in(&text(&mout.stdout)), 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn demo_with_local_workers_completes() {
     let child = bin("distq-master")
