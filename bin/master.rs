@@ -2,10 +2,12 @@
 //! line-oriented master that feeds one task per line and writes one result per line.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufWriter, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,10 @@ use distq::Value;
 use distq::{text, AuthKey, Error, Manager, QueueProxy, RunningServer, Server, ServerConfig};
 use lexopt::ValueExt;
 use rand::Rng;
+
+/// The worker, compiled into the master too so that local workers need no second binary.
+#[path = "worker.rs"]
+mod worker;
 
 const HELP: &str = "\
 distq-master: put tasks on a queue, collect the workers' results
@@ -102,7 +108,16 @@ struct Flags {
     journal: Option<JournalConfig>,
 }
 
+/// The name under which this executable runs as a worker, busybox-style: the master
+/// starts its local workers from its own executable with this `argv[0]`.
+const WORKER_NAME: &str = "distq-worker";
+
 fn main() {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name() == Some(OsStr::new(WORKER_NAME)) {
+        worker::main();
+        return;
+    }
     let mut common = CommonFlags::default();
     let mut flags = Flags {
         bind: None,
@@ -280,10 +295,15 @@ fn warn_if_key_exposed(common: &CommonFlags, flags: &Flags) {
     }
 }
 
+/// Without `--bind`, a master that runs local workers serves only them: it listens on
+/// loopback (port 0), so the demo neither exposes the key to the network nor clashes with
+/// another master on port 5000.
 fn bind_addr(flags: &Flags) -> String {
     match &flags.bind {
         Some(bind) => bind.clone(),
-        None if flags.command.is_some() => "127.0.0.1:0".into(),
+        None if flags.command.is_some() || flags.local_workers.is_some_and(|k| k > 0) => {
+            "127.0.0.1:0".into()
+        }
         None => "0.0.0.0:5000".into(),
     }
 }
@@ -628,18 +648,20 @@ fn loopback(mut addr: SocketAddr) -> SocketAddr {
 struct Workers(Vec<Child>);
 
 impl Workers {
-    /// Starts `k` workers (from the directory of this executable) with `extra` flags,
-    /// handing them the key through the environment so it never shows in `ps`. Command
-    /// workers write nothing to stdout (it carries the results) and give up at once if
-    /// the master goes away.
+    /// Starts `k` workers with `extra` flags, handing them the key through the
+    /// environment so it never shows in `ps`. The workers are this very executable run
+    /// under the name `distq-worker` (see [`main`]), so a master works without a
+    /// `distq-worker` beside it: `cargo run --bin distq-master` builds only the master.
+    /// Command workers write nothing to stdout (it carries the results) and give up at
+    /// once if the master goes away.
     fn spawn(k: u32, addr: &str, authkey: &AuthKey, extra: &[String]) -> distq::Result<Workers> {
-        let exe = std::env::current_exe()
-            .map_err(|e| Error::io("finding distq-master's own path", e))?
-            .with_file_name("distq-worker");
+        let exe =
+            std::env::current_exe().map_err(|e| Error::io("finding distq-master's own path", e))?;
         let mut workers = Workers(Vec::new());
         for _ in 0..k {
             let mut cmd = Command::new(&exe);
-            cmd.args(["--connect", addr, "--forever", "-q"])
+            cmd.arg0(WORKER_NAME)
+                .args(["--connect", addr, "--forever", "-q"])
                 .args(extra)
                 .env(
                     "DISTQ_AUTHKEY",

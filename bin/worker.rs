@@ -75,7 +75,8 @@ struct Flags {
     retry_delay: Duration,
 }
 
-fn main() {
+/// Also reached from `distq-master`, which runs its local workers as itself.
+pub(crate) fn main() {
     let mut common = CommonFlags::default();
     let mut flags = Flags {
         connect: "127.0.0.1:5000".into(),

@@ -27,11 +27,24 @@
 //! background flusher within one flush interval; losing them in a crash can only make an
 //! item appear again, never disappear.
 //!
+//! # When a write fails
+//! Memory has already applied every buffered record, so none is ever dropped: a failed
+//! (or short, or unsynced) batch is cut back off the file and put back in front of the
+//! buffer, and the next writer retries it, so the file always holds a prefix of the
+//! queues' history. `written` only moves past a record once its bytes are in the file:
+//! a put is acknowledged only then, by construction. A put whose batch failed is taken
+//! back out of memory by its queue (see `Queue::withdraw`) and answered "not stored".
+//! While writes keep failing, new puts are refused up front once the retry backlog
+//! passes `MAX_BACKLOG` (16 MiB). The file goes through [`JournalFile`], so tests inject
+//! failing writes, short writes and failing syncs.
+//!
 //! # Recovery
-//! [`Journal::open`] replays the file. A damaged record at the end (a torn write from a
-//! crash: truncated, or zero-filled) is cut off and the bytes dropped are logged. A
-//! damaged record followed by more data means corruption in the middle: opening fails
-//! with a clear message unless `repair` is set, which skips to the next valid record.
+//! [`Journal::open`] replays the file. A damaged *final* record (a torn write from a
+//! crash: truncated, or zero-filled) is cut off and the bytes dropped are logged. Damage
+//! with any valid record after it means corruption in the middle, and so does a record
+//! for a queue number no record declared: opening fails with a clear message unless
+//! `repair` is set, which skips to the next valid record and rewrites the file from
+//! what it kept (so a later compaction never meets the damage again).
 //!
 //! # Compaction
 //! When the file grows past four times the (estimated) live data and a minimum size, the
@@ -45,7 +58,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::log::log_at;
@@ -104,6 +117,55 @@ pub struct JournalConfig {
     pub repair: bool,
     /// Never compact below this file size.
     pub compact_min_bytes: u64,
+    /// Wraps the file the writer appends to (tests inject failing writes and syncs).
+    pub wrap_file: Option<FileWrapper>,
+}
+
+/// The journal file as the group-commit writer uses it: positioned writes, a sync and a
+/// truncation. Behind a trait so tests can make the Nth write fail, write short, or fail
+/// its sync, and check that nothing acknowledged is lost and nothing refused comes back.
+pub trait JournalFile: Send + std::fmt::Debug {
+    /// Writes some of `data` at `offset` and returns how many bytes (like `pwrite`).
+    ///
+    /// # Errors
+    /// The operating system's error (disk full, I/O error).
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<usize>;
+    /// Makes everything written so far durable (`fdatasync`).
+    ///
+    /// # Errors
+    /// The operating system's error.
+    fn sync(&mut self) -> std::io::Result<()>;
+    /// Cuts the file to `len` bytes (drops a failed batch's partial bytes).
+    ///
+    /// # Errors
+    /// The operating system's error.
+    fn set_len(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl JournalFile for File {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<usize> {
+        self.seek(SeekFrom::Start(offset))?;
+        self.write(data)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_data()
+    }
+
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
+/// A function wrapping every file the journal writes to (see [`JournalFile`]).
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct FileWrapper(pub Arc<dyn Fn(Box<dyn JournalFile>) -> Box<dyn JournalFile> + Send + Sync>);
+
+impl std::fmt::Debug for FileWrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileWrapper(..)")
+    }
 }
 
 impl JournalConfig {
@@ -114,6 +176,7 @@ impl JournalConfig {
             fsync: Fsync::Every(Duration::from_millis(50)),
             repair: false,
             compact_min_bytes: 64 << 20,
+            wrap_file: None,
         }
     }
 }
@@ -123,6 +186,10 @@ const COMPACT_NAME: &str = "distq.journal.compact";
 /// A record larger than this is corrupt by definition (frames are at most 64 MiB by
 /// default; an item is smaller than its frame).
 const MAX_RECORD: u32 = 1 << 30;
+/// The largest item a put may journal: a record limit less room for its header fields.
+const MAX_ITEM: usize = (MAX_RECORD as usize) - 64;
+/// Records kept for a retry while writes fail, past which new puts are refused up front.
+const MAX_BACKLOG: usize = 16 << 20;
 
 mod kind {
     pub const DECLARE: u8 = 1;
@@ -319,6 +386,14 @@ pub struct RecoveredQueue {
     pub reserved: Vec<Recovered>,
 }
 
+/// What applying one well-formed record did.
+enum Applied {
+    Ok,
+    /// The record names a queue number no earlier record declared: refused, since its
+    /// item would otherwise vanish without a trace.
+    Undeclared(u32),
+}
+
 /// The live state a journal describes: what replay rebuilds and compaction writes.
 #[derive(Debug, Default)]
 struct State {
@@ -361,7 +436,7 @@ impl State {
     /// Applies one record's payload. `None` means the payload is malformed (which a
     /// valid CRC makes a bug, not damage); records about unknown items are ignored,
     /// since their `Put` may have been lost with a failed write.
-    fn apply(&mut self, payload: &[u8]) -> Option<()> {
+    fn apply(&mut self, payload: &[u8]) -> Option<Applied> {
         let mut f = Fields {
             data: payload,
             pos: 0,
@@ -371,7 +446,10 @@ impl State {
         if k == kind::DECLARE {
             let name = std::str::from_utf8(f.bytes()?).ok()?;
             self.names.insert(qnum, name.to_string());
-            return Some(());
+            return Some(Applied::Ok);
+        }
+        if !self.names.contains_key(&qnum) {
+            return Some(Applied::Undeclared(qnum));
         }
         let q = self.queues.entry(qnum).or_default();
         match k {
@@ -418,6 +496,9 @@ impl State {
             kind::DEAD_LETTER => {
                 let id = f.leb()?;
                 let to = f.u32()?;
+                if !self.names.contains_key(&to) {
+                    return Some(Applied::Undeclared(to));
+                }
                 if q.remove_reserved(id) {
                     if let Some(entry) = q.items.remove(&id) {
                         let dead = self.queues.entry(to).or_default();
@@ -435,7 +516,7 @@ impl State {
             }
             _ => return None,
         }
-        Some(())
+        Some(Applied::Ok)
     }
 
     fn item(&self, q: &QState, id: u64) -> Option<Recovered> {
@@ -523,6 +604,8 @@ struct Replay {
     /// Where the valid records end (the file is cut here if a torn tail followed).
     valid_len: u64,
     dropped: u64,
+    /// Bytes `repair` skipped before the end: the file must be rewritten without them.
+    skipped: u64,
 }
 
 /// Replays `data`. Damage at the end is a torn tail; damage followed by more data is
@@ -532,23 +615,39 @@ fn replay(data: &[u8], repair: bool) -> Result<Replay> {
     let mut pos = 0usize;
     let mut valid_len = 0u64;
     let mut dropped = 0u64;
+    let mut skipped = 0u64;
     while pos < data.len() {
         match record_at(data, pos) {
             Some((payload, next)) => {
-                if state.apply(payload).is_none() {
-                    return Err(Error::Value(format!(
-                        "journal record at byte {pos} has a valid checksum but an unknown layout \
-                         (written by a newer distq?)"
-                    )));
+                match state.apply(payload) {
+                    Some(Applied::Ok) => {}
+                    Some(Applied::Undeclared(qnum)) if !repair => {
+                        return Err(Error::Value(format!(
+                            "journal record at byte {pos} is for queue number {qnum}, which no \
+                             record declared; start with --journal-repair to skip such records"
+                        )));
+                    }
+                    Some(Applied::Undeclared(qnum)) => {
+                        log_at!(Warn, "journal repair: skipped a record for undeclared queue {qnum} at byte {pos}");
+                        dropped += (next - pos) as u64;
+                        skipped += (next - pos) as u64;
+                    }
+                    None => {
+                        return Err(Error::Value(format!(
+                            "journal record at byte {pos} has a valid checksum but an unknown layout \
+                             (written by a newer distq?)"
+                        )));
+                    }
                 }
                 pos = next;
                 valid_len = pos as u64;
             }
             None => {
-                let rest = &data[pos..];
-                let torn = torn_tail(rest);
-                if torn {
-                    dropped += rest.len() as u64;
+                // Only a damaged *final* record is what an interrupted append leaves; a
+                // valid record after the damage means the middle of the file is hurt.
+                let next_valid = (pos + 1..data.len()).find(|&p| record_at(data, p).is_some());
+                if next_valid.is_none() {
+                    dropped += (data.len() - pos) as u64;
                     break;
                 }
                 if !repair {
@@ -559,7 +658,7 @@ fn replay(data: &[u8], repair: bool) -> Result<Replay> {
                     )));
                 }
                 // Skip forward to the next offset where a valid record starts.
-                let skip = (pos + 1..data.len()).find(|&p| record_at(data, p).is_some());
+                let skip = next_valid;
                 let next = skip.unwrap_or(data.len());
                 log_at!(
                     Warn,
@@ -567,6 +666,7 @@ fn replay(data: &[u8], repair: bool) -> Result<Replay> {
                     next - pos
                 );
                 dropped += (next - pos) as u64;
+                skipped += (next - pos) as u64;
                 pos = next;
                 if skip.is_none() {
                     break;
@@ -578,18 +678,8 @@ fn replay(data: &[u8], repair: bool) -> Result<Replay> {
         state,
         valid_len,
         dropped,
+        skipped,
     })
-}
-
-/// Whether damage at the start of `rest` is what an interrupted append leaves: a record
-/// that runs past the end of the file, or zeros to the end (blocks allocated but never
-/// written).
-fn torn_tail(rest: &[u8]) -> bool {
-    if rest.len() < 8 || rest.iter().all(|&b| b == 0) {
-        return true;
-    }
-    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-    len <= MAX_RECORD && 8 + len as usize > rest.len()
 }
 
 /// The payload of a valid record at `pos`, and where the next one starts.
@@ -617,8 +707,11 @@ struct Pending {
     synced: u64,
     /// A thread is writing a batch right now.
     writing: bool,
-    /// Recent failed batches: `(first, last, error)`; their puts get an error reply.
-    failures: VecDeque<(u64, u64, String)>,
+    /// Failed writes so far: a waiter that sees this change while its record is still
+    /// unwritten was in a failed batch and gets an error.
+    failures: u64,
+    /// The last write error, while writes keep failing (`None` once one succeeds).
+    failing: Option<String>,
     /// Estimates for the compaction trigger.
     live_items: i64,
     put_bytes: u64,
@@ -628,7 +721,9 @@ struct Pending {
 
 #[derive(Debug)]
 struct FileState {
-    file: File,
+    file: Box<dyn JournalFile>,
+    /// Where the last successful write ended: the next batch is written here, over any
+    /// bytes a failed write left behind.
     len: u64,
 }
 
@@ -645,8 +740,22 @@ pub struct Journal {
     compacting: AtomicBool,
 }
 
+fn write_failed(last: Option<&str>) -> Error {
+    Error::io(
+        "writing the journal",
+        std::io::Error::other(last.unwrap_or("write failed").to_string()),
+    )
+}
+
 fn poisoned() -> Error {
     Error::Value("internal error: the journal lock was poisoned by a panicking thread".into())
+}
+
+fn wrap(config: &JournalConfig, file: File) -> Box<dyn JournalFile> {
+    match &config.wrap_file {
+        Some(w) => (w.0)(Box::new(file)),
+        None => Box::new(file),
+    }
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -676,8 +785,39 @@ impl Journal {
         let mut data = Vec::new();
         file.read_to_end(&mut data)
             .map_err(|e| io_err("reading the journal", &path, e))?;
+        let file_len = data.len() as u64;
         let replay = replay(&data, config.repair)?;
-        if replay.valid_len < data.len() as u64 {
+        drop(data);
+        let mut len = replay.valid_len;
+        if replay.skipped > 0 {
+            // Rewrite the file from what repair kept, so the damage is gone for good and a
+            // later compaction (which replays strictly) never trips over it.
+            let tmp = config.dir.join(COMPACT_NAME);
+            let mut snapshot = Vec::new();
+            replay.state.snapshot(&mut snapshot);
+            let mut out = File::create(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+            out.write_all(&snapshot)
+                .and_then(|()| out.sync_data())
+                .map_err(|e| io_err("writing", &tmp, e))?;
+            fs::rename(&tmp, &path)
+                .map_err(|e| io_err("renaming the repaired journal to", &path, e))?;
+            if let Ok(dir) = File::open(&config.dir) {
+                let _ = dir.sync_all();
+            }
+            log_at!(
+                Warn,
+                "journal {}: repair dropped {} damaged byte(s) and rewrote the file ({} bytes)",
+                path.display(),
+                replay.dropped,
+                snapshot.len()
+            );
+            file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err("reopening the journal", &path, e))?;
+            len = snapshot.len() as u64;
+        } else if replay.valid_len < file_len {
             log_at!(
                 Warn,
                 "journal {}: dropped {} damaged byte(s) at the end (an interrupted write); recovered a prefix",
@@ -686,15 +826,7 @@ impl Journal {
             );
             file.set_len(replay.valid_len)
                 .map_err(|e| io_err("truncating the journal", &path, e))?;
-        } else if replay.dropped > 0 {
-            log_at!(
-                Warn,
-                "journal {}: repair dropped {} damaged byte(s)",
-                path.display(),
-                replay.dropped
-            );
         }
-        let len = replay.valid_len;
         file.seek(SeekFrom::Start(len))
             .map_err(|e| io_err("seeking in the journal", &path, e))?;
         let live = replay.state.live_items();
@@ -714,7 +846,10 @@ impl Journal {
                 ..Pending::default()
             }),
             progress: Condvar::new(),
-            file: Mutex::new(FileState { file, len }),
+            file: Mutex::new(FileState {
+                file: wrap(&config, file),
+                len,
+            }),
             names: Mutex::new(names),
             next_id: AtomicU64::new(replay.state.max_id + 1),
             compacting: AtomicBool::new(false),
@@ -782,15 +917,13 @@ impl Journal {
 
     fn flush(&self, seq: u64, sync: bool) -> Result<()> {
         let mut p = self.lock_pending()?;
+        let failures = p.failures;
         loop {
-            if let Some((_, _, e)) = p.failures.iter().find(|(a, b, _)| (*a..=*b).contains(&seq)) {
-                return Err(Error::io(
-                    "writing the journal",
-                    std::io::Error::other(format!("{e} (this put was not stored)")),
-                ));
-            }
             if p.written >= seq && (!sync || p.synced >= seq) {
                 return Ok(());
+            }
+            if p.failures != failures {
+                return Err(write_failed(p.failing.as_deref()));
             }
             if p.writing {
                 p = self.progress.wait(p).map_err(|_| poisoned())?;
@@ -800,53 +933,115 @@ impl Journal {
             // for every put waiting meanwhile.
             p.writing = true;
             let batch = std::mem::take(&mut p.buf);
-            let (first, last) = (p.written + 1, p.appended);
+            let last = p.appended;
             drop(p);
             let result = self.write_batch(&batch, sync);
             p = self.lock_pending()?;
             p.writing = false;
-            p.written = last;
             match result {
-                Ok(synced) => {
-                    if synced {
+                Ok(()) => {
+                    p.written = last;
+                    if sync {
                         p.synced = last;
                     }
+                    p.failing = None;
                 }
                 Err(e) => {
-                    log_at!(
-                        Error,
-                        "journal write failed: {e}; the puts in this batch get an error"
-                    );
-                    p.failures.push_back((first, last, e.to_string()));
-                    if p.failures.len() > 64 {
-                        p.failures.pop_front();
+                    // Memory has applied these records: never drop them. They go back in
+                    // front of what was appended meanwhile and the next writer retries.
+                    let mut retry = batch;
+                    retry.append(&mut p.buf);
+                    p.buf = retry;
+                    p.failures += 1;
+                    if p.failing.is_none() {
+                        log_at!(
+                            Error,
+                            "journal write failed: {e}; puts get an error until a write succeeds (retried every flush)"
+                        );
                     }
+                    p.failing = Some(e.to_string());
                 }
             }
             self.progress.notify_all();
         }
     }
 
-    /// Writes a batch at the end of the file. On failure the file is cut back to where
-    /// the batch began, so a partial write never leaves damage in the middle.
-    fn write_batch(&self, batch: &[u8], sync: bool) -> std::io::Result<bool> {
+    /// Refuses new puts while writes keep failing and the records waiting for a retry
+    /// exceed `MAX_BACKLOG` (16 MiB), so a full disk cannot grow the server's memory without bound.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the last write error.
+    pub fn admit(&self, bytes: usize) -> Result<()> {
+        let p = self.lock_pending()?;
+        match &p.failing {
+            Some(_) if p.buf.len().saturating_add(bytes) > MAX_BACKLOG => {
+                Err(write_failed(p.failing.as_deref()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses an item too large for one journal record (it would be acknowledged and
+    /// then refused as corrupt at the next start).
+    ///
+    /// # Errors
+    /// [`Error::Value`] naming the limit.
+    pub fn check_item(&self, len: usize) -> Result<()> {
+        if len > MAX_ITEM {
+            return Err(Error::Value(format!(
+                "an item of {len} bytes is larger than the journal's record limit of {MAX_ITEM} bytes; \
+                 split it into smaller items"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes a batch at the end of the file, whole or not at all: a failed write, short
+    /// write or sync is cut back to where the batch began (and written over by the retry),
+    /// so a record whose put got an error never survives in the file.
+    fn write_batch(&self, batch: &[u8], sync: bool) -> std::io::Result<()> {
         let mut f = self
             .file
             .lock()
             .map_err(|_| std::io::Error::other("journal lock poisoned"))?;
-        if !batch.is_empty() {
-            let start = f.len;
-            if let Err(e) = f.file.write_all(batch) {
-                let _ = f.file.set_len(start);
-                let _ = f.file.seek(SeekFrom::Start(start));
-                return Err(e);
+        let start = f.len;
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < batch.len() {
+            match f.file.write_at(start + done as u64, &batch[done..]) {
+                Ok(0) => {
+                    result = Err(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "the journal file accepted no bytes",
+                    ));
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
-            f.len += batch.len() as u64;
         }
-        if sync {
-            f.file.sync_data()?;
+        if result.is_ok() && sync {
+            result = f.file.sync();
         }
-        Ok(sync)
+        match result {
+            Ok(()) => {
+                f.len = start + batch.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(cut) = f.file.set_len(start) {
+                    log_at!(
+                        Error,
+                        "journal: cannot cut a failed write back ({cut}); the retry writes over it"
+                    );
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Writes everything buffered and syncs per the policy, then compacts if due. Called
@@ -910,7 +1105,7 @@ impl Journal {
         let mut tail = Vec::new();
         let mut old = File::open(&path).map_err(|e| io_err("reopening", &path, e))?;
         old.seek(SeekFrom::Start(cut))
-            .and_then(|_| old.read_to_end(&mut tail))
+            .and_then(|_| old.take(f.len - cut).read_to_end(&mut tail))
             .map_err(|e| io_err("reading the journal tail", &path, e))?;
         out.write_all(&tail)
             .and_then(|()| out.sync_data())
@@ -922,10 +1117,11 @@ impl Journal {
         }
         let new_len = (snapshot.len() + tail.len()) as u64;
         log_at!(Info, "journal compacted: {} -> {} bytes", f.len, new_len);
-        f.file = OpenOptions::new()
-            .append(true)
+        let reopened = OpenOptions::new()
+            .write(true)
             .open(&path)
             .map_err(|e| io_err("reopening", &path, e))?;
+        f.file = wrap(&self.config, reopened);
         f.len = new_len;
         Ok(())
     }
@@ -1063,6 +1259,68 @@ mod tests {
             "the damaged record's item is lost"
         );
         assert!(q.items.contains_key(&5), "later records survive");
+    }
+
+    #[test]
+    fn a_bad_length_in_the_middle_is_not_a_torn_tail() {
+        let (records, _) = history();
+        let mut all: Vec<u8> = records.concat();
+        // Record 2's length now runs past the end of the file: once taken for a torn
+        // write, which cut off every valid record after it.
+        let at = records[0].len() + records[1].len() + 1;
+        all[at] ^= 0x04;
+        let err = replay(&all, false).unwrap_err().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+        let kept = replay(&all, true).unwrap();
+        assert!(kept.state.queues[&0].items.contains_key(&5));
+        // Damage in the final record alone is still a torn tail.
+        let mut last = records.concat();
+        let n = last.len();
+        last[n - 1] ^= 0xff;
+        assert_eq!(
+            replay(&last, false).unwrap().valid_len as usize,
+            n - records[records.len() - 1].len()
+        );
+    }
+
+    #[test]
+    fn a_record_for_an_undeclared_queue_is_refused() {
+        let (records, _) = history();
+        let all: Vec<u8> = records[1..].concat(); // the Declare is missing
+        let err = replay(&all, false).unwrap_err().to_string();
+        assert!(err.contains("no record declared"), "{err}");
+        assert!(replay(&all, true).unwrap().state.queues.is_empty());
+    }
+
+    #[test]
+    fn a_repaired_journal_is_rewritten_so_compaction_works() {
+        let dir = tmpdir("repair");
+        fs::create_dir_all(&dir).unwrap();
+        let (records, _) = history();
+        let mut all: Vec<u8> = records.concat();
+        all[records[0].len() + records[1].len() + 10] ^= 0xff;
+        fs::write(dir.join(FILE_NAME), &all).unwrap();
+        let mut cfg = JournalConfig::new(&dir);
+        assert!(Journal::open(cfg.clone()).is_err());
+        cfg.repair = true;
+        let (j, _) = Journal::open(cfg.clone()).unwrap();
+        j.compact().unwrap();
+        drop(j);
+        cfg.repair = false;
+        let (_, recovered) = Journal::open(cfg).unwrap();
+        let ids: Vec<u64> = recovered[0].ready.iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![4, 3, 5]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_item_over_the_record_limit_is_refused() {
+        let dir = tmpdir("big");
+        let (j, _) = Journal::open(JournalConfig::new(&dir)).unwrap();
+        assert!(j.check_item(MAX_ITEM).is_ok());
+        let err = j.check_item(MAX_ITEM + 1).unwrap_err().to_string();
+        assert!(err.contains("record limit"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

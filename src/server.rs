@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -41,11 +41,16 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long sending a reply may block on a client that does not read.
     pub write_timeout: Duration,
-    /// The most connections served at once; more are closed right after `accept`.
+    /// The most connections served at once; more wait in the listen backlog (no permit,
+    /// no `accept`) until one closes.
     pub max_connections: usize,
     /// The most connections still authenticating at once: a flood of silent peers can
-    /// hold at most this many threads for at most `handshake_timeout`.
+    /// hold at most this many threads for at most `handshake_timeout`. Past it the
+    /// *oldest* pending handshake is shed, so a new arrival is always heard.
     pub max_handshakes: usize,
+    /// The most pending handshakes from one source address; past it that address's
+    /// oldest is shed.
+    pub max_handshakes_per_source: usize,
     /// Close method channels idle this long (`None`: never). A blocked `get` is not idle.
     pub idle_timeout: Option<Duration>,
     /// Default lease time for `reserve` (`None`: leases expire only with their connection).
@@ -61,7 +66,7 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults: 64 MiB frames, a 10 s handshake deadline, a 30 s write timeout, 1024
-    /// connections of which 64 may be authenticating, no idle timeout, leases that
+    /// connections of which 640 may be authenticating (256 from one address), no idle timeout, leases that
     /// expire only with their connection, no dead-lettering, any item accepted.
     pub fn new(authkey: AuthKey) -> ServerConfig {
         ServerConfig {
@@ -70,7 +75,8 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             max_connections: 1024,
-            max_handshakes: 64,
+            max_handshakes: 640,
+            max_handshakes_per_source: 256,
             idle_timeout: None,
             lease_timeout: None,
             max_deliveries: 0,
@@ -111,9 +117,12 @@ struct Shared {
     queues: QueueMap,
     local_addr: SocketAddr,
     stopping: AtomicBool,
+    /// Every connection thread has been joined: the journal's last flush may run.
+    drained: AtomicBool,
     next_conn: AtomicU64,
-    /// Connections accepted but not yet authenticated.
-    handshaking: AtomicUsize,
+    /// Connections accepted but not yet authenticated: id, source address and a handle
+    /// to shed it by (ids grow, so the smallest is the oldest).
+    handshaking: Mutex<std::collections::BTreeMap<u64, (std::net::IpAddr, Arc<TcpStream>)>>,
     /// A second handle on every live socket, so shutdown can unblock their threads.
     live: Mutex<HashMap<u64, Arc<TcpStream>>>,
 }
@@ -176,9 +185,10 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 queues,
-                handshaking: AtomicUsize::new(0),
+                handshaking: Mutex::new(std::collections::BTreeMap::new()),
                 local_addr,
                 stopping: AtomicBool::new(false),
+                drained: AtomicBool::new(false),
                 next_conn: AtomicU64::new(0),
                 live: Mutex::new(HashMap::new()),
             }),
@@ -236,7 +246,23 @@ impl Server {
             None => None,
         };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for incoming in self.listener.incoming() {
+        loop {
+            // Take a permit before `accept`: at the connection limit a new peer waits in
+            // the listen backlog until a connection closes, instead of being accepted and
+            // closed. Pending handshakes do not hold a permit for long: an arrival sheds
+            // the oldest of them, so accepting stays open while any is pending.
+            loop {
+                threads.retain(|t| !t.is_finished());
+                let pending = self.shared.handshaking.lock().map_or(0, |h| h.len());
+                if threads.len() < self.shared.config.max_connections
+                    || pending > 0
+                    || self.shared.stopping.load(Ordering::SeqCst)
+                {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            let incoming = self.listener.accept().map(|(s, _)| s);
             if self.shared.stopping.load(Ordering::SeqCst) {
                 break;
             }
@@ -250,24 +276,6 @@ impl Server {
                 }
             };
             threads.retain(|t| !t.is_finished());
-            if threads.len() >= self.shared.config.max_connections {
-                log_at!(
-                    Warn,
-                    "{}: refused, already serving {} connections (the limit)",
-                    peer_name(&stream),
-                    threads.len()
-                );
-                continue;
-            }
-            if self.shared.handshaking.load(Ordering::SeqCst) >= self.shared.config.max_handshakes {
-                log_at!(
-                    Warn,
-                    "{}: refused, {} connections are already authenticating (the limit)",
-                    peer_name(&stream),
-                    self.shared.config.max_handshakes
-                );
-                continue;
-            }
             // A second handle on the socket: shutdown uses it to wake the connection's
             // thread, and a blocked `get` to check that the peer is still there.
             let handle = match stream.try_clone() {
@@ -281,8 +289,8 @@ impl Server {
                     continue;
                 }
             };
-            self.shared.handshaking.fetch_add(1, Ordering::SeqCst);
             let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+            self.shared.admit_handshake(id, &stream, &handle);
             if let Ok(mut live) = self.shared.live.lock() {
                 live.insert(id, handle.clone());
             }
@@ -299,7 +307,10 @@ impl Server {
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    self.shared.handshaking.fetch_sub(1, Ordering::SeqCst);
+                    self.shared.end_handshake(id);
+                    if let Ok(mut live) = self.shared.live.lock() {
+                        live.remove(&id);
+                    }
                     log_at!(Warn, "cannot start a connection thread: {e}");
                 }
             }
@@ -308,6 +319,9 @@ impl Server {
             let _ = t.join();
         }
         let _ = janitor.join();
+        // Only now: acks, takes and requeues appended while connections wound down are
+        // buffered, and the flusher's last write must include them.
+        self.shared.drained.store(true, Ordering::SeqCst);
         if let Some(flusher) = flusher {
             let _ = flusher.join();
         }
@@ -323,6 +337,47 @@ fn peer_name(stream: &TcpStream) -> String {
 }
 
 impl Shared {
+    /// Records a pending handshake, shedding the oldest one from the same address past
+    /// `max_handshakes_per_source`, and the oldest overall past `max_handshakes` (or at
+    /// the connection limit): silent peers can delay a newcomer, never lock it out.
+    fn admit_handshake(&self, id: u64, stream: &TcpStream, handle: &Arc<TcpStream>) {
+        let ip = stream
+            .peer_addr()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+        let Ok(mut pending) = self.handshaking.lock() else {
+            return;
+        };
+        let from_source = pending.values().filter(|(a, _)| *a == ip).count();
+        let shed = if from_source >= self.config.max_handshakes_per_source {
+            pending.iter().find(|(_, (a, _))| *a == ip).map(|(k, _)| *k)
+        } else if pending.len() >= self.config.max_handshakes
+            || self.live.lock().map_or(0, |l| l.len()) >= self.config.max_connections
+        {
+            pending.keys().next().copied()
+        } else {
+            None
+        };
+        let shed = shed.and_then(|k| pending.remove(&k));
+        pending.insert(id, (ip, handle.clone()));
+        let count = pending.len();
+        drop(pending);
+        if let Some((addr, old)) = shed {
+            let _ = old.shutdown(Shutdown::Both);
+            log_at!(
+                Warn,
+                "{addr}: shed its oldest pending handshake ({count} pending; limits {} per address, {} in all)",
+                self.config.max_handshakes_per_source,
+                self.config.max_handshakes
+            );
+        }
+    }
+
+    fn end_handshake(&self, id: u64) {
+        if let Ok(mut pending) = self.handshaking.lock() {
+            pending.remove(&id);
+        }
+    }
+
     /// Requeues expired leases and due delayed releases, ten times a second, until the
     /// server stops.
     fn expire_leases(&self) {
@@ -335,10 +390,11 @@ impl Shared {
     }
 
     /// Writes and syncs the journal every flush interval (see `journal.rs`), compacting
-    /// when due, and once more after the server stops so nothing buffered is left behind.
+    /// when due, and once more after every connection thread has been joined so nothing
+    /// buffered is left behind.
     fn flush_journal(&self, journal: &Journal) {
         loop {
-            let stopping = self.stopping.load(Ordering::SeqCst);
+            let stopping = self.drained.load(Ordering::SeqCst);
             if let Err(e) = journal.tick() {
                 log_at!(Error, "journal: {e}");
             }
@@ -364,7 +420,7 @@ impl Shared {
             self.config.max_frame,
             self.config.handshake_timeout,
         );
-        self.handshaking.fetch_sub(1, Ordering::SeqCst);
+        self.end_handshake(id);
         let mut conn = match handshake {
             Ok(conn) => conn,
             Err(e @ Error::AuthFailed(_)) => return log_at!(Warn, "{peer}: {e}"),

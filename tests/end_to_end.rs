@@ -27,6 +27,34 @@ fn squares_in(out: &str) -> usize {
         .count()
 }
 
+/// README's first command (issue 12): the master alone, with no `distq-worker` beside it
+/// (what `cargo run --bin distq-master` builds on a fresh clone), runs its local workers,
+/// listens on loopback, and prints no warning.
+#[test]
+fn readme_demo_needs_only_the_master_binary() {
+    let dir = std::env::temp_dir().join(format!("distq-lonely-master-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let master = dir.join("distq-master");
+    std::fs::copy(env!("CARGO_BIN_EXE_distq-master"), &master).unwrap();
+    let child = std::process::Command::new(&master)
+        .args(["--local-workers", "2", "--authkey", KEY])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_deadline(child, Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(squares_in(&stdout), 10, "{stdout}");
+    assert!(stdout.contains("Listening on 127.0.0.1:"), "{stdout}");
+    assert!(
+        !stderr.contains("WARN"),
+        "the demo greets with a warning:\n{stderr}"
+    );
+}
+
 #[test]
 fn demo_with_local_workers_completes() {
     let child = bin("distq-master")

@@ -67,9 +67,13 @@ fn poisoned() -> Error {
     Error::Value("internal error: a queue lock was poisoned by a panicking thread".into())
 }
 
-/// The most queues one server holds; creating a new name beyond it fails, so a client
-/// cannot grow the server without bound by inventing names.
+/// The most named queues one server holds; creating a new name beyond it fails, so a
+/// client cannot grow the server without bound by inventing names.
 pub const MAX_QUEUES: usize = 4096;
+
+/// The most anonymous (`SyncManager().Queue()`) queues alive at once, counted apart from
+/// named ones: filling this table never stops `create('get_task_queue')`.
+pub const MAX_ANONYMOUS_QUEUES: usize = 1024;
 
 /// A queue and the number of client references Python's refcounting protocol holds on it.
 #[derive(Debug)]
@@ -84,6 +88,8 @@ struct Entry {
 struct Registry {
     by_name: HashMap<String, String>,
     by_ident: HashMap<String, Entry>,
+    /// How many of `by_ident` are anonymous.
+    anonymous: usize,
 }
 
 /// All queues of one server, by name and by ident.
@@ -190,6 +196,7 @@ impl QueueMap {
             let fields = [
                 ("size", count(st.size as u64)),
                 ("reserved", count(st.reserved as u64)),
+                ("delayed", count(st.delayed as u64)),
                 ("waiting_getters", count(st.waiting_getters as u64)),
                 ("puts", count(c.puts)),
                 ("gets", count(c.gets)),
@@ -227,13 +234,22 @@ impl QueueMap {
     }
 
     fn lookup_or_insert(&self, name: &str, maxsize: usize) -> Result<Arc<Queue>> {
+        self.lookup_or_insert_with(name, maxsize, true)
+    }
+
+    fn lookup_or_insert_with(
+        &self,
+        name: &str,
+        maxsize: usize,
+        bounded: bool,
+    ) -> Result<Arc<Queue>> {
         let mut reg = self.lock()?;
         if let Some(ident) = reg.by_name.get(name) {
             if let Some(entry) = reg.by_ident.get(ident) {
                 return Ok(entry.queue.clone());
             }
         }
-        let queue = self.insert(&mut reg, name, maxsize, false)?;
+        let queue = self.insert(&mut reg, name, maxsize, false, bounded)?;
         reg.by_name
             .insert(name.to_string(), queue.ident().to_string());
         Ok(queue)
@@ -245,12 +261,19 @@ impl QueueMap {
         name: &str,
         maxsize: usize,
         anonymous: bool,
+        bounded: bool,
     ) -> Result<Arc<Queue>> {
-        if reg.by_ident.len() >= MAX_QUEUES {
+        if bounded && anonymous && reg.anonymous >= MAX_ANONYMOUS_QUEUES {
             return Err(Error::Value(format!(
-                "too many queues (limit {MAX_QUEUES}); reuse existing queues or drop proxies"
+                "too many anonymous queues (limit {MAX_ANONYMOUS_QUEUES}); drop Queue() proxies you no longer use"
             )));
         }
+        if bounded && !anonymous && reg.by_ident.len() - reg.anonymous >= MAX_QUEUES {
+            return Err(Error::Value(format!(
+                "too many named queues (limit {MAX_QUEUES}); reuse existing queues"
+            )));
+        }
+        reg.anonymous += usize::from(anonymous);
         // Idents look like Python's `'%x' % id(obj)` (12 lowercase hex digits) so that
         // tools printing them see the familiar shape; they are opaque to clients.
         let n = self.next_ident.fetch_add(1, Ordering::Relaxed);
@@ -283,7 +306,7 @@ impl QueueMap {
     /// creates: reachable only by its ident, freed when its refcount reaches zero.
     pub fn create_anonymous(&self, typeid: &str, maxsize: usize) -> Result<Arc<Queue>> {
         let mut reg = self.lock()?;
-        self.insert(&mut reg, &format!("<{typeid}>"), maxsize, true)
+        self.insert(&mut reg, &format!("<{typeid}>"), maxsize, true, true)
     }
 
     /// Python's `create(typeid)`: the queue named `name` (created unbounded on first use),
@@ -330,6 +353,7 @@ impl QueueMap {
         if freed {
             // Its memory goes when the last in-flight call on it returns its `Arc`.
             reg.by_ident.remove(ident);
+            reg.anonymous -= 1;
         }
         Ok(())
     }
@@ -391,7 +415,10 @@ impl QueueMap {
             from.name(),
             self.policy.max_deliveries
         );
-        self.lookup_or_insert(&name, 0)?.push_dead(items)
+        // Exempt from the queue limit: a lease's item must end up somewhere, and there is
+        // at most one dead-letter queue per named queue.
+        self.lookup_or_insert_with(&name, 0, false)?
+            .push_dead(items)
     }
 
     /// Releases a lease on `queue` (see [`Queue::release`]), dead-lettering if due.
@@ -402,14 +429,25 @@ impl QueueMap {
 
     /// Releases every lease held by connection `owner` on every queue (it closed).
     /// Returns how many items went back.
+    ///
+    /// # Errors
+    /// The first error met; every queue is still visited, so one failure leaves no
+    /// other lease of the owner held forever.
     pub fn release_owner(&self, owner: u64) -> Result<usize> {
         let mut released = 0;
+        let mut first_error = None;
         for q in self.queues()? {
-            let (dead, n) = q.release_owner(owner)?;
-            released += n;
-            self.dead_letter(&q, dead)?;
+            let result = q
+                .release_owner(owner)
+                .and_then(|(dead, n)| self.dead_letter(&q, dead).map(|()| n));
+            match result {
+                Ok(n) => released += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(released)
+        first_error.map_or(Ok(released), Err)
     }
 
     /// Requeues expired leases and due delayed releases on every queue. Returns how many
@@ -461,6 +499,15 @@ mod tests {
         q.get(Wait::No, ALIVE).map(|t| t.item)
     }
 
+    /// Waits (with a deadline) until `n` callers are blocked in a get on `q`.
+    fn wait_getters(q: &Queue, n: usize) {
+        let start = Instant::now();
+        while q.stats().unwrap().waiting_getters != n {
+            assert!(start.elapsed() < Duration::from_secs(10), "no waiter");
+            thread::yield_now();
+        }
+    }
+
     #[test]
     fn fifo_order() {
         let q = QueueMap::new().create("q").unwrap();
@@ -490,7 +537,7 @@ mod tests {
         let q = QueueMap::new().create("q").unwrap();
         let q2 = q.clone();
         let t = thread::spawn(move || q2.get(Wait::Forever, ALIVE).map(|t| t.item));
-        thread::sleep(Duration::from_millis(50));
+        wait_getters(&q, 1);
         put(&q, "x");
         assert_eq!(t.join().unwrap().unwrap(), item("x"));
     }
@@ -504,7 +551,7 @@ mod tests {
             let alive = move || !gone2.load(std::sync::atomic::Ordering::SeqCst);
             q2.get(Wait::Forever, &alive)
         });
-        thread::sleep(Duration::from_millis(50));
+        wait_getters(&q, 1);
         gone.store(true, std::sync::atomic::Ordering::SeqCst);
         let start = Instant::now();
         assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
@@ -557,7 +604,7 @@ mod tests {
         let q = map.create("c").unwrap();
         let q2 = q.clone();
         let t = thread::spawn(move || q2.get(Wait::Forever, ALIVE).map(drop));
-        thread::sleep(Duration::from_millis(50));
+        wait_getters(&q, 1);
         map.close_all();
         assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
     }
@@ -672,6 +719,79 @@ mod tests {
         q.join(Wait::No, ALIVE).unwrap();
         let c = q.stats().unwrap().counts;
         assert_eq!((c.puts, c.gets, c.requeues, c.dead_lettered), (1, 2, 1, 1));
+    }
+
+    #[test]
+    fn a_delayed_release_still_dead_letters_and_shows_in_stats() {
+        let map = QueueMap::with_policy(Policy {
+            max_deliveries: 1,
+            ..Policy::default()
+        });
+        let q = map.create("d").unwrap();
+        put(&q, "once");
+        put(&q, "later");
+        let r = q.reserve(1, None, Wait::No, ALIVE).unwrap();
+        map.release(&q, r.lease, Some(Duration::from_secs(60)))
+            .unwrap();
+        let dead = map.create("d.dead").unwrap();
+        assert_eq!(
+            get(&dead).unwrap(),
+            item("once"),
+            "max_deliveries=1 honoured"
+        );
+        // A delayed item that may still be retried is counted, and dropped by an
+        // immediate shutdown.
+        let map = QueueMap::new();
+        let q = map.create("d").unwrap();
+        put(&q, 1);
+        let r = q.reserve(1, None, Wait::No, ALIVE).unwrap();
+        map.release(&q, r.lease, Some(Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(q.stats().unwrap().delayed, 1);
+        q.shutdown(true).unwrap();
+        assert_eq!(q.stats().unwrap().delayed, 0);
+        q.join(Wait::No, ALIVE).unwrap();
+    }
+
+    #[test]
+    fn anonymous_queues_cannot_crowd_out_named_ones() {
+        let map = QueueMap::new();
+        let mut anon = Vec::new();
+        while let Ok(q) = map.create_anonymous("Queue", 0) {
+            anon.push(q);
+        }
+        assert_eq!(anon.len(), MAX_ANONYMOUS_QUEUES);
+        let q = map.create("get_task_queue").unwrap();
+        put(&q, 1);
+        map.decref(anon[0].ident()).unwrap();
+        assert!(
+            map.create_anonymous("Queue", 0).is_ok(),
+            "room again once freed"
+        );
+    }
+
+    #[test]
+    fn dead_lettering_works_with_the_queue_table_full() {
+        let map = QueueMap::with_policy(Policy {
+            max_deliveries: 1,
+            ..Policy::default()
+        });
+        let a = map.create("a").unwrap();
+        let b = map.create("b").unwrap();
+        put(&a, "x");
+        put(&b, "y");
+        a.reserve(9, None, Wait::No, ALIVE).unwrap();
+        b.reserve(9, None, Wait::No, ALIVE).unwrap();
+        let mut i = 0;
+        while map.create(&format!("filler{i}")).is_ok() {
+            i += 1;
+        }
+        assert_eq!(map.release_owner(9).unwrap(), 2);
+        let got: Vec<Fragment> = ["a.dead", "b.dead"]
+            .iter()
+            .map(|n| get(&map.create(n).unwrap()).unwrap())
+            .collect();
+        assert_eq!(got, vec![item("x"), item("y")], "nothing vanished");
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct QueueStats {
     pub size: usize,
     /// Items out under a lease.
     pub reserved: usize,
+    /// Items released with a delay, not yet back in the queue.
+    pub delayed: usize,
     /// Callers blocked waiting for an item.
     pub waiting_getters: usize,
     /// The lifetime counters.
@@ -232,6 +234,12 @@ impl Queue {
         alive: &dyn Fn() -> bool,
     ) -> Result<()> {
         let n = items.len();
+        if let Some((j, _)) = &self.journal {
+            for item in &items {
+                j.check_item(item.bytes().len())?;
+            }
+            j.admit(items.iter().map(|i| i.bytes().len()).sum())?;
+        }
         let guard = self.lock()?;
         if guard.maxsize > 0 && n > guard.maxsize {
             return Err(Error::Value(format!(
@@ -249,6 +257,7 @@ impl Queue {
             return Err(Error::Full);
         }
         let mut seq = 0;
+        let mut ids = Vec::new();
         for item in items {
             let t = Taken {
                 id: self.new_id(),
@@ -263,6 +272,9 @@ impl Queue {
                     item: &t.item,
                 });
             }
+            if t.id > 0 {
+                ids.push(t.id);
+            }
             guard.items.push_back(&t);
         }
         guard.unfinished += n as u64;
@@ -276,9 +288,58 @@ impl Queue {
         // Acknowledge only what is written (and synced, with `--fsync always`): the wait
         // happens here, with no queue lock held.
         match &self.journal {
-            Some((j, _)) if seq > 0 => j.commit(seq),
+            Some((j, _)) if seq > 0 => j.commit(seq).map_err(|e| self.withdraw(&ids, e)),
             _ => Ok(()),
         }
+    }
+
+    /// Undoes a put whose journal write failed, so an item its producer was told "not
+    /// stored" is never delivered: the items still waiting are taken back out (and a
+    /// `Take` is journaled behind the retried `Put`, so a restart does not revive them
+    /// either). An item a consumer already got cannot be taken back; the error says so.
+    fn withdraw(&self, ids: &[u64], err: Error) -> Error {
+        let Ok(mut s) = self.lock() else {
+            return err;
+        };
+        let mut kept = Vec::with_capacity(s.items.len());
+        let mut withdrawn = 0u64;
+        while let Some(t) = s.items.pop_front() {
+            if ids.contains(&t.id) {
+                let id = t.id;
+                self.journal(|qnum| Record::Take { qnum, id });
+                withdrawn += 1;
+            } else {
+                kept.push(t);
+            }
+        }
+        for t in &kept {
+            s.items.push_back(t);
+        }
+        s.items.shrink_if_sparse();
+        s.unfinished = s.unfinished.saturating_sub(withdrawn);
+        s.counts.puts = s.counts.puts.saturating_sub(withdrawn);
+        if s.unfinished == 0 {
+            self.all_done.notify_all();
+        }
+        drop(s);
+        self.not_full.notify_all();
+        let delivered = ids.len() as u64 - withdrawn;
+        let cause = match &err {
+            Error::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        let what = if delivered == 0 {
+            format!(
+                "{cause}; this put was not stored (free disk space: the server retries the write)"
+            )
+        } else {
+            format!(
+                "{cause}; {delivered} of the {} item(s) of this put had already been handed to a \
+                 consumer before the write failed (delivered, but not journaled); the rest were not stored",
+                ids.len()
+            )
+        };
+        Error::io("writing the journal", std::io::Error::other(what))
     }
 
     /// Waits like Python's `get` for at least one item, then takes up to `max` of those
@@ -358,11 +419,9 @@ impl Queue {
             }
         }
         drop(guard);
-        if items.len() == 1 {
-            self.not_full.notify_one();
-        } else {
-            self.not_full.notify_all();
-        }
+        // Every waiting put: one woken `put_many` that still does not fit would otherwise
+        // swallow the wakeup while a single `put` that fits sleeps until its poll.
+        self.not_full.notify_all();
         Ok((items, lease_id))
     }
 
@@ -482,7 +541,9 @@ impl Queue {
         let due = delay
             .filter(|d| !d.is_zero())
             .and_then(|d| Instant::now().checked_add(d));
-        if let Some(due) = due {
+        let max = self.policy.max_deliveries;
+        let exhausted = max > 0 && l.taken.deliveries >= max;
+        if let (Some(due), false) = (due, exhausted) {
             // The journal has no clocks: after a restart a delayed item is ready at once.
             let id = l.taken.id;
             self.journal(|qnum| Record::Requeue { qnum, id });
@@ -597,10 +658,16 @@ impl Queue {
     }
 
     /// Loads items recovered from the journal: formerly reserved ones first (they come
-    /// back ready, at the head), then the waiting ones in order. Writes no records: they
-    /// are in the journal already.
+    /// back ready, at the head), then the waiting ones in order. The journal learns that
+    /// the formerly reserved ones are waiting again (a `Requeue` each, newest first so
+    /// the oldest ends up in front): otherwise a later get of one would not match the
+    /// journal, and a restart would find it both reserved and waiting.
     pub(super) fn restore(&self, reserved: Vec<Taken>, ready: Vec<Taken>) -> Result<()> {
         let mut s = self.lock()?;
+        for t in reserved.iter().rev() {
+            let id = t.id;
+            self.journal(|qnum| Record::Requeue { qnum, id });
+        }
         let n = (reserved.len() + ready.len()) as u64;
         for t in reserved.iter().chain(&ready) {
             s.items.push_back(t);
@@ -615,7 +682,10 @@ impl Queue {
         let mut s = self.lock()?;
         s.shut_down = true;
         if immediate {
-            let dropped = s.items.clear() as u64;
+            // Delayed releases are waiting items too (the journal has them as requeued).
+            let delayed = s.delayed.len() as u64;
+            s.delayed.clear();
+            let dropped = s.items.clear() as u64 + delayed;
             self.journal(|qnum| Record::Clear {
                 qnum,
                 count: dropped,
@@ -658,6 +728,7 @@ impl Queue {
         Ok(QueueStats {
             size: s.items.len(),
             reserved: s.leases.len(),
+            delayed: s.delayed.len(),
             waiting_getters: s.getters,
             counts: s.counts,
         })
