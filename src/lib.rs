@@ -34,7 +34,7 @@
 //! # Ok::<(), distq::Error>(())
 //! ```
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: `conn::quickack` (a setsockopt std lacks)
 #![warn(missing_docs)]
 
 pub mod auth;
