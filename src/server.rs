@@ -447,7 +447,9 @@ impl Shared {
         let result = match dispatch::public(&self.queues, &req) {
             Public::Reply(reply) => conn.write_reply(&reply),
             Public::AcceptConnection => {
-                let name = req.args.first().map(Value::to_string).unwrap_or_default();
+                // Bounded: the argument is the client's, and a small shared graph can
+                // render to gigabytes.
+                let name = req.args.first().map(|v| v.brief(100)).unwrap_or_default();
                 log_at!(Info, "{peer}: method channel opened by {name}");
                 conn.write_reply(&Reply::Return(Value::None))
                     .and_then(|()| self.serve_methods(&mut conn, id, handle))
