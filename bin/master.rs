@@ -233,6 +233,13 @@ fn check(flags: &Flags) -> Result<(), lexopt::Error> {
     } else if flags.tasks.is_some() {
         return Err("--tasks and --input exclude each other: the input decides the tasks".into());
     }
+    if flags.bind.is_some() && flags.connect.is_some() {
+        return Err(
+            "--bind and --connect exclude each other: --bind is where a hosted server listens, \
+             --connect uses a server that already runs"
+                .into(),
+        );
+    }
     match &flags.journal {
         Some(_) if flags.connect.is_some() => {
             return Err("--journal applies to a hosted server, not with --connect".into())
@@ -414,11 +421,11 @@ fn reserved_tasks(manager: &Manager) -> Option<i64> {
 }
 
 /// An error and the exit status it calls for.
-type Failure = (Error, i32);
+type Failure = (String, i32);
 
 fn failed(e: Error) -> Failure {
     let status = cli::status_for(&e);
-    (e, status)
+    (e.to_string(), status)
 }
 
 fn classic(flags: &Flags, tasks: &QueueProxy, results: &QueueProxy) -> Result<(), Failure> {
@@ -437,9 +444,9 @@ fn classic(flags: &Flags, tasks: &QueueProxy, results: &QueueProxy) -> Result<()
                 r.as_str().map_or_else(|| r.to_string(), str::to_string)
             ),
             Err(Error::Empty) => {
-                let e = Error::Protocol(format!(
+                let e = format!(
                     "only {received} of {total} results arrived; none came for {result_timeout:?} (are workers running? see --result-timeout)"
-                ));
+                );
                 return Err((e, exit::MISSING));
             }
             Err(e) => return Err(failed(e)),

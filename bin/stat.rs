@@ -48,6 +48,9 @@ const COLUMNS: [(&str, &str); 8] = [
     ("dead_lettered", "dead"),
 ];
 
+/// The shortest `--watch` period: below it the refresh loop is a load generator.
+const MIN_WATCH: Duration = Duration::from_millis(100);
+
 fn main() {
     let mut common = CommonFlags::default();
     let mut addr = "127.0.0.1:5000".to_string();
@@ -68,6 +71,9 @@ fn main() {
                 ("", cli::Flag::Value(v)) => addr = v.string()?,
                 (_, flag) => return Err(flag.unexpected()),
             }
+        }
+        if watch.is_some_and(|w| w < MIN_WATCH) {
+            return Err(format!("--watch must be at least {MIN_WATCH:?} (a report per request would load the server)").into());
         }
         if count.is_some() && watch.is_none() {
             return Err("--count only applies with --watch".into());

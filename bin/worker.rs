@@ -264,7 +264,9 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
             }
             // The master ended the job (it shut the task queue down): nothing more to take.
             Err(Error::ShutDown) => break,
-            Err(Error::Empty) if flags.exec.is_none() => println!("Task queue is empty."),
+            Err(Error::Empty) if flags.exec.is_none() && shared.chatty => {
+                println!("Task queue is empty.")
+            }
             Err(Error::Empty) => {}
             Err(e) => return Err(e),
         }

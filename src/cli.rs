@@ -161,7 +161,22 @@ impl CommonFlags {
     ///
     /// # Errors
     /// A message saying how to provide one, if none was given or the file is unreadable.
+    ///
+    /// An empty key is refused: it authenticates anyone, and Python workers unpickle
+    /// whatever such a server sends them.
     pub fn authkey(&self) -> Result<AuthKey, String> {
+        let key = self.authkey_bytes()?;
+        if key.as_bytes().is_empty() {
+            return Err(
+                "the authkey is empty: anyone could connect (and Python peers unpickle \
+                        what they receive); give a non-empty key"
+                    .into(),
+            );
+        }
+        Ok(key)
+    }
+
+    fn authkey_bytes(&self) -> Result<AuthKey, String> {
         use std::os::unix::ffi::OsStringExt;
         if let Some(key) = &self.authkey {
             return Ok(AuthKey::new(key.clone().into_vec()));

@@ -66,6 +66,7 @@ fn contradictory_flags_are_bad_usage() {
         &["--input", "-", "--local-workers", "2"],
         &["--input", "-", "--local-workers", "0", "--", "true"],
         &["--input", "-", "--exec", "true", "--", "true"],
+        &["--bind", "127.0.0.1:0", "--connect", "127.0.0.1:1"],
     ] {
         let out = bin("distq-master")
             .args(args)
@@ -81,6 +82,78 @@ fn contradictory_flags_are_bad_usage() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("only applies with --exec"));
+}
+
+/// Issue 12: answers that were silently wrong. An empty key authenticates anyone; a
+/// `--watch 0` report loop is a load generator; a results timeout is not a protocol
+/// error; `-q` silences an idle worker's per-round line.
+#[test]
+fn empty_keys_busy_watches_and_chatty_quiet_workers_are_refused() {
+    let empty = std::env::temp_dir().join(format!("distq-empty-key-{}", std::process::id()));
+    std::fs::write(&empty, b"\n").unwrap();
+    for name in ["distq-server", "distq-worker", "distq-stat", "distq-master"] {
+        for key in [
+            &["--authkey", ""][..],
+            &["--authkey-file", empty.to_str().unwrap()],
+        ] {
+            let out = bin(name).args(key).output().unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{name} {key:?}: {}",
+                text(&out.stderr)
+            );
+            assert!(text(&out.stderr).contains("authkey is empty"), "{name}");
+        }
+    }
+    let _ = std::fs::remove_file(&empty);
+
+    let server = server();
+    let addr = server.local_addr().to_string();
+    let out = bin("distq-stat")
+        .args([&addr, "--watch", "0", "--authkey", KEY])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--watch must be at least"));
+
+    let out = bin("distq-master")
+        .args([
+            "--connect",
+            &addr,
+            "--tasks",
+            "1",
+            "--result-timeout",
+            "0.2",
+        ])
+        .env("DISTQ_AUTHKEY", KEY)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("only 0 of 1 results arrived"), "{stderr}");
+    assert!(!stderr.contains("protocol error"), "{stderr}");
+
+    let out = bin("distq-worker")
+        .args([
+            "--connect",
+            &addr,
+            "--tasks",
+            "3",
+            "--get-timeout",
+            "0.05",
+            "-q",
+        ])
+        .env("DISTQ_AUTHKEY", KEY)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("Task queue is empty."),
+        "{}",
+        text(&out.stdout)
+    );
+    server.shutdown().unwrap();
 }
 
 #[test]
