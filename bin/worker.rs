@@ -167,6 +167,9 @@ struct Shared<'a> {
     failures: Mutex<HashMap<String, u32>>,
     /// Print a line per task on stdout (not with -q).
     chatty: bool,
+    /// Whether to call `task_done()` after each result of a task taken without a lease
+    /// (the queue exposes it: Python's `queue.Queue` and `JoinableQueue` do).
+    task_done: bool,
 }
 
 fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()> {
@@ -174,7 +177,10 @@ fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()
     let mut config = ClientConfig::default();
     config.reconnect_for = flags.reconnect_for;
     let manager = Manager::connect_with(flags.connect.as_str(), authkey, config)?;
-    let leases = flags.leases && manager.queue("get_task_queue")?.exposes("reserve");
+    let task_queue = manager.queue("get_task_queue")?;
+    let leases = flags.leases && task_queue.exposes("reserve");
+    let task_done = task_queue.exposes("task_done");
+    drop(task_queue);
     if flags.leases && !leases {
         eprintln!(
             "note: the server has no leases (reserve/ack; e.g. Python's BaseManager): \
@@ -190,6 +196,7 @@ fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()
         stop: AtomicBool::new(false),
         failures: Mutex::new(HashMap::new()),
         chatty,
+        task_done,
     };
     std::thread::scope(|s| {
         let slots: Vec<_> = (0..flags.concurrency)
@@ -252,6 +259,11 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
                 };
                 if let Some(result) = done {
                     results.put(result)?;
+                    if lease.is_none() && shared.task_done {
+                        // A master waiting in `task_queue.join()` counts these (an ack
+                        // does the same for a leased task).
+                        tasks.task_done()?;
+                    }
                     if let Some(lease) = lease {
                         if let Err(e) = tasks.ack(lease) {
                             // The connection was lost and the task requeued: another

@@ -14,6 +14,7 @@ const MASTER: &str = include_str!("python/task_master.py");
 const VALUES: &str = include_str!("python/values.py");
 const SEMANTICS: &str = include_str!("python/semantics.py");
 const PY_SERVER: &str = include_str!("python/manager_server.py");
+const JOIN_MASTER: &str = include_str!("python/join_master.py");
 
 /// distq-master (hosting its server) with the classic Python worker, on every version.
 #[test]
@@ -307,5 +308,28 @@ print('%.1f %.1f' % (min(cold) * 1e3, min(big) * 1e3))
             "python {:?}: {out}",
             py.version
         );
+    }
+}
+
+/// Issue 13: a Python master waiting with `task_queue.join()` on its own server returns
+/// once distq-worker has done the tasks: the worker calls `task_done()` after each result
+/// (Python's server has no leases, so there is no ack to count instead).
+#[test]
+fn python_join_returns_with_distq_worker() {
+    for py in require_pythons() {
+        let mut master = py.spawn(JOIN_MASTER, &[KEY, "3"]);
+        let addr = read_line_starting(&mut master, "ADDRESS ").replace(' ', ":");
+        let worker = bin("distq-worker")
+            .args(["--connect", &addr, "--tasks", "3", "--authkey", KEY])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wout = wait_with_deadline(worker, Duration::from_secs(30));
+        assert!(wout.status.success(), "{}", text(&wout.stderr));
+        let mout = wait_with_deadline(master, Duration::from_secs(40));
+        let mtext = text(&mout.stdout);
+        assert!(mtext.contains("joined"), "python {:?}: {mtext}", py.version);
+        assert!(mtext.contains("results 3"), "python {:?}: {mtext}", py.version);
     }
 }
