@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use distq::cli::{self, exit, CommonFlags};
-use distq::{text, Manager, Value};
+use distq::{text, Error, Manager, Value};
 use lexopt::ValueExt;
 
 const HELP: &str = "\
@@ -94,9 +94,17 @@ fn main() {
     let redraw = watch.is_some() && !json && std::io::stdout().is_terminal();
     let mut reports = 0u64;
     loop {
-        let stats = manager
-            .stats()
-            .unwrap_or_else(|e| cli::fail(&e, cli::status_for(&e)));
+        let stats = manager.stats().unwrap_or_else(|e| match e {
+            // Python's server answers an unknown public function with a traceback.
+            Error::Traceback(t) if t.contains("'stats' unrecognized") => cli::fail(
+                format!(
+                    "{addr} is not a distq server (stats are a distq extension); \
+                     a Python manager's queues can be inspected from Python with qsize()"
+                ),
+                exit::FAILURE,
+            ),
+            e => cli::fail(&e, cli::status_for(&e)),
+        });
         let mut report = String::new();
         if redraw {
             report.push_str("\x1b[H\x1b[2J");

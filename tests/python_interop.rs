@@ -330,6 +330,33 @@ fn python_join_returns_with_distq_worker() {
         let mout = wait_with_deadline(master, Duration::from_secs(40));
         let mtext = text(&mout.stdout);
         assert!(mtext.contains("joined"), "python {:?}: {mtext}", py.version);
-        assert!(mtext.contains("results 3"), "python {:?}: {mtext}", py.version);
+        assert!(
+            mtext.contains("results 3"),
+            "python {:?}: {mtext}",
+            py.version
+        );
+    }
+}
+
+/// Issue 13: distq-stat against Python's own server says what is wrong, not a traceback.
+#[test]
+fn distq_stat_names_a_python_server() {
+    for py in require_pythons() {
+        let mut server = py.spawn(PY_SERVER, &[KEY]);
+        let addr = read_line_starting(&mut server, "ADDRESS ").replace(' ', ":");
+        let out = bin("distq-stat")
+            .args([&addr, "--authkey", KEY])
+            .output()
+            .unwrap();
+        let _ = server.kill();
+        let _ = server.wait();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("is not a distq server"),
+            "python {:?}: {stderr}",
+            py.version
+        );
+        assert!(!stderr.contains("Traceback"), "{stderr}");
     }
 }
