@@ -484,14 +484,28 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
             None => Workers::spawn(0, &session.addr, &authkey, &[])?,
         };
         // Batches keep the round trips few; put_many on an unbounded queue never blocks.
+        // Python's own server has no batch methods: one task (and result) per round trip.
+        let batches = tasks.exposes("put_many") && results.exposes("get_many");
+        if !batches {
+            eprintln!(
+                "note: the server has no put_many/get_many (e.g. Python's BaseManager): \
+                 one round trip per task"
+            );
+        }
         let mut ids = 0u64..;
         for chunk in lines.chunks(1000) {
-            let batch = chunk
+            let batch: Vec<Value> = chunk
                 .iter()
                 .zip(&mut ids)
                 .map(|(line, id)| text::envelope(id, Value::from(line.as_str())))
                 .collect();
-            tasks.put_many(batch, None)?;
+            if batches {
+                tasks.put_many(batch, None)?;
+            } else {
+                for task in batch {
+                    tasks.put(task)?;
+                }
+            }
         }
         let mut collector = Collector::new(lines.len(), flags.ordered, BufWriter::new(output));
         let mut progress = Progress::new(lines.len(), flags.progress_every, verbosity >= 0);
@@ -612,7 +626,12 @@ impl Collector {
             if workers.all_exited() {
                 return Ok(Some("every local worker exited".into()));
             }
-            match results.get_many(1000, wait) {
+            let taken = if results.exposes("get_many") {
+                results.get_many(1000, wait)
+            } else {
+                results.get(wait).map(|item| vec![item])
+            };
+            match taken {
                 Ok(items) => {
                     last_result = Instant::now();
                     for item in items {

@@ -360,3 +360,33 @@ fn distq_stat_names_a_python_server() {
         assert!(!stderr.contains("Traceback"), "{stderr}");
     }
 }
+
+/// Issue 13: line mode against Python's own server, which has no put_many/get_many:
+/// the master falls back to one put and one get per task, and says so once.
+#[test]
+fn line_mode_master_on_a_python_server() {
+    use std::io::Write;
+    for py in require_pythons() {
+        let mut server = py.spawn(PY_SERVER, &[KEY]);
+        let addr = read_line_starting(&mut server, "ADDRESS ").replace(' ', ":");
+        let mut master = bin("distq-master")
+            .args(["--connect", &addr, "--input", "-", "--local-workers", "2"])
+            .args(["--exec", "printf '%s!' \"$1\""])
+            .env("DISTQ_AUTHKEY", KEY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        master.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+        let out = wait_with_deadline(master, Duration::from_secs(60));
+        let _ = server.kill();
+        let _ = server.wait();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "python {:?}: {stdout}{stderr}", py.version);
+        assert_eq!(stderr.matches("no put_many/get_many").count(), 1, "{stderr}");
+        for line in ["a!", "b!", "c!"] {
+            assert!(stdout.contains(line), "python {:?}: {stdout}", py.version);
+        }
+    }
+}
