@@ -49,7 +49,7 @@ const COLUMNS: [(&str, &str); 8] = [
 ];
 
 /// The shortest `--watch` period: below it the refresh loop is a load generator.
-const MIN_WATCH: Duration = Duration::from_millis(100);
+const MIN_WATCH: Duration = Duration::from_millis(10);
 
 fn main() {
     let mut common = CommonFlags::default();

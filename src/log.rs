@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How much the library writes to stderr.
@@ -27,6 +27,17 @@ pub enum Level {
 }
 
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+// The crate's own unit tests capture from the start.
+static TO_TEST_CAPTURE: AtomicBool = AtomicBool::new(cfg!(test));
+
+/// Sends log lines through `eprint!`, which a test harness captures: `cargo test` then
+/// shows a server's log only for a test that fails. For tests only: unlike the default
+/// writer, `eprint!` panics if stderr is closed.
+#[doc(hidden)]
+pub fn to_test_capture() {
+    TO_TEST_CAPTURE.store(true, Ordering::Relaxed);
+}
 
 /// Sets the process-wide log level.
 pub fn set_level(level: Level) {
@@ -50,12 +61,16 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
         Level::Info => "INFO ",
         Level::Debug => "DEBUG",
     };
-    // One write_fmt on a locked handle keeps lines from different threads whole.
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "{} {tag} {args}",
-        Timestamp::now()
-    );
+    // The line is rendered first and written with one `write` call, so lines of
+    // processes sharing a terminal never interleave mid-line.
+    let line = format!("{} {tag} {args}\n", Timestamp::now());
+    if TO_TEST_CAPTURE.load(Ordering::Relaxed) {
+        eprint!("{line}");
+    } else {
+        // A closed stderr is no reason to stop serving: the error is dropped (where
+        // `eprint!` would panic).
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
 }
 
 /// A UTC wall-clock time rendered as RFC 3339 with milliseconds.

@@ -611,6 +611,7 @@ fn model_run(seed: u64, steps: usize) {
 
 #[test]
 fn model_based_journal_with_failing_disk_and_crashes() {
+    quiet_logs();
     let long = std::env::var_os("DISTQ_LONG").is_some();
     let (runs, steps) = if long { (400, 3000) } else { (40, 800) };
     let base: u64 = std::env::var("DISTQ_SEED")

@@ -378,13 +378,26 @@ fn line_mode_master_on_a_python_server() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        master.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+        master
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"a\nb\nc\n")
+            .unwrap();
         let out = wait_with_deadline(master, Duration::from_secs(60));
         let _ = server.kill();
         let _ = server.wait();
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-        assert!(out.status.success(), "python {:?}: {stdout}{stderr}", py.version);
-        assert_eq!(stderr.matches("no put_many/get_many").count(), 1, "{stderr}");
+        assert!(
+            out.status.success(),
+            "python {:?}: {stdout}{stderr}",
+            py.version
+        );
+        assert_eq!(
+            stderr.matches("no put_many/get_many").count(),
+            1,
+            "{stderr}"
+        );
         for line in ["a!", "b!", "c!"] {
             assert!(stdout.contains(line), "python {:?}: {stdout}", py.version);
         }

@@ -11,14 +11,21 @@ use distq::{AuthKey, RunningServer, Server, ServerConfig};
 
 pub const KEY: &str = "abc";
 
+/// Server logs go to the test harness's capture: shown only for a test that fails.
+/// Warnings only: tests provoke them on purpose; connection chatter is noise.
+pub fn quiet_logs() {
+    distq::log::to_test_capture();
+    distq::log::set_level(distq::log::Level::Warn);
+}
+
 /// A distq server on 127.0.0.1:0 in this process.
 pub fn server() -> RunningServer {
     server_with(|_| {})
 }
 
 pub fn server_with(adjust: impl FnOnce(&mut ServerConfig)) -> RunningServer {
-    // Warnings only: tests provoke them on purpose; connection chatter is noise.
-    distq::log::set_level(distq::log::Level::Warn);
+    quiet_logs();
+
     let mut config = ServerConfig::new(AuthKey::new(KEY));
     adjust(&mut config);
     Server::bind("127.0.0.1:0", config)
