@@ -173,11 +173,22 @@ fn parse_form(message: &[u8]) -> std::result::Result<Form<'_>, String> {
 /// protocol violation here, not a reason to raise `--max-frame`.
 fn read_handshake_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>, what: &str) -> Result<()> {
     read_frame(s, HANDSHAKE_MAX_FRAME, buf).map_err(|e| match e {
+        Error::FrameTooLarge { len, .. } if is_tls_record_header(len) => Error::protocol(
+            "this peer speaks TLS; distq does not (yet): run the client without TLS \
+             or put a TLS proxy in front",
+        ),
         Error::FrameTooLarge { len, max } => Error::protocol(format!(
             "{what} of {len} bytes exceeds the handshake limit of {max} bytes"
         )),
         other => other,
     })
+}
+
+/// Whether a frame "length" is really the start of a TLS record: content type 22
+/// (handshake) and major version 3, as in every ClientHello from SSL 3.0 to TLS 1.3
+/// (e.g. 0x16030102, read as a 369,295,618-byte frame).
+fn is_tls_record_header(len: u64) -> bool {
+    len >> 24 == 0x16 && (len >> 16) & 0xff == 0x03 && (len >> 8) & 0xff <= 0x04
 }
 
 /// Challenges the peer and checks its answer (Python's `deliver_challenge`).

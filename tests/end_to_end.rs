@@ -380,3 +380,44 @@ fn shutdown_wakes_blocked_clients() {
     assert!(blocker.join().unwrap().is_err());
     assert!(start.elapsed() < Duration::from_secs(3));
 }
+
+/// Issue 13: a TLS client (a ClientHello where a frame length belongs) is named as such in
+/// the log, not reported as a 369 MB frame, and the server keeps serving.
+#[test]
+fn a_tls_client_is_recognised() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut server = bin("distq-server")
+        .args(["--bind", "127.0.0.1:0", "--authkey", KEY])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on ") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited");
+    }
+    let addr = line.trim_end().rsplit(' ').next().unwrap().to_string();
+    let mut tls = std::net::TcpStream::connect(&addr).unwrap();
+    // The first bytes of a TLS 1.2/1.3 ClientHello record.
+    tls.write_all(&[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ])
+    .unwrap();
+    let mut logged = String::new();
+    while !logged.contains("TLS") && !logged.contains("handshake limit") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "server exited: {logged}"
+        );
+        logged.push_str(&line);
+    }
+    assert!(logged.contains("this peer speaks TLS"), "{logged}");
+    assert!(!logged.contains("369295618"), "{logged}");
+    let m = Manager::connect(addr.as_str(), AuthKey::new(KEY)).unwrap();
+    m.queue("after_tls").unwrap().put(1).unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+}
