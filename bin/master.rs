@@ -143,11 +143,13 @@ fn main() {
             }
             let name = flag.name();
             match name.as_str() {
-                "--bind" => flags.bind = Some(parser.value()?.string()?),
-                "--connect" => flags.connect = Some(parser.value()?.string()?),
-                "--tasks" => flags.tasks = Some(parser.value()?.parse()?),
+                "--bind" => flags.bind = Some(cli::address("--bind", parser.value()?)?),
+                "--connect" => flags.connect = Some(cli::address("--connect", parser.value()?)?),
+                "--tasks" => flags.tasks = Some(cli::count("--tasks", parser.value()?)?),
                 "--result-timeout" => flags.result_timeout = Some(cli::seconds(parser.value()?)?),
-                "--local-workers" => flags.local_workers = Some(parser.value()?.parse()?),
+                "--local-workers" => {
+                    flags.local_workers = Some(cli::count("--local-workers", parser.value()?)?)
+                }
                 "--input" => flags.input = Some(parser.value()?.string()?),
                 "--output" => flags.output = Some(parser.value()?.string()?),
                 "--ordered" => flags.ordered = true,
@@ -329,7 +331,10 @@ impl Session {
             None => {
                 let mut config = ServerConfig::new(authkey.clone());
                 config.journal = flags.journal.clone();
-                let server = Server::bind(bind_addr(flags).as_str(), config)?;
+                // Nothing has started yet: "cannot listen" ends the master with README's
+                // status for it (1), not the connection status a later failure gets.
+                let server = Server::bind(bind_addr(flags).as_str(), config)
+                    .unwrap_or_else(|e| cli::fail(&e, exit::FAILURE));
                 if announce {
                     println!("Listening on {}", server.local_addr());
                 }

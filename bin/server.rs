@@ -59,7 +59,7 @@ fn main() {
                 continue;
             }
             match flag.name().as_str() {
-                "--bind" => bind = parser.value()?.string()?,
+                "--bind" => bind = cli::address("--bind", parser.value()?)?,
                 "--queue" => {
                     let spec = parser.value()?.string()?;
                     queues.push(parse_queue(&spec)?);

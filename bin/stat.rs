@@ -64,11 +64,11 @@ fn main() {
                 continue;
             }
             match (flag.name().as_str(), flag) {
-                ("--connect", _) => addr = parser.value()?.string()?,
+                ("--connect", _) => addr = cli::address("--connect", parser.value()?)?,
                 ("--watch", _) => watch = Some(cli::seconds(parser.value()?)?),
                 ("--count", _) => count = Some(parser.value()?.parse()?),
                 ("--json", _) => json = true,
-                ("", cli::Flag::Value(v)) => addr = v.string()?,
+                ("", cli::Flag::Value(v)) => addr = cli::address("HOST:PORT", v)?,
                 (_, flag) => return Err(flag.unexpected()),
             }
         }

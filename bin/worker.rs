@@ -101,8 +101,8 @@ pub(crate) fn main() {
             }
             let name = flag.name();
             match name.as_str() {
-                "--connect" => flags.connect = parser.value()?.string()?,
-                "--tasks" => flags.rounds = Some(Some(parser.value()?.parse()?)),
+                "--connect" => flags.connect = cli::address("--connect", parser.value()?)?,
+                "--tasks" => flags.rounds = Some(Some(cli::count("--tasks", parser.value()?)?)),
                 "--forever" => flags.rounds = Some(None),
                 "--get-timeout" => flags.get_timeout = cli::seconds(parser.value()?)?,
                 "--sleep" => flags.sleep = cli::seconds(parser.value()?)?,

@@ -201,6 +201,27 @@ impl CommonFlags {
     }
 }
 
+/// Parses `HOST:PORT` for `flag`: a malformed address is bad usage (exit 2), caught before
+/// anything starts; whether the host resolves is found out when it is used.
+pub fn address(flag: &str, value: OsString) -> Result<String, lexopt::Error> {
+    let text = value.to_string_lossy().into_owned();
+    let well_formed = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if well_formed {
+        Ok(text)
+    } else {
+        Err(format!("{flag} needs HOST:PORT (e.g. 127.0.0.1:5000), not {text:?}").into())
+    }
+}
+
+/// Parses a count for `flag` (`--tasks 10`), naming the flag when the value is not one.
+pub fn count<T: std::str::FromStr>(flag: &str, value: OsString) -> Result<T, lexopt::Error> {
+    let text = value.to_string_lossy().into_owned();
+    text.parse()
+        .map_err(|_| format!("{flag} needs a whole number >= 0, not {text:?}").into())
+}
+
 /// Parses a duration in seconds, e.g. `1`, `0.5`.
 pub fn seconds(value: OsString) -> Result<Duration, lexopt::Error> {
     let text = value.to_string_lossy().into_owned();

@@ -156,6 +156,44 @@ fn empty_keys_busy_watches_and_chatty_quiet_workers_are_refused() {
     server.shutdown().unwrap();
 }
 
+/// Issue 12: malformed addresses and counts are bad usage naming the flag; a master that
+/// cannot listen exits 1 as README's table says (not the connection status, 4).
+#[test]
+fn malformed_addresses_and_counts_are_usage_errors_and_cannot_listen_is_1() {
+    for (name, args) in [
+        ("distq-master", &["--bind", "nonsense"][..]),
+        ("distq-master", &["--connect", "127.0.0.1"]),
+        ("distq-master", &["--tasks", "-3"]),
+        ("distq-server", &["--bind", "nonsense"]),
+        ("distq-worker", &["--connect", "127.0.0.1"]),
+        ("distq-stat", &["127.0.0.1"]),
+    ] {
+        let out = bin(name)
+            .args(args)
+            .env("DISTQ_AUTHKEY", KEY)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {stderr}");
+        let flag = if name == "distq-stat" {
+            "HOST:PORT"
+        } else {
+            args[0]
+        };
+        assert!(stderr.contains(flag), "{name} {args:?}: {stderr}");
+        assert!(!stderr.contains("WARN"), "{name} {args:?}: {stderr}");
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = bin("distq-master")
+        .args(["--bind", &addr])
+        .env("DISTQ_AUTHKEY", KEY)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("cannot listen"));
+}
+
 #[test]
 fn auth_and_connection_failures_have_their_own_exit_codes() {
     let server = server();
