@@ -758,6 +758,18 @@ fn wrap(config: &JournalConfig, file: File) -> Box<dyn JournalFile> {
     }
 }
 
+/// Writes the records that recreate `state` to a new, synced file at `tmp`, returning it
+/// and its length; the caller renames it over the journal (after appending anything newer).
+fn write_snapshot(state: &State, tmp: &Path) -> Result<(File, u64)> {
+    let mut snapshot = Vec::new();
+    state.snapshot(&mut snapshot);
+    let mut out = File::create(tmp).map_err(|e| io_err("creating", tmp, e))?;
+    out.write_all(&snapshot)
+        .and_then(|()| out.sync_data())
+        .map_err(|e| io_err("writing", tmp, e))?;
+    Ok((out, snapshot.len() as u64))
+}
+
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::io(format!("{what} {}", path.display()), e)
 }
@@ -793,12 +805,7 @@ impl Journal {
             // Rewrite the file from what repair kept, so the damage is gone for good and a
             // later compaction (which replays strictly) never trips over it.
             let tmp = config.dir.join(COMPACT_NAME);
-            let mut snapshot = Vec::new();
-            replay.state.snapshot(&mut snapshot);
-            let mut out = File::create(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
-            out.write_all(&snapshot)
-                .and_then(|()| out.sync_data())
-                .map_err(|e| io_err("writing", &tmp, e))?;
+            let (_, snapshot_len) = write_snapshot(&replay.state, &tmp)?;
             fs::rename(&tmp, &path)
                 .map_err(|e| io_err("renaming the repaired journal to", &path, e))?;
             if let Ok(dir) = File::open(&config.dir) {
@@ -809,14 +816,14 @@ impl Journal {
                 "journal {}: repair dropped {} damaged byte(s) and rewrote the file ({} bytes)",
                 path.display(),
                 replay.dropped,
-                snapshot.len()
+                snapshot_len
             );
             file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(|e| io_err("reopening the journal", &path, e))?;
-            len = snapshot.len() as u64;
+            len = snapshot_len;
         } else if replay.valid_len < file_len {
             log_at!(
                 Warn,
@@ -1094,12 +1101,7 @@ impl Journal {
             .map_err(|e| io_err("reading the journal for compaction", &path, e))?;
         let replay = replay(&data, false)?;
         drop(data);
-        let mut snapshot = Vec::new();
-        replay.state.snapshot(&mut snapshot);
-        let mut out = File::create(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
-        out.write_all(&snapshot)
-            .and_then(|()| out.sync_data())
-            .map_err(|e| io_err("writing", &tmp, e))?;
+        let (mut out, snapshot_len) = write_snapshot(&replay.state, &tmp)?;
         // Now the short critical section: append what was written since `cut`, then swap.
         let mut f = self.file.lock().map_err(|_| poisoned())?;
         let mut tail = Vec::new();
@@ -1115,7 +1117,7 @@ impl Journal {
         if let Ok(dir) = File::open(&self.config.dir) {
             let _ = dir.sync_all();
         }
-        let new_len = (snapshot.len() + tail.len()) as u64;
+        let new_len = snapshot_len + tail.len() as u64;
         log_at!(Info, "journal compacted: {} -> {} bytes", f.len, new_len);
         let reopened = OpenOptions::new()
             .write(true)

@@ -385,20 +385,9 @@ fn shutdown_wakes_blocked_clients() {
 /// the log, not reported as a 369 MB frame, and the server keeps serving.
 #[test]
 fn a_tls_client_is_recognised() {
-    use std::io::{BufRead, BufReader, Write};
-    let mut server = bin("distq-server")
-        .args(["--bind", "127.0.0.1:0", "--authkey", KEY])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(server.stderr.take().unwrap());
+    use std::io::{BufRead, Write};
+    let (mut server, addr, mut err) = server_process(&[]);
     let mut line = String::new();
-    while !line.contains("listening on ") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "server exited");
-    }
-    let addr = line.trim_end().rsplit(' ').next().unwrap().to_string();
     let mut tls = std::net::TcpStream::connect(&addr).unwrap();
     // The first bytes of a TLS 1.2/1.3 ClientHello record.
     tls.write_all(&[

@@ -276,25 +276,9 @@ fn the_client_library_reconnects() {
 /// reporting reserved-but-unacked items.
 #[test]
 fn manager_shutdown_exits_cleanly() {
-    let mut server = bin("distq-server")
-        .args(["--bind", "127.0.0.1:0", "--authkey", KEY])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = {
-        let mut err = server.stderr.take().unwrap();
-        let mut line = Vec::new();
-        let mut b = [0u8];
-        while !text(&line).contains("listening on ") || !line.ends_with(b"\n") {
-            assert_eq!(err.read(&mut b).unwrap(), 1, "server exited early");
-            line.push(b[0]);
-        }
-        server.stderr = None;
-        let text = text(&line);
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        text.trim_end().rsplit(' ').next().unwrap().parse().unwrap()
-    };
+    let (server, addr, mut err) = server_process(&[]);
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let addr: SocketAddr = addr.parse().unwrap();
     let m = connect(addr);
     let q = m.queue("q").unwrap();
     q.put(1).unwrap();

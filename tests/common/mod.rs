@@ -235,3 +235,26 @@ pub fn legacy_and_modern() -> (Option<Python>, Option<Python>) {
 pub fn addr_arg(addr: SocketAddr) -> String {
     addr.to_string()
 }
+
+/// `distq-server --bind 127.0.0.1:0` as a process, its address (from its "listening on"
+/// log line), and the rest of its stderr for the test to read.
+pub fn server_process(
+    extra: &[&str],
+) -> (Child, String, std::io::BufReader<std::process::ChildStderr>) {
+    use std::io::BufRead;
+    let mut server = bin("distq-server")
+        .args(["--bind", "127.0.0.1:0", "--authkey", KEY])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on ") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited early");
+    }
+    let addr = line.trim_end().rsplit(' ').next().unwrap().to_string();
+    (server, addr, err)
+}
