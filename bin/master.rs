@@ -517,6 +517,9 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
         let stopped = collector.collect(flags, &results, &mut workers, &mut progress);
         progress.finish();
         collector.finish();
+        if matches!(stopped, Ok(None)) && session.hosted.is_some() {
+            end_of_job(&session.manager, &tasks);
+        }
         drop((workers, tasks, results));
         session.close()?;
         stopped.map(|why| (collector, why))
