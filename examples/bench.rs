@@ -402,18 +402,21 @@ fn frame_sizes() -> FrameSizes {
     let put = Request {
         ident: ident.clone(),
         method: "put".into(),
-        args: vec![Value::Int(12345)],
+        args: vec![distq::protocol::Arg::Value(Value::Int(12345))],
         kwargs: vec![],
     };
     let get = Request {
         ident,
         method: "get".into(),
         args: vec![],
-        kwargs: vec![("timeout".into(), Value::Float(5.0))],
+        kwargs: vec![(
+            "timeout".into(),
+            distq::protocol::Arg::Value(Value::Float(5.0)),
+        )],
     };
     FrameSizes {
-        put: size(&put.to_value()),
-        get: size(&get.to_value()),
+        put: size(&put.to_value().expect("plain values")),
+        get: size(&get.to_value().expect("plain values")),
         reply_none: reply(Reply::Return(Value::None)),
         reply_item: reply(Reply::Return(Value::Int(12345))),
     }

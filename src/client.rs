@@ -21,7 +21,7 @@ use crate::auth::AuthKey;
 use crate::conn::{Connection, Role};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::log::log_at;
-use crate::protocol::{Reply, Request};
+use crate::protocol::{Arg, Reply, Request};
 use crate::{Error, Result, Value};
 
 /// Deadlines and limits of a client. Start from [`ClientConfig::default`].
@@ -189,7 +189,7 @@ impl Manager {
         let mut conn = self.open()?;
         conn.set_read_timeout(Some(self.inner.config.call_timeout))?;
         conn.set_write_timeout(Some(self.inner.config.call_timeout))?;
-        conn.write_value(&Request::new(None, method, args).to_value())?;
+        conn.write_value(&Request::new(None, method, args).to_value()?)?;
         Reply::from_value(&conn.read_value()?)?.into_result()
     }
 
@@ -318,8 +318,11 @@ impl QueueProxy {
         let mut request = Request {
             ident: Some(state.ident.clone()),
             method: method.to_string(),
-            args,
-            kwargs,
+            args: args.into_iter().map(Arg::Value).collect(),
+            kwargs: kwargs
+                .into_iter()
+                .map(|(k, v)| (k, Arg::Value(v)))
+                .collect(),
         };
         let first = self.try_call(&mut state, &request, blocks_for);
         let reconnect_for = self.manager.inner.config.reconnect_for;
@@ -379,7 +382,7 @@ impl QueueProxy {
         let call_timeout = self.manager.inner.config.call_timeout;
         let result = conn
             .set_read_timeout(blocks_for.map(|b| b + call_timeout))
-            .and_then(|()| conn.write_value(&request.to_value()))
+            .and_then(|()| conn.write_value(&request.to_value()?))
             .and_then(|()| conn.read_value())
             .and_then(|v| Reply::from_value(&v));
         if result.is_err() {
@@ -395,7 +398,7 @@ impl QueueProxy {
         conn.set_write_timeout(Some(timeout))?;
         let name = format!("distq-{}", std::process::id());
         conn.write_value(
-            &Request::new(None, "accept_connection", vec![Value::str(&name)]).to_value(),
+            &Request::new(None, "accept_connection", vec![Value::str(&name)]).to_value()?,
         )?;
         Reply::from_value(&conn.read_value()?)?.into_result()?;
         Ok(conn)

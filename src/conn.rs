@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{self, AuthKey};
 use crate::frame;
 use crate::pickle::{self, Value};
-use crate::protocol::{encode_frame, encode_reply_frame, Reply};
+use crate::protocol::{encode_frame, encode_reply_frame, Reply, Request};
 use crate::{Error, Result};
 
 /// Which side of the handshake this end plays.
@@ -186,6 +186,11 @@ impl Connection {
             return Err(Error::Closed);
         }
         Ok(())
+    }
+
+    /// Parses the request in the frame last read by [`Connection::read_frame`].
+    pub fn parse_request(&self) -> Result<Request> {
+        Request::parse(&self.read_buf)
     }
 
     /// Decodes the pickle in the frame last read by [`Connection::read_frame`].

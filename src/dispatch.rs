@@ -14,8 +14,8 @@ use std::time::Duration;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::pickle::Fragment;
-use crate::protocol::{exceptions, Reply, Request};
+use crate::pickle::{Fragment, Pickled};
+use crate::protocol::{exceptions, Arg, Reply, Request};
 use crate::queues::{Queue, QueueMap, Taken, Wait};
 use crate::{Error, Value};
 
@@ -66,7 +66,12 @@ pub fn public(map: &QueueMap, req: &Request) -> Public {
         "accept_connection" => return Public::AcceptConnection,
         "shutdown" => return Public::Shutdown,
         "create" => create(map, req),
-        "incref" | "decref" => match req.args.first().and_then(Value::as_str) {
+        "incref" | "decref" => match req
+            .args
+            .first()
+            .and_then(Arg::value)
+            .and_then(Value::as_str)
+        {
             Some(ident) => {
                 let done = if req.method == "incref" {
                     map.incref(ident)
@@ -133,7 +138,12 @@ const NOT_QUEUES: &[&str] = &[
 /// - Every other typeid names a shared queue, created unbounded on first use, which is
 ///   what the classic `register('get_task_queue', callable=lambda: q)` scripts mean.
 fn create(map: &QueueMap, req: &Request) -> Reply {
-    let Some(typeid) = req.args.first().and_then(Value::as_str) else {
+    let Some(typeid) = req
+        .args
+        .first()
+        .and_then(Arg::value)
+        .and_then(Value::as_str)
+    else {
         return Reply::traceback("TypeError", "create() needs a typeid (str) argument");
     };
     let created = match typeid {
@@ -145,9 +155,9 @@ fn create(map: &QueueMap, req: &Request) -> Reply {
                 .map(|(_, v)| v);
             let maxsize = match (req.args.get(1), by_kw, req.args.len() + req.kwargs.len()) {
                 (None, None, 1) => Ok(0),
-                (Some(v), None, 2) | (None, Some(v), 2) => match v {
-                    Value::Int(n) => Ok(usize::try_from(*n).unwrap_or(0)),
-                    other => Err(format!("maxsize must be an int, not {}", other.brief(60))),
+                (Some(v), None, 2) | (None, Some(v), 2) => match v.value() {
+                    Some(Value::Int(n)) => Ok(usize::try_from(*n).unwrap_or(0)),
+                    _ => Err(format!("maxsize must be an int, not {}", v.brief(60))),
                 },
                 _ => Err(format!("{typeid}() takes at most one argument, maxsize")),
             };
@@ -338,19 +348,26 @@ fn call(
     };
     match req.method.as_str() {
         "put" => {
-            let item = fragment(map, &args.required(0, "item")?)?;
+            let item = fragment(map, args.required_arg(0, "item")?)?;
             let wait = args.wait(1)?;
             args.finish()?;
             done(queue.put(item, wait, alive))
         }
         "put_nowait" => {
-            let item = fragment(map, &args.required(0, "item")?)?;
+            let item = fragment(map, args.required_arg(0, "item")?)?;
             args.finish()?;
             done(queue.put(item, Wait::No, alive))
         }
         "put_many" => {
-            let items = match args.required(0, "items")? {
-                Value::List(items) | Value::Tuple(items) => items,
+            let items = match args.required_arg(0, "items")? {
+                Arg::Items(items) => items
+                    .iter()
+                    .map(|p| pickled(map, p))
+                    .collect::<Result<Vec<_>, Value>>()?,
+                Arg::Value(Value::List(items) | Value::Tuple(items)) => items
+                    .iter()
+                    .map(|v| fragment(map, &Arg::Value(v.clone())))
+                    .collect::<Result<Vec<_>, Value>>()?,
                 other => {
                     return Err(Fault::from(exceptions::builtin(
                         "TypeError",
@@ -361,10 +378,6 @@ fn call(
                     )))
                 }
             };
-            let items = items
-                .iter()
-                .map(|v| fragment(map, v))
-                .collect::<Result<Vec<_>, Value>>()?;
             let wait = args.wait(1)?;
             args.finish()?;
             done(queue.put_many(items, wait, alive))
@@ -469,24 +482,43 @@ fn call(
     }
 }
 
-/// Encodes an item for storage. With `no_code_items`, items that name any global (a
+/// The stored form of an item. With `no_code_items`, items that name any global (a
 /// class or function a Python worker would import when unpickling) are refused.
-fn fragment(map: &QueueMap, item: &Value) -> Result<Fragment, Value> {
-    if map.policy().no_code_items {
-        if let Some(g) = first_global(item, 0, &mut HashSet::new()) {
+fn fragment(map: &QueueMap, item: &Arg) -> Result<Fragment, Value> {
+    let value = match item {
+        Arg::Pickled(p) => return pickled(map, p),
+        Arg::Value(v) => v,
+        Arg::Items(_) => {
             return Err(exceptions::builtin(
                 "TypeError",
-                &format!(
-                    "this server refuses items that reference classes or functions (--no-code-items); \
-                     the item references {}.{}",
-                    g.module, g.name
-                ),
-            ));
+                "a list of items is an argument of put_many() only",
+            ))
+        }
+    };
+    if map.policy().no_code_items {
+        if let Some(g) = first_global(value, 0, &mut HashSet::new()) {
+            return Err(refused_code(&format!("{}.{}", g.module, g.name)));
         }
     }
-    // Items decoded from a request always re-encode (the decoder enforces the same depth
-    // limit), so a failure here is an internal error.
-    Fragment::encode(item).map_err(|e| exceptions::builtin("ValueError", &e.to_string()))
+    Fragment::encode(value).map_err(|e| exceptions::builtin("ValueError", &e.to_string()))
+}
+
+/// An item as the client pickled it, checked against `no_code_items`.
+fn pickled(map: &QueueMap, item: &Pickled) -> Result<Fragment, Value> {
+    match &item.names {
+        Some(name) if map.policy().no_code_items => Err(refused_code(name)),
+        _ => Ok(item.fragment.clone()),
+    }
+}
+
+fn refused_code(name: &str) -> Value {
+    exceptions::builtin(
+        "TypeError",
+        &format!(
+            "this server refuses items that reference classes or functions (--no-code-items); \
+             the item references {name}"
+        ),
+    )
 }
 
 /// The first global a value references, if any (depth-bounded like the codec).
@@ -557,14 +589,14 @@ impl<'a> Args<'a> {
         exceptions::builtin("TypeError", &format!("{}() {msg}", self.req.method))
     }
 
-    fn optional(&mut self, pos: usize, name: &str) -> Result<Option<Value>, Value> {
-        let by_pos = self.req.args.get(pos).cloned();
+    fn optional_arg(&mut self, pos: usize, name: &str) -> Result<Option<&'a Arg>, Value> {
+        let by_pos = self.req.args.get(pos);
         let by_kw = self
             .req
             .kwargs
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone());
+            .map(|(_, v)| v);
         if by_pos.is_some() {
             self.used_pos = self.used_pos.max(pos + 1);
         }
@@ -576,6 +608,23 @@ impl<'a> Args<'a> {
                 Err(self.type_error(format!("got multiple values for argument {name:?}")))
             }
             (v, None) | (None, v) => Ok(v),
+        }
+    }
+
+    fn required_arg(&mut self, pos: usize, name: &str) -> Result<&'a Arg, Value> {
+        self.optional_arg(pos, name)?
+            .ok_or_else(|| self.type_error(format!("missing required argument {name:?}")))
+    }
+
+    /// A parameter that is a plain value (a flag, a number), decoded if it was sent as
+    /// something other than a scalar.
+    fn optional(&mut self, pos: usize, name: &str) -> Result<Option<Value>, Value> {
+        match self.optional_arg(pos, name)? {
+            None => Ok(None),
+            Some(arg) => arg
+                .to_value()
+                .map(Some)
+                .map_err(|e| self.type_error(format!("cannot read argument {name:?}: {e}"))),
         }
     }
 
@@ -677,13 +726,15 @@ fn truthy(v: &Value) -> bool {
 mod tests {
     use super::*;
 
+    /// A request as the server sees it: pickled, then parsed.
     fn req(ident: &str, method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>) -> Request {
-        Request {
-            ident: Some(ident.into()),
-            method: method.into(),
-            args,
-            kwargs: kwargs.into_iter().map(|(k, v)| (k.into(), v)).collect(),
-        }
+        let mut r = Request::new(Some(ident), method, args);
+        r.kwargs = kwargs
+            .into_iter()
+            .map(|(k, v)| (k.into(), Arg::Value(v)))
+            .collect();
+        let bytes = crate::pickle::encode(&r.to_value().unwrap()).unwrap();
+        Request::parse(&bytes).unwrap()
     }
 
     fn call(map: &QueueMap, r: &Request) -> Reply {

@@ -15,7 +15,7 @@
 
 use crate::frame;
 use crate::pickle::op::{PROTO, SHORT_BINUNICODE, STOP, TUPLE2};
-use crate::pickle::{self, Fragment, Value};
+use crate::pickle::{self, Fragment, Kind, Pickled, Region, Scan, Value};
 use crate::{Error, Result};
 
 /// One call: a public function (`ident` is `None`) or a method on an object.
@@ -26,10 +26,64 @@ pub struct Request {
     /// The function or method name.
     pub method: String,
     /// Positional arguments.
-    pub args: Vec<Value>,
+    pub args: Vec<Arg>,
     /// Keyword arguments, in the order sent.
-    pub kwargs: Vec<(String, Value)>,
+    pub kwargs: Vec<(String, Arg)>,
 }
+
+/// One argument of a [`Request`].
+///
+/// On the server, only scalars are read; everything else stays the opcodes the client
+/// sent, because an argument that is not a scalar is almost always a queue item, and an
+/// item is forwarded, not understood.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arg {
+    /// A scalar read from the request, or any value a Rust client passes.
+    Value(Value),
+    /// Anything else, as its own pickle.
+    Pickled(Pickled),
+    /// The elements of a list or tuple, each as its own pickle: the items of `put_many`.
+    Items(Vec<Pickled>),
+}
+
+impl Arg {
+    /// The argument as a value, decoding it if it is still pickled.
+    ///
+    /// # Errors
+    /// Whatever [`pickle::decode`] reports for values distq cannot represent.
+    pub fn to_value(&self) -> Result<Value> {
+        match self {
+            Arg::Value(v) => Ok(v.clone()),
+            Arg::Pickled(p) => p.fragment.decode(),
+            Arg::Items(items) => Ok(Value::list(
+                items
+                    .iter()
+                    .map(|p| p.fragment.decode())
+                    .collect::<Result<_>>()?,
+            )),
+        }
+    }
+
+    /// A scalar argument, if it is one (for arguments like `timeout` and `block`).
+    pub fn value(&self) -> Option<&Value> {
+        match self {
+            Arg::Value(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// A short, bounded rendering for logs.
+    pub fn brief(&self, max: usize) -> String {
+        match self {
+            Arg::Value(v) => v.brief(max),
+            Arg::Pickled(p) => format!("<pickled, {} bytes>", p.fragment.bytes().len()),
+            Arg::Items(items) => format!("<{} pickled items>", items.len()),
+        }
+    }
+}
+
+/// The method whose first argument is a sequence of items, each stored on its own.
+const ITEMS_METHOD: &str = "put_many";
 
 impl Request {
     /// A request with no keyword arguments.
@@ -37,43 +91,66 @@ impl Request {
         Request {
             ident: ident.map(str::to_string),
             method: method.to_string(),
-            args,
+            args: args.into_iter().map(Arg::Value).collect(),
             kwargs: Vec::new(),
         }
     }
 
-    /// Builds a request from a decoded pickle, checking its shape.
+    /// Reads a request from its pickle without decoding its arguments into values:
+    /// scalars are read, everything else is cut out as its own pickle (see
+    /// `pickle/scan.rs`).
     ///
     /// # Errors
-    /// [`Error::Protocol`] naming what was wrong, for anything but
-    /// `(None|str, str, tuple, dict[str, ...])`.
-    pub fn from_value(v: &Value) -> Result<Request> {
-        let parts = v.as_tuple().filter(|t| t.len() == 4).ok_or_else(|| {
+    /// [`Error::Protocol`] naming what was wrong, for a malformed pickle or anything but
+    /// `(None|str, str, tuple, dict[str, ...])`; [`Error::Value`] for the few pickles
+    /// distq cannot forward faithfully.
+    pub fn parse(bytes: &[u8]) -> Result<Request> {
+        let scan = Scan::new(bytes)?;
+        let root = scan.root();
+        let parts = match root.kind {
+            Kind::Tuple { .. } => scan.children(&root)?.filter(|c| c.len() == 4),
+            _ => None,
+        }
+        .ok_or_else(|| {
             Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)")
         })?;
-        let ident = match &parts[0] {
-            Value::None => None,
-            Value::Str(s) => Some(s.to_string()),
-            _ => return Err(Error::protocol("request ident must be None or a str")),
+        let ident = match parts[0].kind {
+            Kind::None => None,
+            _ => Some(
+                scan.str(&parts[0])
+                    .ok_or_else(|| Error::protocol("request ident must be None or a str"))?
+                    .to_string(),
+            ),
         };
-        let method = parts[1]
-            .as_str()
+        let method = scan
+            .str(&parts[1])
             .ok_or_else(|| Error::protocol("request method name must be a str"))?
             .to_string();
-        let args = match &parts[2] {
-            Value::Tuple(t) => t.to_vec(),
-            _ => return Err(Error::protocol("request args must be a tuple")),
-        };
-        let kwargs = match &parts[3] {
-            Value::Dict(d) => d
-                .iter()
-                .map(|(k, v)| match k {
-                    Value::Str(k) => Ok((k.to_string(), v.clone())),
-                    _ => Err(Error::protocol("keyword argument names must be str")),
-                })
-                .collect::<Result<Vec<_>>>()?,
-            _ => return Err(Error::protocol("request kwds must be a dict")),
-        };
+        let args = match parts[2].kind {
+            Kind::Tuple { .. } => scan.children(&parts[2])?,
+            _ => None,
+        }
+        .ok_or_else(|| Error::protocol("request args must be a tuple"))?;
+        let args = args
+            .iter()
+            .enumerate()
+            .map(|(i, r)| arg(&scan, r, i == 0 && method == ITEMS_METHOD))
+            .collect::<Result<Vec<_>>>()?;
+        let kwds = match parts[3].kind {
+            Kind::Dict => scan.children(&parts[3])?,
+            _ => None,
+        }
+        .ok_or_else(|| Error::protocol("request kwds must be a dict"))?;
+        let kwargs = kwds
+            .chunks(2)
+            .map(|pair| {
+                let name = scan
+                    .str(&pair[0])
+                    .ok_or_else(|| Error::protocol("keyword argument names must be str"))?;
+                let items = name == "items" && method == ITEMS_METHOD;
+                Ok((name.to_string(), arg(&scan, &pair[1], items)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Request {
             ident,
             method,
@@ -83,19 +160,45 @@ impl Request {
     }
 
     /// The request as the 4-tuple Python expects.
-    pub fn to_value(&self) -> Value {
-        Value::tuple(vec![
+    ///
+    /// # Errors
+    /// Only for pickled arguments distq cannot decode (a Rust client never has any).
+    pub fn to_value(&self) -> Result<Value> {
+        Ok(Value::tuple(vec![
             self.ident.as_deref().map_or(Value::None, Value::str),
             Value::str(&self.method),
-            Value::tuple(self.args.clone()),
+            Value::tuple(self.args.iter().map(Arg::to_value).collect::<Result<_>>()?),
             Value::dict(
                 self.kwargs
                     .iter()
-                    .map(|(k, v)| (Value::str(k), v.clone()))
-                    .collect(),
+                    .map(|(k, v)| Ok((Value::str(k), v.to_value()?)))
+                    .collect::<Result<_>>()?,
             ),
-        ])
+        ]))
     }
+}
+
+/// One argument: a scalar as a value, anything else cut out of the request.
+fn arg(scan: &Scan<'_>, r: &Region, items: bool) -> Result<Arg> {
+    Ok(match r.kind {
+        Kind::None => Arg::Value(Value::None),
+        Kind::Bool(b) => Arg::Value(Value::Bool(b)),
+        Kind::Int(n) => Arg::Value(Value::Int(n)),
+        Kind::Float(f) => Arg::Value(Value::Float(f)),
+        Kind::Str { .. } if !items && scan.str(r).is_some() => {
+            Arg::Value(Value::str(scan.str(r).unwrap_or_default()))
+        }
+        Kind::List | Kind::Tuple { .. } if items => match scan.children(r)? {
+            Some(elements) => Arg::Items(
+                elements
+                    .iter()
+                    .map(|e| scan.extract(e))
+                    .collect::<Result<_>>()?,
+            ),
+            None => Arg::Pickled(scan.extract(r)?),
+        },
+        _ => Arg::Pickled(scan.extract(r)?),
+    })
 }
 
 /// A reply, by kind.
@@ -297,8 +400,10 @@ mod tests {
     #[test]
     fn request_round_trip() {
         let mut r = Request::new(Some("abc"), "get", vec![]);
-        r.kwargs.push(("timeout".into(), Value::from(1)));
-        assert_eq!(Request::from_value(&r.to_value()).unwrap(), r);
+        r.kwargs
+            .push(("timeout".into(), Arg::Value(Value::from(1))));
+        let bytes = pickle::encode(&r.to_value().unwrap()).unwrap();
+        assert_eq!(Request::parse(&bytes).unwrap(), r);
     }
 
     #[test]
@@ -325,8 +430,9 @@ mod tests {
                 Value::dict(vec![(Value::from(1), Value::None)]),
             ]),
         ] {
+            let bytes = pickle::encode(&v).unwrap();
             assert!(
-                matches!(Request::from_value(&v), Err(Error::Protocol(_))),
+                matches!(Request::parse(&bytes), Err(Error::Protocol(_))),
                 "{v:?}"
             );
         }

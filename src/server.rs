@@ -440,9 +440,13 @@ impl Shared {
         };
         log_at!(
             Debug,
-            "{peer}: {}{}",
+            "{peer}: {}({})",
             req.method,
-            Value::tuple(req.args.clone()).brief(200)
+            req.args
+                .iter()
+                .map(|a| a.brief(60))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let result = match dispatch::public(&self.queues, &req) {
             Public::Reply(reply) => conn.write_reply(&reply),
@@ -483,7 +487,7 @@ impl Shared {
             }
             Err(e) => return Err(e),
         }
-        match conn.decode_frame().and_then(|v| Request::from_value(&v)) {
+        match conn.parse_request() {
             Ok(req) => Ok(Some(req)),
             Err(e) => {
                 log_at!(Warn, "{}: bad request: {e}", conn.peer());
@@ -534,7 +538,7 @@ impl Shared {
                 Err(e) => return Err(e),
             }
             let started = Instant::now();
-            let outcome = match conn.decode_frame().and_then(|v| Request::from_value(&v)) {
+            let outcome = match conn.parse_request() {
                 Ok(req) => {
                     log_at!(
                         Debug,

@@ -149,34 +149,41 @@ fn every_target_is_replayed() {
 /// The dispatch harness's filter makes every call that could wait return at once.
 #[test]
 fn blocking_calls_are_tamed() {
-    use distq::protocol::Request;
+    use distq::protocol::{Arg, Request};
     use distq::Value;
     let tamed = |method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>| {
         let mut req = Request::new(Some(harness::IDENTS[0]), method, args);
-        req.kwargs = kwargs.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        req.kwargs = kwargs
+            .into_iter()
+            .map(|(k, v)| (k.into(), Arg::Value(v)))
+            .collect();
         harness::tame_request(req)
     };
+    let kw = |v: Value| [("timeout".to_string(), Arg::Value(v))];
     assert_eq!(tamed("join", vec![], vec![]), None);
     let get = tamed("get", vec![], vec![]).unwrap();
-    assert_eq!(get.kwargs, [("timeout".to_string(), Value::Int(0))]);
+    assert_eq!(get.kwargs, kw(Value::Int(0)));
     let get = tamed("get", vec![Value::Bool(true), Value::None], vec![]).unwrap();
-    assert_eq!(get.args, [Value::Bool(true), Value::Int(0)]);
+    assert_eq!(
+        get.args,
+        [Arg::Value(Value::Bool(true)), Arg::Value(Value::Int(0))]
+    );
     let put = tamed(
         "put",
         vec![Value::Int(1)],
         vec![("timeout", Value::Float(1e300))],
     )
     .unwrap();
-    assert_eq!(put.kwargs, [("timeout".to_string(), Value::Int(0))]);
+    assert_eq!(put.kwargs, kw(Value::Int(0)));
     let bad = tamed("get", vec![], vec![("timeout", Value::Float(-1.0))]).unwrap();
-    assert_eq!(bad.kwargs, [("timeout".to_string(), Value::Float(-1.0))]);
+    assert_eq!(bad.kwargs, kw(Value::Float(-1.0)));
     // An empty queue with timeout 0 answers Empty at once instead of blocking.
     let started = Instant::now();
     let mut frames = Vec::new();
     let req = Request::new(Some(harness::IDENTS[0]), "get", vec![]);
     distq::frame::write_frame(
         &mut frames,
-        &distq::pickle::encode(&req.to_value()).unwrap(),
+        &distq::pickle::encode(&req.to_value().unwrap()).unwrap(),
     )
     .unwrap();
     harness::dispatch(&frames);

@@ -132,7 +132,9 @@ fn garbage_on_the_method_channel_gets_a_traceback_and_the_channel_survives() {
     let mut s = raw(server.local_addr());
     send_value(
         &mut s,
-        &Request::new(None, "create", vec![Value::str("q")]).to_value(),
+        &Request::new(None, "create", vec![Value::str("q")])
+            .to_value()
+            .unwrap(),
     );
     let ident = match read_reply(&mut s) {
         Reply::Return(v) => v.as_tuple().unwrap()[0].as_str().unwrap().to_string(),
@@ -141,7 +143,9 @@ fn garbage_on_the_method_channel_gets_a_traceback_and_the_channel_survives() {
     let mut s = raw(server.local_addr());
     send_value(
         &mut s,
-        &Request::new(None, "accept_connection", vec![Value::str("t")]).to_value(),
+        &Request::new(None, "accept_connection", vec![Value::str("t")])
+            .to_value()
+            .unwrap(),
     );
     assert_eq!(read_reply(&mut s), Reply::Return(Value::None));
     for junk in [
@@ -158,10 +162,10 @@ fn garbage_on_the_method_channel_gets_a_traceback_and_the_channel_survives() {
         );
     }
     let mut put = Request::new(Some(&ident), "put", vec![Value::from(9)]);
-    send_value(&mut s, &put.to_value());
+    send_value(&mut s, &put.to_value().unwrap());
     assert_eq!(read_reply(&mut s), Reply::Return(Value::None));
     put.ident = Some("no-such-ident".into());
-    send_value(&mut s, &put.to_value());
+    send_value(&mut s, &put.to_value().unwrap());
     assert!(matches!(read_reply(&mut s), Reply::Traceback(t) if t.contains("KeyError")));
     still_serving(server.local_addr());
     server.shutdown().unwrap();
@@ -201,7 +205,9 @@ fn a_memo_bomb_does_not_expand() {
     let mut s = raw(server.local_addr());
     send_value(
         &mut s,
-        &Request::new(None, "accept_connection", vec![Value::str("t")]).to_value(),
+        &Request::new(None, "accept_connection", vec![Value::str("t")])
+            .to_value()
+            .unwrap(),
     );
     assert_eq!(read_reply(&mut s), Reply::Return(Value::None));
     let mut bomb = vec![0x80, 0x04, 0x28, 0x8c, ident.len() as u8];

@@ -248,11 +248,11 @@ pub fn handshake_client(data: &[u8]) {
 
 /// Pickle decoder: `pickle::decode` on the input, then properties of what it returns.
 pub fn pickle(data: &[u8]) {
+    as_request(data, data.len());
     let Ok(value) = pickle::decode(data) else {
         return;
     };
     round_trip(&value);
-    as_request(&value, data.len());
     as_reply(&value, data.len());
 }
 
@@ -277,10 +277,23 @@ fn round_trip(value: &Value) {
     );
 }
 
-/// The server's view of a value: a request. Its error must be short.
-fn as_request(value: &Value, input_len: usize) {
-    if let Err(e) = Request::from_value(value) {
-        bounded_text(&e.to_string(), input_len, "request error");
+/// The server's view of the bytes: a request, scanned and cut into items. Its error
+/// must be short, and every item it cuts out must be a pickle our own decoder reads the
+/// same way whole (when it reads it at all).
+fn as_request(data: &[u8], input_len: usize) {
+    match Request::parse(data) {
+        Err(e) => bounded_text(&e.to_string(), input_len, "request error"),
+        Ok(req) => {
+            for arg in req.args.iter().chain(req.kwargs.iter().map(|(_, a)| a)) {
+                if let distq::protocol::Arg::Pickled(p) = arg {
+                    let mut reply = Vec::new();
+                    Reply::Item(p.fragment.clone())
+                        .encode_into(&mut reply)
+                        .expect("an item splices into a reply");
+                    let _ = pickle::decode(&reply);
+                }
+            }
+        }
     }
 }
 
@@ -374,7 +387,7 @@ pub fn dispatch(data: &[u8]) {
     let mut frame_buf = Vec::new();
     let mut out = Vec::new();
     while frame::read_frame(&mut cur, DISPATCH_MAX_FRAME, &mut frame_buf).is_ok() {
-        let reply = match pickle::decode(&frame_buf).and_then(|v| Request::from_value(&v)) {
+        let reply = match Request::parse(&frame_buf) {
             Err(e) => Reply::traceback("UnpicklingError", &e.to_string()),
             Ok(req) => match req.ident {
                 None => match dispatch::public(&map, &req) {
@@ -441,15 +454,15 @@ pub fn tame_request(mut req: Request) -> Option<Request> {
         "put" | "get_many" | "put_many" => 2,
         _ => return Some(req),
     };
-    let tame = |v: &mut Value| {
-        let waits = match v {
+    let tame = |a: &mut distq::protocol::Arg| {
+        let waits = match a.value().cloned().unwrap_or(Value::Int(-1)) {
             Value::None | Value::BigInt(_) | Value::Bool(_) => true,
-            Value::Int(n) => *n >= 0,
-            Value::Float(x) => *x >= 0.0,
+            Value::Int(n) => n >= 0,
+            Value::Float(x) => x >= 0.0,
             _ => false,
         };
         if waits {
-            *v = Value::Int(0);
+            *a = distq::protocol::Arg::Value(Value::Int(0));
         }
     };
     if let Some(v) = req.args.get_mut(timeout_pos) {
@@ -460,7 +473,8 @@ pub fn tame_request(mut req: Request) -> Option<Request> {
             .filter(|(k, _)| k == "timeout")
             .for_each(|(_, v)| tame(v));
     } else {
-        req.kwargs.push(("timeout".into(), Value::Int(0)));
+        req.kwargs
+            .push(("timeout".into(), distq::protocol::Arg::Value(Value::Int(0))));
     }
     Some(req)
 }

@@ -592,7 +592,7 @@ impl<'a> Machine<'a> {
 }
 
 /// A protocol error about opcode `op` at offset `pos`.
-fn fail_at(op: u8, pos: usize, what: impl fmt::Display) -> Error {
+pub(super) fn fail_at(op: u8, pos: usize, what: impl fmt::Display) -> Error {
     Error::protocol(format!("pickle: {what} ({} at offset {pos})", OpName(op)))
 }
 
@@ -834,7 +834,7 @@ fn too_deep() -> Error {
 }
 
 /// Displays an opcode by name when known.
-struct OpName(u8);
+pub(super) struct OpName(pub(super) u8);
 
 impl fmt::Display for OpName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

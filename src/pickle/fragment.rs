@@ -56,23 +56,15 @@ impl Fragment {
 
 /// Appends a list of fragments to `out` as one list value.
 ///
-/// Fragments without memo use are spliced as they are. If any uses the memo, their
-/// indices would collide, so the list is decoded and re-encoded instead: slower, and
-/// only ever needed for items that contain shared references.
+/// Each fragment numbers its memo entries from 0; spliced one after another, each is
+/// shifted past the entries of those before it.
 pub fn write_list(items: &[Fragment], out: &mut Vec<u8>) -> Result<()> {
-    if items.iter().any(Fragment::uses_memo) {
-        let values = items
-            .iter()
-            .map(Fragment::decode)
-            .collect::<Result<Vec<_>>>()?;
-        encode_fragment(&Value::list(values), out)?;
-        return Ok(());
-    }
     out.push(EMPTY_LIST);
+    let mut memo = 0;
     for batch in items.chunks(BATCH) {
         out.push(MARK);
         for item in batch {
-            out.extend_from_slice(&item.bytes);
+            memo += super::scan::splice(item, memo, out)?;
         }
         out.push(APPENDS);
     }

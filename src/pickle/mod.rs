@@ -11,11 +11,14 @@ mod encode;
 mod fragment;
 pub mod op;
 mod repr;
+mod scan;
 mod value;
 
 pub use decode::decode;
 pub use encode::{encode, encode_fragment, encode_into};
 pub use fragment::{write_list, Fragment};
+pub use scan::Pickled;
+pub(crate) use scan::{Kind, Region, Scan};
 pub use value::{Construct, Global, Object, Value};
 
 /// The deepest nesting of containers the codec accepts. Python's own pickler gives up

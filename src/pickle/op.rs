@@ -50,3 +50,16 @@ pub const BUILD: u8 = b'b';
 
 /// Items per APPENDS/SETITEMS/ADDITEMS batch, as CPython's pickler uses.
 pub const BATCH: usize = 1000;
+pub const POP: u8 = b'0';
+pub const POP_MARK: u8 = b'1';
+pub const DUP: u8 = b'2';
+pub const NEWOBJ_EX: u8 = 0x92;
+pub const EXT1: u8 = 0x82;
+pub const EXT2: u8 = 0x83;
+pub const EXT4: u8 = 0x84;
+pub const SHORT_BINSTRING: u8 = b'U';
+pub const BINSTRING: u8 = b'T';
+pub const NEXT_BUFFER: u8 = 0x97;
+pub const READONLY_BUFFER: u8 = 0x98;
+pub const PERSID: u8 = b'P';
+pub const BINPERSID: u8 = b'Q';
