@@ -1,0 +1,195 @@
+# A generated corpus of object graphs through distq-server (raw_items.py, prepended).
+# argv[5] is 'put' or 'check', argv[6] the seed, argv[7] the number of graphs. 'put'
+# pickles each graph at every protocol from 2 to HIGHEST (capped at 5) and puts the raw
+# pickle; 'check', in another Python process (another version), rebuilds the same graphs
+# from the seed, gets each item back and compares: equal values, the same types, the
+# same sharing and the same cycles. Exits 1 on any difference.
+import collections, dataclasses, random
+
+@dataclasses.dataclass
+class Point:
+    x: object
+    y: object
+
+class Slotted:
+    __slots__ = ('a', 'b')
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+class Reduced:
+    """__reduce__ with state, list items and dict items."""
+    def __init__(self, tag):
+        self.tag, self.items, self.pairs, self.state = tag, [], {}, None
+    def append(self, x):
+        self.items.append(x)
+    def extend(self, xs):
+        self.items.extend(xs)
+    def __setitem__(self, k, v):
+        self.pairs[k] = v
+    def __setstate__(self, state):
+        self.state = state
+    def __reduce__(self):
+        return (Reduced, (self.tag,), self.state, iter(self.items), iter(self.pairs.items()))
+
+class NewArgsEx:
+    """Protocol 4's NEWOBJ_EX (protocols 2 and 3 fall back to copyreg.__newobj_ex__)."""
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self.args, self.kwargs = args, kwargs
+        return self
+    def __getnewargs_ex__(self):
+        return self.args, self.kwargs
+
+class MyList(list):
+    pass
+
+class MyDict(dict):
+    pass
+
+class MySet(set):
+    pass
+
+class MyTuple(tuple):
+    pass
+
+ATOMS = [
+    lambda r: None, lambda r: r.random() < 0.5, lambda r: r.randrange(-300, 300),
+    lambda r: r.randrange(-2**70, 2**70), lambda r: r.randrange(2**200),
+    lambda r: r.choice([0.5, -0.0, 1e300, float('inf')]), lambda r: 'x' * r.randrange(5),
+    lambda r: r.choice(['\ud800', 'a\udfffb', 'h\u00e4llo', '\U0001F600', '']),
+    lambda r: bytes(r.randrange(256) for _ in range(r.randrange(4))),
+    lambda r: bytearray(b'ab' * r.randrange(3)),
+    lambda r: r.choice([1j, complex(2, -1)]),
+]
+
+def atom(r):
+    return r.choice(ATOMS)(r)
+
+def key(r):
+    # Hashable, and equal only to itself across processes.
+    return r.choice([lambda: r.randrange(1000), lambda: 'k%d' % r.randrange(1000),
+                     lambda: (r.randrange(9), 'k'), lambda: frozenset({r.randrange(9)})])()
+
+def graph(r, depth=0, pool=None):
+    """A random graph; `pool` holds mutable nodes to share and to close cycles with."""
+    pool = [] if pool is None else pool
+    if pool and r.random() < 0.15:
+        return r.choice(pool)
+    if depth >= 4 or r.random() < 0.3:
+        return atom(r)
+    kind = r.randrange(17)
+    n = r.randrange(4)
+    sub = lambda: graph(r, depth + 1, pool)
+    if kind == 0:
+        node = [];  pool.append(node); node.extend(sub() for _ in range(n))
+    elif kind == 1:
+        node = MyList(); pool.append(node); node.extend(sub() for _ in range(n)); node.attr = sub()
+    elif kind == 2:
+        node = {}; pool.append(node); node.update((key(r), sub()) for _ in range(n))
+    elif kind == 3:
+        node = MyDict(); pool.append(node); node.update((key(r), sub()) for _ in range(n))
+    elif kind == 4:
+        node = tuple(sub() for _ in range(n))
+    elif kind == 5:
+        node = MyTuple(sub() for _ in range(n))
+    elif kind == 6:
+        node = {key(r) for _ in range(n)}
+    elif kind == 7:
+        node = MySet(key(r) for _ in range(n))
+    elif kind == 8:
+        node = frozenset(key(r) for _ in range(n))
+    elif kind == 9:
+        node = collections.defaultdict(list); pool.append(node)
+        node.update((key(r), sub()) for _ in range(n))
+    elif kind == 10:
+        node = collections.OrderedDict(); pool.append(node)
+        node.update((key(r), sub()) for _ in range(n))
+    elif kind == 11:
+        node = collections.deque(maxlen=r.choice([None, 5])); pool.append(node)
+        node.extend(sub() for _ in range(n))
+    elif kind == 12:
+        node = collections.Counter({key(r): r.randrange(5) for _ in range(n)})
+    elif kind == 13:
+        node = Point(None, None); pool.append(node); node.x, node.y = sub(), sub()
+    elif kind == 14:
+        node = Slotted(None, None); pool.append(node); node.a, node.b = sub(), sub()
+    elif kind == 15:
+        node = Reduced(r.randrange(9)); pool.append(node)
+        node.extend(sub() for _ in range(n))
+        for _ in range(r.randrange(3)):
+            node[key(r)] = sub()
+        node.state = r.choice([None, {'s': sub()}, (sub(),)])
+    else:
+        node = NewArgsEx(*(sub() for _ in range(n)), kw=sub())
+    return node
+
+def same(a, b, seen):
+    """Structural isomorphism: same types, equal atoms, and a one-to-one correspondence
+    of container identities (so sharing and cycles match)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return repr(a) == repr(b)
+    if isinstance(a, (type(None), bool, int, complex, str, bytes, frozenset)):
+        return a == b
+    if type(a) is tuple and not a:
+        return True  # pickle writes every empty tuple as the one singleton ()
+    if id(a) in seen:
+        return seen[id(a)] is b
+    if any(s is b for s in seen.values()):
+        return False
+    seen[id(a)] = b
+    if isinstance(a, bytearray):
+        return a == b
+    attrs = lambda: same(vars(a), vars(b), seen) if hasattr(a, '__dict__') else True
+    if isinstance(a, set):
+        return a == b and attrs()
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return False
+        if isinstance(a, collections.OrderedDict) and list(a) != list(b):
+            return False
+        if isinstance(a, collections.defaultdict) and a.default_factory is not b.default_factory:
+            return False
+        return all(same(a[k], b[k], seen) for k in a) and attrs()
+    if isinstance(a, (list, tuple, collections.deque)):
+        if isinstance(a, collections.deque) and a.maxlen != b.maxlen:
+            return False
+        if len(a) != len(b) or not all(same(x, y, seen) for x, y in zip(a, b)):
+            return False
+        return attrs()
+    if isinstance(a, Slotted):
+        return same(a.a, b.a, seen) and same(a.b, b.b, seen)
+    return same(vars(a), vars(b), seen)
+
+HIGHEST = min(pickle.HIGHEST_PROTOCOL, 5)
+mode, seed, count = sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
+rng = random.Random(seed)
+graphs = [graph(rng) for _ in range(count)]
+protocols = [int(p) for p in sys.argv[8].split(',')] if len(sys.argv) > 8 else range(2, HIGHEST + 1)
+if mode == 'put':
+    n = 0
+    for g in graphs:
+        for proto in protocols:
+            refused = raw_put(pickle.dumps(g, proto))
+            if refused is not None:
+                print('graph %d protocol %d refused: %s' % (n, proto, str(refused)[-300:]))
+                sys.exit(1)
+        n += 1
+    print('put %d graphs x %d protocols' % (count, len(protocols)))
+    sys.exit(0)
+
+# The comparison can fail: sharing and cycles count, not just equality.
+_c = [[]]; _c.append(_c[0]); _r = []; _r.append(_r)
+assert not same([[], []], _c, {}) and not same(_r, [[]], {}) and same(_r, _r, {})
+failures = []
+for i, g in enumerate(graphs):
+    for proto in protocols:
+        got = raw_get()
+        if not same(g, got, {}):
+            failures.append('graph %d protocol %d: want %r, got %r'
+                            % (i, proto, repr(g)[:200], repr(got)[:200]))
+for f in failures[:10]:
+    print(f)
+print('checked %d graphs x %d protocols, %d differ' % (count, len(protocols), len(failures)))
+sys.exit(1 if failures else 0)

@@ -1,0 +1,42 @@
+# Raw items: put a pickle's own opcodes as the item of a hand-built request, and get
+# the item back, through the manager at argv[1]:argv[2] (queue argv[4]). Shared by the
+# pickle suite and the corpus; the test prepends it to each.
+import pickle, sys
+from multiprocessing.connection import Client
+from multiprocessing.managers import BaseManager
+
+host, port, key, qname = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
+
+class _M(BaseManager):
+    pass
+
+_M.register(qname)
+_m = _M(address=(host, port), authkey=key)
+_m.connect()
+ident = getattr(_m, qname)()._id
+conn = Client((host, port), authkey=key)
+conn.send((None, 'accept_connection', ('raw items',), {}))
+assert conn.recv() == ('#RETURN', None)
+
+def _sbu(s):
+    b = s.encode()
+    return b'\x8c' + bytes([len(b)]) + b
+
+_GET = pickle.dumps((ident, 'get', (), {'timeout': 5}), 4)
+
+def raw_put(buf):
+    """Puts the pickle `buf` (protocol 2 or higher, as produced by pickle.dumps) with
+    nothing memoized before it, under its own protocol. Returns None, or the server's
+    error reply."""
+    envelope = b'\x80' + buf[1:2] + b'(' + _sbu(ident) + _sbu('put') + buf[2:-1] + b'\x85}t.'
+    conn.send_bytes(envelope)
+    kind, result = pickle.loads(conn.recv_bytes())
+    return None if kind == '#RETURN' else result
+
+def raw_get(**kwds):
+    conn.send_bytes(_GET)
+    kind, result = pickle.loads(conn.recv_bytes(), **kwds)
+    if kind != '#RETURN':
+        raise pickle.UnpicklingError('distq get failed: %s' % (result,))
+    return result
+
