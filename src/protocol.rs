@@ -142,7 +142,7 @@ impl Request {
         }
         .ok_or_else(|| Error::protocol("request kwds must be a dict"))?;
         let kwargs = kwds
-            .chunks(2)
+            .chunks_exact(2)
             .map(|pair| {
                 let name = scan
                     .str(&pair[0])

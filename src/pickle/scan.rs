@@ -34,6 +34,7 @@ use super::decode::{fail_at, OpName};
 use super::op::*;
 use super::Fragment;
 use crate::{Error, Result};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// What the scanner knows about a stack entry: enough to refuse what CPython would refuse
@@ -168,8 +169,7 @@ const MAX_INLINE_DEPTH: usize = 64;
 /// A scanned pickle: valid as far as CPython's unpickler can tell without running code.
 pub(crate) struct Scan<'b> {
     bytes: &'b [u8],
-    defs: Vec<Def>,
-    memo: Vec<u32>,
+    b: Buffers,
     sparse: HashMap<u32, u32>,
     /// `(index, position, previous binding)` for PUTs that rebound an index.
     rebinds: Vec<(u32, u32, u32)>,
@@ -179,7 +179,6 @@ pub(crate) struct Scan<'b> {
     /// `(binding, position)` of mutations applied through a memo reference.
     alias_mutations: Vec<(u32, u32)>,
     root: Region,
-    records: [Record; RECORDED],
     /// Bytes extractions may still write: copies of shared entries are bounded by it.
     budget: std::cell::Cell<usize>,
 }
@@ -206,37 +205,29 @@ impl<'b> Scan<'b> {
         }
         let mut s = Scanner::new(bytes, 0, None);
         let stop = s.run(None)?;
-        let mut scan = Scan {
-            bytes,
-            defs: s.defs,
-            memo: s.memo,
-            sparse: s.sparse,
-            rebinds: s.rebinds,
-            lookups: s.lookups,
-            protos: s.protos,
-            alias_mutations: s.alias_mutations,
-            root: Region {
-                start: 0,
-                end: stop,
-                kind: Kind::None,
-                serial: 0,
-            },
-            records: s.records,
-            budget: std::cell::Cell::new(bytes.len().saturating_mul(4).saturating_add(1 << 20)),
-        };
-        let [root] = s.stack[..] else {
+        let [root] = s.b.stack[..] else {
             return Err(Error::protocol(format!(
                 "pickle: STOP with {} values on the stack, not 1",
-                s.stack.len()
+                s.b.stack.len()
             )));
         };
-        scan.root = Region {
-            start: root.start,
-            end: stop,
-            kind: root.kind,
-            serial: root.serial,
+        let mut scan = Scan {
+            bytes,
+            b: std::mem::take(&mut s.b),
+            sparse: std::mem::take(&mut s.sparse),
+            rebinds: std::mem::take(&mut s.rebinds),
+            lookups: std::mem::take(&mut s.lookups),
+            protos: std::mem::take(&mut s.protos),
+            alias_mutations: std::mem::take(&mut s.alias_mutations),
+            root: Region {
+                start: root.start,
+                end: stop,
+                kind: root.kind,
+                serial: root.serial,
+            },
+            budget: std::cell::Cell::new(bytes.len().saturating_mul(4).saturating_add(1 << 20)),
         };
-        close_defs(&mut scan.defs, &root, stop);
+        close_defs(&mut scan.b.defs, &root, stop);
         Ok(scan)
     }
 
@@ -251,20 +242,21 @@ impl<'b> Scan<'b> {
     ///
     /// # Errors
     /// Only if `r` does not scan on its own (which the whole scan has ruled out).
-    pub fn children(&self, r: &Region) -> Result<Option<Vec<Region>>> {
+    pub fn children(&self, r: &Region) -> Result<Option<Cow<'_, [Region]>>> {
         if let Some(rec) = self
+            .b
             .records
             .iter()
             .find(|rec| rec.serial == r.serial && !rec.full)
         {
-            return Ok(Some(rec.children.clone()));
+            return Ok(Some(Cow::Borrowed(&rec.children)));
         }
         let mut s = Scanner::new(self.bytes, r.start, Some(self));
         s.run(Some(r.end))?;
-        match s.stack[..] {
-            [only] if s.records[0].serial == only.serial && !s.records[0].full => {
-                Ok(Some(std::mem::take(&mut s.records[0].children)))
-            }
+        match s.b.stack[..] {
+            [only] if s.b.records[0].serial == only.serial && !s.b.records[0].full => Ok(Some(
+                Cow::Owned(std::mem::take(&mut s.b.records[0].children)),
+            )),
             _ => Ok(None),
         }
     }
@@ -303,7 +295,7 @@ impl<'b> Scan<'b> {
         if let Some(&(_, _, old)) = earliest_later {
             return Some(old);
         }
-        let now = match self.memo.get(idx as usize) {
+        let now = match self.b.memo.get(idx as usize) {
             Some(&d) => d,
             None => self.sparse.get(&idx).copied().unwrap_or(0),
         };
@@ -313,7 +305,7 @@ impl<'b> Scan<'b> {
     /// Follows memo references to the binding of the entry that was built.
     fn original(&self, mut def: u32) -> &Def {
         loop {
-            let d = &self.defs[def as usize - 1];
+            let d = &self.b.defs[def as usize - 1];
             if d.alias == 0 {
                 return d;
             }
@@ -637,6 +629,7 @@ fn effect(op: u8) -> (Pops, usize) {
 
 /// Reads the opcode at `pos`: `(opcode, start of its argument, start of the next opcode)`.
 /// Every length is checked against the bytes present; refused opcodes are errors here.
+#[inline]
 fn read_op(b: &[u8], pos: usize) -> Result<(u8, usize, usize)> {
     let op = *b
         .get(pos)
@@ -733,6 +726,9 @@ fn line_end(b: &[u8], from: usize) -> Option<usize> {
 /// Python's `bytes.decode('utf-8', 'surrogatepass')` succeeds: UTF-8 where the three-byte
 /// forms of U+D800..U+DFFF are allowed. Returns `(valid for Python, valid for Rust)`.
 fn python_utf8(mut b: &[u8]) -> (bool, bool) {
+    if b.is_ascii() {
+        return (true, true);
+    }
     let mut rust = true;
     loop {
         match std::str::from_utf8(b) {
@@ -760,6 +756,77 @@ fn close_defs(defs: &mut [Def], e: &Entry, end: u32) {
     }
 }
 
+/// The vectors of a scan, kept per thread between requests (a connection's thread scans
+/// one request after another), so that scanning a request allocates nothing.
+#[derive(Default)]
+struct Buffers {
+    stack: Vec<Entry>,
+    marks: Vec<(usize, u32)>,
+    defs: Vec<Def>,
+    memo: Vec<u32>,
+    records: [Record; RECORDED],
+}
+
+thread_local! {
+    static SPARE: std::cell::Cell<Option<Buffers>> = const { std::cell::Cell::new(None) };
+}
+
+/// Buffers larger than this many entries go back to the allocator instead of being kept.
+const KEEP_UP_TO: usize = 4096;
+
+impl Buffers {
+    fn take() -> Buffers {
+        SPARE.with(|s| s.take()).unwrap_or_else(|| Buffers {
+            stack: Vec::with_capacity(16),
+            marks: Vec::with_capacity(4),
+            defs: Vec::with_capacity(8),
+            memo: Vec::with_capacity(8),
+            records: Default::default(),
+        })
+    }
+
+    fn give_back(&mut self) {
+        let small = self
+            .stack
+            .capacity()
+            .max(self.defs.capacity())
+            .max(self.memo.capacity())
+            <= KEEP_UP_TO
+            && self
+                .records
+                .iter()
+                .all(|r| r.children.capacity() <= KEEP_UP_TO);
+        if self.stack.capacity() == 0 || !small {
+            return;
+        }
+        let mut b = std::mem::take(self);
+        b.stack.clear();
+        b.marks.clear();
+        b.defs.clear();
+        b.memo.clear();
+        for r in &mut b.records {
+            r.serial = 0;
+            r.full = false;
+            r.children.clear();
+        }
+        SPARE.with(|s| s.set(Some(b)));
+    }
+}
+
+impl Drop for Scan<'_> {
+    fn drop(&mut self) {
+        self.b.give_back();
+    }
+}
+
+impl Drop for Scanner<'_, '_> {
+    fn drop(&mut self) {
+        if self.outer.is_none() {
+            self.b.give_back();
+        }
+    }
+}
+
 /// The stack machine over kinds.
 struct Scanner<'b, 'o> {
     bytes: &'b [u8],
@@ -769,19 +836,15 @@ struct Scanner<'b, 'o> {
     /// Set when re-scanning a region of an already scanned pickle: memo references are
     /// resolved there, and nothing is recorded but the region's own children.
     outer: Option<&'o Scan<'b>>,
-    stack: Vec<Entry>,
-    marks: Vec<(usize, u32)>,
+    b: Buffers,
     carry: Option<u32>,
     serial: u32,
-    defs: Vec<Def>,
-    memo: Vec<u32>,
     sparse: HashMap<u32, u32>,
     memo_len: u32,
     rebinds: Vec<(u32, u32, u32)>,
     lookups: Vec<Lookup>,
     protos: Vec<(u32, u8)>,
     alias_mutations: Vec<(u32, u32)>,
-    records: [Record; RECORDED],
 }
 
 impl<'b, 'o> Scanner<'b, 'o> {
@@ -792,20 +855,20 @@ impl<'b, 'o> Scanner<'b, 'o> {
             op: 0,
             op_pos: pos as usize,
             outer,
-            stack: Vec::new(),
-            marks: Vec::new(),
+            b: if outer.is_some() {
+                Buffers::default()
+            } else {
+                Buffers::take()
+            },
             carry: None,
             // Regions from a re-scan must never match the whole scan's records.
             serial: if outer.is_some() { 1 << 31 } else { 0 },
-            defs: Vec::new(),
-            memo: Vec::new(),
             sparse: HashMap::new(),
             memo_len: 0,
             rebinds: Vec::new(),
             lookups: Vec::new(),
             protos: Vec::new(),
             alias_mutations: Vec::new(),
-            records: Default::default(),
         }
     }
 
@@ -814,11 +877,11 @@ impl<'b, 'o> Scanner<'b, 'o> {
     }
 
     fn fence(&self) -> usize {
-        self.marks.last().map_or(0, |m| m.0)
+        self.b.marks.last().map_or(0, |m| m.0)
     }
 
     fn need(&self, n: usize) -> Result<usize> {
-        let len = self.stack.len();
+        let len = self.b.stack.len();
         if len < self.fence() + n {
             return Err(self.fail("stack underflow"));
         }
@@ -832,7 +895,7 @@ impl<'b, 'o> Scanner<'b, 'o> {
 
     fn push_at(&mut self, start: u32, kind: Kind) {
         self.serial += 1;
-        self.stack.push(Entry {
+        self.b.stack.push(Entry {
             start,
             kind,
             serial: self.serial,
@@ -842,63 +905,58 @@ impl<'b, 'o> Scanner<'b, 'o> {
     }
 
     fn kind(&self, i: usize) -> Kind {
-        self.stack[i].kind
+        self.b.stack[i].kind
     }
 
-    /// Pops `stack[from..]`, closing their regions, and returns them as regions.
-    fn consume(&mut self, from: usize, record: bool) -> Vec<Region> {
+    /// Pops `stack[from..]`, closing their regions; `into` names the record (stack
+    /// index) that collects them as children.
+    fn consume(&mut self, from: usize, into: Option<usize>) {
         self.carry = None;
         let end = self.op_pos as u32;
-        let mut regions = Vec::new();
-        for i in from..self.stack.len() {
-            let e = self.stack[i];
-            let e_end = self.stack.get(i + 1).map_or(end, |n| n.start);
-            close_defs(&mut self.defs, &e, e_end);
-            if record {
-                regions.push(Region {
-                    start: e.start,
-                    end: e_end,
-                    kind: e.kind,
-                    serial: e.serial,
-                });
+        for i in from..self.b.stack.len() {
+            let e = self.b.stack[i];
+            let e_end = self.b.stack.get(i + 1).map_or(end, |n| n.start);
+            close_defs(&mut self.b.defs, &e, e_end);
+            if let Some(r) = into {
+                let cap = if r == 0 { usize::MAX } else { RECORD_CAP };
+                let rec = &mut self.b.records[r];
+                if rec.children.len() >= cap {
+                    rec.full = true;
+                    rec.children.clear();
+                }
+                if !rec.full {
+                    rec.children.push(Region {
+                        start: e.start,
+                        end: e_end,
+                        kind: e.kind,
+                        serial: e.serial,
+                    });
+                }
             }
         }
-        self.stack.truncate(from);
-        regions
+        self.b.stack.truncate(from);
     }
 
     /// Whether the container at stack index `i` has a children record worth filling.
     fn recording(&self, i: usize) -> bool {
-        i < RECORDED && self.records[i].serial == self.stack[i].serial && !self.records[i].full
+        i < RECORDED
+            && self.b.records[i].serial == self.b.stack[i].serial
+            && !self.b.records[i].full
     }
 
-    fn record_new(&mut self, i: usize, children: Vec<Region>) {
-        if i < RECORDED {
-            let cap = if i == 0 { usize::MAX } else { RECORD_CAP };
-            let full = children.len() > cap;
-            self.records[i] = Record {
-                serial: self.stack[i].serial,
-                children: if full { Vec::new() } else { children },
-                full,
-            };
-        }
-    }
-
-    fn record_more(&mut self, i: usize, children: Vec<Region>) {
-        let cap = if i == 0 { usize::MAX } else { RECORD_CAP };
-        let rec = &mut self.records[i];
-        if rec.children.len() + children.len() > cap {
-            rec.full = true;
-            rec.children = Vec::new();
-        } else {
-            rec.children.extend(children);
-        }
+    /// Starts an empty children record at stack index `i` for the entry with `serial`.
+    fn record_new(&mut self, i: usize, serial: u32) -> Option<usize> {
+        let rec = self.b.records.get_mut(i)?;
+        rec.serial = serial;
+        rec.children.clear();
+        rec.full = false;
+        Some(i)
     }
 
     /// A mutation of the entry at `i`: through a memo reference it is noted, so that an
     /// extraction can refuse to split the object from its change.
     fn mutate(&mut self, i: usize) {
-        let e = self.stack[i];
+        let e = self.b.stack[i];
         if e.alias != 0 {
             self.alias_mutations.push((e.alias, self.op_pos as u32));
         }
@@ -906,14 +964,15 @@ impl<'b, 'o> Scanner<'b, 'o> {
 
     fn bind(&mut self, idx: u32) -> Result<()> {
         let top = *self
+            .b
             .stack
             .last()
-            .filter(|_| self.stack.len() > self.fence())
+            .filter(|_| self.b.stack.len() > self.fence())
             .ok_or_else(|| self.fail("stack underflow"))?;
         if self.outer.is_some() {
             return Ok(());
         }
-        self.defs.push(Def {
+        self.b.defs.push(Def {
             put_pos: self.op_pos as u32,
             start: top.start,
             end: u32::MAX,
@@ -921,16 +980,16 @@ impl<'b, 'o> Scanner<'b, 'o> {
             prev: top.def,
             alias: top.alias,
         });
-        let id = self.defs.len() as u32;
-        if let Some(t) = self.stack.last_mut() {
+        let id = self.b.defs.len() as u32;
+        if let Some(t) = self.b.stack.last_mut() {
             t.def = id;
         }
-        let len = self.memo.len();
+        let len = self.b.memo.len();
         let old = if (idx as usize) < len {
-            std::mem::replace(&mut self.memo[idx as usize], id)
+            std::mem::replace(&mut self.b.memo[idx as usize], id)
         } else if (idx as usize) <= 2 * len + 64 {
-            self.memo.resize(idx as usize + 1, 0);
-            self.memo[idx as usize] = id;
+            self.b.memo.resize(idx as usize + 1, 0);
+            self.b.memo[idx as usize] = id;
             0
         } else {
             self.sparse.insert(idx, id).unwrap_or(0)
@@ -952,7 +1011,7 @@ impl<'b, 'o> Scanner<'b, 'o> {
                 (def, outer.original(def).kind)
             }
             None => {
-                let def = match self.memo.get(idx as usize) {
+                let def = match self.b.memo.get(idx as usize) {
                     Some(&d) => d,
                     None => self.sparse.get(&idx).copied().unwrap_or(0),
                 };
@@ -960,14 +1019,14 @@ impl<'b, 'o> Scanner<'b, 'o> {
                     return Err(self.fail(format_args!("memo value not found at index {idx}")));
                 }
                 let mut d = def;
-                while self.defs[d as usize - 1].alias != 0 {
-                    d = self.defs[d as usize - 1].alias;
+                while self.b.defs[d as usize - 1].alias != 0 {
+                    d = self.b.defs[d as usize - 1].alias;
                 }
-                (def, self.defs[d as usize - 1].kind)
+                (def, self.b.defs[d as usize - 1].kind)
             }
         };
         self.push(kind);
-        if let Some(t) = self.stack.last_mut() {
+        if let Some(t) = self.b.stack.last_mut() {
             t.alias = def;
         }
         Ok(())
@@ -1014,7 +1073,7 @@ impl<'b, 'o> Scanner<'b, 'o> {
                     if until.is_some() {
                         return Err(self.fail("STOP inside a value"));
                     }
-                    if !self.marks.is_empty() {
+                    if !self.b.marks.is_empty() {
                         return Err(self.fail("MARK without its closing opcode"));
                     }
                     return Ok(self.op_pos as u32);
@@ -1033,15 +1092,16 @@ impl<'b, 'o> Scanner<'b, 'o> {
                 BINGET | LONG_BINGET => self.get(memo_arg(op, a))?,
                 MARK => {
                     let start = self.carry.take().unwrap_or(self.op_pos as u32);
-                    self.marks.push((self.stack.len(), start));
+                    self.b.marks.push((self.b.stack.len(), start));
                 }
                 POP => {
-                    let above_fence = self.stack.len() > self.fence();
-                    if let Some(e) = above_fence.then(|| self.stack.pop()).flatten() {
-                        close_defs(&mut self.defs, &e, self.op_pos as u32);
+                    let above_fence = self.b.stack.len() > self.fence();
+                    if let Some(e) = above_fence.then(|| self.b.stack.pop()).flatten() {
+                        close_defs(&mut self.b.defs, &e, self.op_pos as u32);
                         self.carry = Some(self.carry.map_or(e.start, |c| c.min(e.start)));
                     } else {
                         let (_, start) = self
+                            .b
                             .marks
                             .pop()
                             .ok_or_else(|| self.fail("stack underflow"))?;
@@ -1049,15 +1109,15 @@ impl<'b, 'o> Scanner<'b, 'o> {
                     }
                 }
                 POP_MARK => {
-                    let (at, start) = self.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
-                    self.consume(at, false);
+                    let (at, start) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
+                    self.consume(at, None);
                     self.carry = Some(start);
                 }
                 DUP => {
                     let i = self.need(1)?;
-                    let e = self.stack[i];
+                    let e = self.b.stack[i];
                     self.push(e.kind);
-                    if let Some(t) = self.stack.last_mut() {
+                    if let Some(t) = self.b.stack.last_mut() {
                         // The copy is the same object: mutating it is mutating the original.
                         t.alias = e.alias;
                         t.def = 0;
@@ -1111,8 +1171,8 @@ impl<'b, 'o> Scanner<'b, 'o> {
                         EMPTY_LIST => Kind::List,
                         _ => Kind::Dict,
                     });
-                    let i = self.stack.len() - 1;
-                    self.record_new(i, Vec::new());
+                    let i = self.b.stack.len() - 1;
+                    self.record_new(i, self.serial);
                 }
                 EMPTY_SET => self.push(Kind::Set),
                 TUPLE1 | TUPLE2 | TUPLE3 => {
@@ -1121,18 +1181,18 @@ impl<'b, 'o> Scanner<'b, 'o> {
                     self.tuple(from, None);
                 }
                 TUPLE => {
-                    let (at, start) = self.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
+                    let (at, start) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
                     self.tuple(at, Some(start));
                 }
                 FROZENSET => {
-                    let (at, start) = self.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
-                    if let Some(i) = (at..self.stack.len()).find(|&i| self.kind(i).unhashable()) {
+                    let (at, start) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
+                    if let Some(i) = (at..self.b.stack.len()).find(|&i| self.kind(i).unhashable()) {
                         return Err(self.fail(format_args!(
                             "frozenset element is {} (unhashable)",
                             self.kind(i).name()
                         )));
                     }
-                    self.consume(at, false);
+                    self.consume(at, None);
                     self.push_at(start, Kind::FrozenSet);
                 }
                 APPEND => {
@@ -1141,7 +1201,7 @@ impl<'b, 'o> Scanner<'b, 'o> {
                     self.fill(from, 1, true);
                 }
                 APPENDS | SETITEMS | ADDITEMS => {
-                    let (at, _) = self.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
+                    let (at, _) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
                     if at == 0 || at <= self.fence() {
                         return Err(self.fail("no target below the MARK"));
                     }
@@ -1152,7 +1212,7 @@ impl<'b, 'o> Scanner<'b, 'o> {
                         _ => {
                             self.check_target(t, &[Kind::Set, Kind::Object], "set")?;
                             if let Some(i) =
-                                (at..self.stack.len()).find(|&i| self.kind(i).unhashable())
+                                (at..self.b.stack.len()).find(|&i| self.kind(i).unhashable())
                             {
                                 return Err(self.fail(format_args!(
                                     "set element is {} (unhashable)",
@@ -1246,21 +1306,23 @@ impl<'b, 'o> Scanner<'b, 'o> {
     }
 
     fn tuple(&mut self, from: usize, mark_start: Option<u32>) {
-        let hashable = (from..self.stack.len()).all(|i| !self.kind(i).unhashable());
-        let start = mark_start
-            .unwrap_or_else(|| self.stack.get(from).map_or(self.op_pos as u32, |e| e.start));
-        let record = from < RECORDED;
-        let children = self.consume(from, record);
+        let hashable = (from..self.b.stack.len()).all(|i| !self.kind(i).unhashable());
+        let start = mark_start.unwrap_or_else(|| {
+            self.b
+                .stack
+                .get(from)
+                .map_or(self.op_pos as u32, |e| e.start)
+        });
+        // The tuple takes the next serial: its record is keyed by it.
+        let into = self.record_new(from, self.serial + 1);
+        self.consume(from, into);
         self.push_at(start, Kind::Tuple { hashable });
-        if record {
-            self.record_new(from, children);
-        }
     }
 
     /// Replaces `stack[from..]` (a callable and its arguments) with the call's result.
     fn call(&mut self, from: usize, kind: Kind) {
-        let start = self.stack[from].start;
-        self.consume(from, false);
+        let start = self.b.stack[from].start;
+        self.consume(from, None);
         self.push_at(start, kind);
     }
 
@@ -1268,11 +1330,8 @@ impl<'b, 'o> Scanner<'b, 'o> {
     /// target itself), recording them as its children if it is recorded.
     fn fill(&mut self, t: usize, skip: usize, may_record: bool) {
         self.mutate(t);
-        let record = may_record && self.recording(t);
-        let children = self.consume(t + skip, record);
-        if record {
-            self.record_more(t, children);
-        }
+        let into = (may_record && self.recording(t)).then_some(t);
+        self.consume(t + skip, into);
     }
 
     fn check_target(&self, t: usize, ok: &[Kind], what: &str) -> Result<()> {
@@ -1306,11 +1365,11 @@ impl<'b, 'o> Scanner<'b, 'o> {
                 target.name()
             )));
         }
-        if (self.stack.len() - from) % 2 != 0 {
+        if (self.b.stack.len() - from) % 2 != 0 {
             return Err(self.fail("odd number of items for SETITEMS"));
         }
         if target == Kind::Dict {
-            if let Some(i) = (from..self.stack.len())
+            if let Some(i) = (from..self.b.stack.len())
                 .step_by(2)
                 .find(|&i| self.kind(i).unhashable())
             {
