@@ -82,6 +82,9 @@ impl Arg {
     }
 }
 
+/// The longest str argument read as a value; longer ones stay pickled.
+const SCALAR_STR_MAX: u32 = 256;
+
 /// The method whose first argument is a sequence of items, each stored on its own.
 const ITEMS_METHOD: &str = "put_many";
 
@@ -185,9 +188,11 @@ fn arg(scan: &Scan<'_>, r: &Region, items: bool) -> Result<Arg> {
         Kind::Bool(b) => Arg::Value(Value::Bool(b)),
         Kind::Int(n) => Arg::Value(Value::Int(n)),
         Kind::Float(f) => Arg::Value(Value::Float(f)),
-        Kind::Str { .. } if !items && scan.str(r).is_some() => {
-            Arg::Value(Value::str(scan.str(r).unwrap_or_default()))
-        }
+        // Names (typeids, idents) are short; a long str is an item, kept as sent.
+        Kind::Str { len, .. } if !items && len <= SCALAR_STR_MAX => match scan.str(r) {
+            Some(s) => Arg::Value(Value::str(s)),
+            None => Arg::Pickled(scan.extract(r)?),
+        },
         Kind::List | Kind::Tuple { .. } if items => match scan.children(r)? {
             Some(elements) => Arg::Items(
                 elements

@@ -138,7 +138,14 @@ impl Packed {
         let id = field(tag & 1 == 1)?;
         let len = usize::try_from(tag >> 3).ok()?;
         self.bytes.drain(..used);
-        let bytes: Vec<u8> = self.bytes.drain(..len).collect();
+        // Copied slice by slice: collecting the drain byte by byte cost ~20 instructions
+        // per byte.
+        let (front, back) = self.bytes.as_slices();
+        let in_front = front.len().min(len);
+        let mut bytes = Vec::with_capacity(len);
+        bytes.extend_from_slice(&front[..in_front]);
+        bytes.extend_from_slice(back.get(..len - in_front)?);
+        self.bytes.drain(..len);
         self.count -= 1;
         Some(Taken {
             item: Fragment::from_parts(bytes, tag & 4 == 4),
