@@ -411,6 +411,63 @@ mod tests {
         assert_eq!(Request::parse(&bytes).unwrap(), r);
     }
 
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn item_pickle(p: &Pickled) -> Vec<u8> {
+        let mut out = Vec::new();
+        Reply::Item(p.fragment.clone())
+            .encode_into(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn python_recursive_tuple_idiom_is_one_item() {
+        // Python 3.11: pickle.dumps(('i', 'put', (t,), {}), 4) with t = ([],); t[0].append(t),
+        // which ends in "... APPEND POP BINGET": the item's bytes include what was popped.
+        let req = Request::parse(&hex(
+            "8004951c00000000000000288c0169948c03707574945d94680285946130680385947d9474942e",
+        ))
+        .unwrap();
+        let Arg::Pickled(item) = &req.args[0] else {
+            panic!("{:?}", req.args)
+        };
+        assert_eq!(item.fragment.bytes(), b"]q\x00h\x00\x85q\x01a0h\x01");
+        let reply = item_pickle(item);
+        let err = pickle::decode(&reply).unwrap_err().to_string();
+        assert!(err.contains("recursive"), "{err}");
+    }
+
+    #[test]
+    fn put_many_items_shared_with_each_other_and_the_envelope_are_copied_in() {
+        // ('i', 'put_many', ([a, a, 'put_many'],), {}) with a = [1]: the second item is a
+        // BINGET of the first, the third a BINGET of the memoized method name.
+        let req = Request::parse(&hex(
+            "8004952400000000000000288c0169948c087075745f6d616e79945d94285d944b0161680368016585947d9474942e",
+        ))
+        .unwrap();
+        let Arg::Items(items) = &req.args[0] else {
+            panic!("{:?}", req.args)
+        };
+        let got: Vec<Value> = items
+            .iter()
+            .map(
+                |p| match pickle::decode(&item_pickle(p)).unwrap().as_tuple() {
+                    Some([_, v]) => v.clone(),
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        let one = Value::list(vec![Value::from(1)]);
+        assert_eq!(got, [one.clone(), one, Value::str("put_many")]);
+        assert!(items.iter().all(|p| !p.fragment.uses_memo()));
+    }
+
     #[test]
     fn malformed_requests_are_protocol_errors() {
         for v in [

@@ -305,6 +305,21 @@ impl<'a> Machine<'a> {
                 self.memo_get(idx)?;
             }
             MARK => self.marks.push(self.stack.len()),
+            // Python writes POP and POP_MARK when a tuple turns out to contain itself.
+            POP => {
+                if self.stack.len() > self.fence() {
+                    self.pop()?;
+                } else {
+                    self.pop_mark()?;
+                }
+            }
+            POP_MARK => {
+                self.pop_mark()?;
+            }
+            DUP => {
+                let top = self.top()?.clone();
+                self.stack.push(top);
+            }
             EMPTY_TUPLE => self.push_node(Node::Tuple(Vec::new())),
             TUPLE1 | TUPLE2 | TUPLE3 => {
                 let items = self.pop_n(usize::from(op - TUPLE1) + 1)?;
