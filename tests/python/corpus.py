@@ -1,5 +1,5 @@
 # A generated corpus of object graphs through distq-server (raw_items.py, prepended).
-# argv[5] is 'put' or 'check', argv[6] the seed, argv[7] the number of graphs. 'put'
+# argv[5] is 'put', 'check' or 'mutate', argv[6] the seed, argv[7] the number of graphs. 'put'
 # pickles each graph at every protocol from 2 to HIGHEST (capped at 5) and puts the raw
 # pickle; 'check', in another Python process (another version), rebuilds the same graphs
 # from the seed, gets each item back and compares: equal values, the same types, the
@@ -145,13 +145,15 @@ def same(a, b, seen):
     if isinstance(a, set):
         return a == b and attrs()
     if isinstance(a, dict):
-        if set(a) != set(b):
-            return False
-        if isinstance(a, collections.OrderedDict) and list(a) != list(b):
+        # Pickle keeps a dict's order, so keys pair up in order (keys may be objects
+        # that hash by identity).
+        ka, kb = list(a), list(b)
+        if len(ka) != len(kb):
             return False
         if isinstance(a, collections.defaultdict) and a.default_factory is not b.default_factory:
             return False
-        return all(same(a[k], b[k], seen) for k in a) and attrs()
+        return (all(same(x, y, seen) and same(a[x], b[y], seen) for x, y in zip(ka, kb))
+                and attrs())
     if isinstance(a, (list, tuple, collections.deque)):
         if isinstance(a, collections.deque) and a.maxlen != b.maxlen:
             return False
@@ -182,6 +184,81 @@ if mode == 'put':
 # The comparison can fail: sharing and cycles count, not just equality.
 _c = [[]]; _c.append(_c[0]); _r = []; _r.append(_r)
 assert not same([[], []], _c, {}) and not same(_r, [[]], {}) and same(_r, _r, {})
+class _Known(pickle.Unpickler):
+    """Resolves only what the corpus uses, so a mutated name cannot reach anything else."""
+    def find_class(self, module, name):
+        if module in ('builtins', 'collections', 'copyreg', '__main__', '_codecs', '__builtin__',
+                      'copy_reg', '_collections'):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError('not in the corpus: %s.%s' % (module, name))
+
+def equal(a, b):
+    """`same`, for mutants too: they can build objects the corpus never makes."""
+    try:
+        return same(a, b, {})
+    except Exception:
+        try:
+            return pickle.dumps(a, 4) == pickle.dumps(b, 4)
+        except Exception:
+            return type(a) is type(b)
+
+if mode == 'mutate':
+    # A mutated LONG_BINPUT index makes CPython size its memo to it: with the address
+    # space capped that is a MemoryError (a refusal), not the machine's memory.
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    # Differential: every mutated request that CPython reads as a put of one item must
+    # come back through distq as the same graph (so distq refuses only what CPython
+    # refuses), and a refusal never ends the connection.
+    import io
+    loaded = refused_both = 0
+    failures = []
+    for i, g in enumerate(graphs):
+        for proto in protocols:
+            clean = pickle.dumps(g, proto)
+            for _ in range(8):
+                m = bytearray(clean)
+                for _ in range(rng.randrange(1, 4)):
+                    if len(m) < 5:
+                        break
+                    at = rng.randrange(2, len(m) - 1)
+                    what = rng.randrange(3)
+                    if what == 0:
+                        m[at] = rng.randrange(256)
+                    elif what == 1:
+                        del m[at]
+                    else:
+                        m.insert(at, rng.randrange(256))
+                m = bytes(m)
+                # CPython's verdict on the request as a Python server would read it.
+                try:
+                    request = _Known(io.BytesIO(envelope(m))).load()
+                    ok = (type(request) is tuple and len(request) == 4 and request[:2] == (ident, 'put')
+                          and type(request[2]) is tuple and len(request[2]) == 1)
+                    want = request[2][0] if ok else None
+                except Exception:
+                    ok = False
+                refused = raw_put(m)
+                if refused is None:
+                    try:
+                        got = raw_get()
+                    except Exception as e:
+                        got = e
+                    if ok and not equal(want, got):
+                        failures.append('graph %d proto %d mutant %s: want %r, got %r'
+                                        % (i, proto, m.hex(), repr(want)[:100], repr(got)[:100]))
+                    loaded += ok
+                elif ok:
+                    failures.append('graph %d proto %d mutant %s: CPython loads it, distq refused: %s'
+                                    % (i, proto, m.hex(), str(refused)[-200:]))
+                else:
+                    refused_both += 1
+    for f in failures[:10]:
+        print(f)
+    print('mutants: %d loaded by CPython and carried, %d refused by both, %d differ'
+          % (loaded, refused_both, len(failures)))
+    sys.exit(1 if failures else 0)
+
 failures = []
 for i, g in enumerate(graphs):
     for proto in protocols:

@@ -24,12 +24,15 @@ def _sbu(s):
 
 _GET = pickle.dumps((ident, 'get', (), {'timeout': 5}), 4)
 
+def envelope(buf):
+    """The `put` request carrying the pickle `buf` (protocol 2 or higher, as produced by
+    pickle.dumps) as its item: its opcodes, under its own protocol, with nothing
+    memoized before them."""
+    return b'\x80' + buf[1:2] + b'(' + _sbu(ident) + _sbu('put') + buf[2:-1] + b'\x85}t.'
+
 def raw_put(buf):
-    """Puts the pickle `buf` (protocol 2 or higher, as produced by pickle.dumps) with
-    nothing memoized before it, under its own protocol. Returns None, or the server's
-    error reply."""
-    envelope = b'\x80' + buf[1:2] + b'(' + _sbu(ident) + _sbu('put') + buf[2:-1] + b'\x85}t.'
-    conn.send_bytes(envelope)
+    """Puts `envelope(buf)`. Returns None, or the server's error reply."""
+    conn.send_bytes(envelope(buf))
     kind, result = pickle.loads(conn.recv_bytes())
     return None if kind == '#RETURN' else result
 
