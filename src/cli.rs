@@ -182,13 +182,9 @@ impl CommonFlags {
             return Ok(AuthKey::new(key.clone().into_vec()));
         }
         if let Some(path) = &self.authkey_file {
-            let mut bytes = std::fs::read(path)
+            let bytes = std::fs::read(path)
                 .map_err(|e| format!("cannot read the authkey file {}: {e}", path.display()))?;
-            // Files written by `echo` end in a newline that is not part of the key.
-            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                bytes.pop();
-            }
-            return Ok(AuthKey::new(bytes));
+            return Ok(AuthKey::new(key_from_file(bytes)));
         }
         if let Some(key) = std::env::var_os("DISTQ_AUTHKEY") {
             return Ok(AuthKey::new(key.into_vec()));
@@ -326,8 +322,29 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// The key in an authkey file: its bytes without one final `\n` (what `echo` and editors
+/// add). Exactly one, and nothing else: a random binary key that ends in `\n` or `\r`
+/// survives when written with one newline after it, and Python peers read the same key
+/// with `key = open(path, 'rb').read(); key = key[:-1] if key.endswith(b'\n') else key`.
+fn key_from_file(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_authkey_file_loses_exactly_one_final_newline() {
+        assert_eq!(key_from_file(b"abc\n".to_vec()), b"abc");
+        assert_eq!(key_from_file(b"abc".to_vec()), b"abc");
+        assert_eq!(key_from_file(b"k\r\n".to_vec()), b"k\r");
+        assert_eq!(key_from_file(b"k\n\n".to_vec()), b"k\n");
+        assert_eq!(key_from_file(b"\r".to_vec()), b"\r");
+    }
+
     use super::*;
 
     #[test]
