@@ -171,16 +171,21 @@ pub(crate) struct Scan<'b> {
     bytes: &'b [u8],
     b: Buffers,
     sparse: HashMap<u32, u32>,
-    /// `(index, position, previous binding)` for PUTs that rebound an index.
+    /// `(index, position, previous binding)` for PUTs that rebound an index, sorted.
     rebinds: Vec<(u32, u32, u32)>,
     lookups: Vec<Lookup>,
     /// `(position, protocol)` of each PROTO opcode.
     protos: Vec<(u32, u8)>,
-    /// `(binding, position)` of mutations applied through a memo reference.
-    alias_mutations: Vec<(u32, u32)>,
+    /// `(position of the object's PUT, position of the mutation)` for mutations applied
+    /// through a memo reference, by mutation position and by PUT position.
+    mutations_by_pos: Vec<(u32, u32)>,
+    mutations_by_put: Vec<(u32, u32)>,
     root: Region,
     /// Bytes extractions may still write: copies of shared entries are bounded by it.
     budget: std::cell::Cell<usize>,
+    /// Bytes extractions may still walk (copies of outside entries are walked before
+    /// they are written, and FRAMEs are walked but never written).
+    work: std::cell::Cell<usize>,
 }
 
 /// An argument cut out of a request by [`Scan::extract`]: its opcodes, and what they name.
@@ -218,7 +223,8 @@ impl<'b> Scan<'b> {
             rebinds: std::mem::take(&mut s.rebinds),
             lookups: std::mem::take(&mut s.lookups),
             protos: std::mem::take(&mut s.protos),
-            alias_mutations: std::mem::take(&mut s.alias_mutations),
+            mutations_by_pos: Vec::new(),
+            mutations_by_put: Vec::new(),
             root: Region {
                 start: root.start,
                 end: stop,
@@ -226,7 +232,17 @@ impl<'b> Scan<'b> {
                 serial: root.serial,
             },
             budget: std::cell::Cell::new(bytes.len().saturating_mul(4).saturating_add(1 << 20)),
+            work: std::cell::Cell::new(bytes.len().saturating_mul(8).saturating_add(1 << 20)),
         };
+        scan.rebinds.sort_unstable();
+        let mutations: Vec<(u32, u32)> = s
+            .alias_mutations
+            .iter()
+            .map(|&(def, m)| (scan.original(def).put_pos, m))
+            .collect();
+        scan.mutations_by_pos = mutations.iter().map(|&(put, m)| (m, put)).collect();
+        scan.mutations_by_put = mutations;
+        scan.mutations_by_put.sort_unstable();
         close_defs(&mut scan.b.defs, &root, stop);
         Ok(scan)
     }
@@ -287,13 +303,15 @@ impl<'b> Scan<'b> {
 
     /// The binding memo index `idx` had when the GET at `pos` ran.
     fn binding_at(&self, idx: u32, pos: u32) -> Option<u32> {
-        let earliest_later = self
+        // `rebinds` is sorted by (index, position): the first rebinding of `idx` after
+        // `pos` holds the binding that was current at `pos`.
+        let later = self
             .rebinds
-            .iter()
-            .filter(|&&(i, p, _)| i == idx && p > pos)
-            .min_by_key(|&&(_, p, _)| p);
-        if let Some(&(_, _, old)) = earliest_later {
-            return Some(old);
+            .partition_point(|&(i, p, _)| (i, p) <= (idx, pos));
+        if let Some(&(i, _, old)) = self.rebinds.get(later) {
+            if i == idx {
+                return Some(old);
+            }
         }
         let now = match self.b.memo.get(idx as usize) {
             Some(&d) => d,
@@ -363,21 +381,31 @@ impl<'b> Scan<'b> {
                 "an item shares memo entries nested more than 64 deep with the rest of its request",
             ));
         }
-        for &(def, m) in &self.alias_mutations {
-            let d = self.original(def);
-            let inside = |p: u32| (start..end).contains(&p);
-            if inside(d.put_pos) != inside(m) {
-                return Err(unforwardable(
-                    "the pickle changes a memoized object from outside the value that built it \
-                     (Python's pickler never writes that); distq cannot cut the item out faithfully",
-                ));
-            }
+        let inside = |p: u32| (start..end).contains(&p);
+        let in_range = |v: &[(u32, u32)]| {
+            let from = v.partition_point(|&(k, _)| k < start);
+            let to = v.partition_point(|&(k, _)| k < end);
+            v[from..to].iter().any(|&(_, other)| !inside(other))
+        };
+        if in_range(&self.mutations_by_pos) || in_range(&self.mutations_by_put) {
+            return Err(unforwardable(
+                "the pickle changes a memoized object from outside the value that built it \
+                 (Python's pickler never writes that); distq cannot cut the item out faithfully",
+            ));
         }
+        let walk = (end - start) as usize;
+        if walk > self.work.get() {
+            return Err(unforwardable(
+                "the items of this request share so much that cutting them out would take more \
+                 than eight passes over it; send them in separate requests",
+            ));
+        }
+        self.work.set(self.work.get() - walk);
         let bytes = &self.bytes[..end as usize];
         // Pass 1: which PUTs are read inside, which outside entries are referenced, and
         // whether the bytes can be copied as they are.
         let mut needed: Vec<u32> = Vec::new();
-        let mut outside: Vec<(u32, u32)> = Vec::new();
+        let mut outside: Vec<u32> = Vec::new();
         let mut verbatim = true;
         let mut height: usize = 0;
         let mut fences: Vec<usize> = Vec::new();
@@ -402,10 +430,7 @@ impl<'b> Scan<'b> {
                                 "an item refers to a container of the request it is in",
                             ));
                         }
-                        match outside.iter_mut().find(|(pp, _)| *pp == d.put_pos) {
-                            Some((_, n)) => *n += 1,
-                            None => outside.push((d.put_pos, 1)),
-                        }
+                        outside.push(d.put_pos);
                     }
                 }
                 GLOBAL | STACK_GLOBAL | EXT1 | EXT2 | EXT4 if self.proto_at(p) != state.proto => {
@@ -470,9 +495,19 @@ impl<'b> Scan<'b> {
         }
         needed.sort_unstable();
         needed.dedup();
+        // Each outside entry: its PUT position and how often the item refers to it, sorted.
+        outside.sort_unstable();
+        let mut refs: Vec<(u32, u32)> = Vec::new();
+        for put in outside {
+            match refs.last_mut() {
+                Some((p, n)) if *p == put => *n += 1,
+                _ => refs.push((put, 1)),
+            }
+        }
         // Pass 2: copy, renumbering.
         let mut renamed: Vec<(u32, u32)> = Vec::new(); // (put_pos, new index), by put_pos
-        let mut copied: Vec<(u32, Option<u32>)> = Vec::new(); // outside put_pos → new index
+                                                       // Per entry of `refs`: not copied yet, or copied (under this memo index if any).
+        let mut copied: Vec<Option<Option<u32>>> = vec![None; refs.len()];
         let mut pos = start as usize;
         while pos < end as usize {
             let (op, arg, next) = read_op(bytes, pos)?;
@@ -499,16 +534,15 @@ impl<'b> Scan<'b> {
                             .map_err(|_| fail_at(op, pos, "memo value not found"))?;
                         self.charge(out, &get_op(renamed[i].1))?;
                     } else {
-                        match copied.iter().find(|(pp, _)| *pp == d.put_pos) {
-                            Some(&(_, Some(n))) => self.charge(out, &get_op(n))?,
-                            Some(&(_, None)) => unreachable_copy()?,
+                        let i = refs
+                            .binary_search_by_key(&d.put_pos, |&(pp, _)| pp)
+                            .map_err(|_| fail_at(op, pos, "memo value not found"))?;
+                        match copied[i] {
+                            Some(Some(n)) => self.charge(out, &get_op(n))?,
+                            Some(None) => unreachable_copy()?,
                             None => {
                                 self.emit(d.start, d.end, out, state, depth + 1)?;
-                                let refs = outside
-                                    .iter()
-                                    .find(|(pp, _)| *pp == d.put_pos)
-                                    .map_or(1, |&(_, n)| n);
-                                let n = (refs > 1).then(|| {
+                                let n = (refs[i].1 > 1).then(|| {
                                     let n = state.next_memo;
                                     state.next_memo += 1;
                                     n
@@ -516,7 +550,7 @@ impl<'b> Scan<'b> {
                                 if let Some(n) = n {
                                     self.charge(out, &put_op(n))?;
                                 }
-                                copied.push((d.put_pos, n));
+                                copied[i] = Some(n);
                             }
                         }
                     }
@@ -569,26 +603,41 @@ struct Emit {
     names: Option<Lookup>,
 }
 
-fn put_op(n: u32) -> Vec<u8> {
+/// A memo opcode for index `n`: the one-byte form when it fits.
+struct MemoOp {
+    bytes: [u8; 5],
+    len: usize,
+}
+
+impl std::ops::Deref for MemoOp {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn memo_op([short, long]: [u8; 2], n: u32) -> MemoOp {
     match u8::try_from(n) {
-        Ok(small) => vec![BINPUT, small],
+        Ok(small) => MemoOp {
+            bytes: [short, small, 0, 0, 0],
+            len: 2,
+        },
         Err(_) => {
-            let mut v = vec![LONG_BINPUT];
-            v.extend_from_slice(&n.to_le_bytes());
-            v
+            let [a, b, c, d] = n.to_le_bytes();
+            MemoOp {
+                bytes: [long, a, b, c, d],
+                len: 5,
+            }
         }
     }
 }
 
-fn get_op(n: u32) -> Vec<u8> {
-    match u8::try_from(n) {
-        Ok(small) => vec![BINGET, small],
-        Err(_) => {
-            let mut v = vec![LONG_BINGET];
-            v.extend_from_slice(&n.to_le_bytes());
-            v
-        }
-    }
+fn put_op(n: u32) -> MemoOp {
+    memo_op([BINPUT, LONG_BINPUT], n)
+}
+
+fn get_op(n: u32) -> MemoOp {
+    memo_op([BINGET, LONG_BINGET], n)
 }
 
 fn memo_arg(op: u8, arg: &[u8]) -> u32 {
@@ -1408,7 +1457,7 @@ pub(crate) fn splice(frag: &Fragment, offset: u32, out: &mut Vec<u8>) -> Result<
                 added += 1;
             }
             BINGET | LONG_BINGET => {
-                out.extend_from_slice(&get_op(memo_arg(op, &bytes[arg..next]) + offset))
+                out.extend_from_slice(&get_op(shifted(memo_arg(op, &bytes[arg..next]), offset)?))
             }
             _ => out.extend_from_slice(&bytes[pos..next]),
         }
@@ -1417,9 +1466,36 @@ pub(crate) fn splice(frag: &Fragment, offset: u32, out: &mut Vec<u8>) -> Result<
     Ok(added)
 }
 
+fn shifted(idx: u32, offset: u32) -> Result<u32> {
+    idx.checked_add(offset)
+        .ok_or_else(|| Error::Value("more than 2^32 memo entries in one reply".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rebound_memo_index_is_read_as_it_was_at_each_get() {
+        // L = []; PUT 0; MARK; GET 0 (L itself); 1; PUT 0 (now the int); GET 0 (the int);
+        // APPENDS: L == [L, 1, 1].
+        let e = item_of(b"\x80\x04]q\x00(h\x00K\x01q\x00h\x00e.").unwrap();
+        assert_eq!(e.fragment.bytes(), b"]q\x00(h\x00K\x01q\x01h\x01e");
+    }
+
+    #[test]
+    fn an_object_changed_through_a_memo_reference_outside_it_is_refused() {
+        // (L, L) where the second element is GET 0 followed by APPEND: cutting out the
+        // first element alone would lose the append.
+        let pickle = b"\x80\x04(]q\x00h\x00K\x01at.";
+        let scan = Scan::new(pickle).unwrap();
+        let children = scan.children(&scan.root()).unwrap().unwrap();
+        let err = scan.extract(&children[0]).unwrap_err().to_string();
+        assert!(err.contains("changes a memoized object"), "{err}");
+        let err = scan.extract(&children[1]).unwrap_err().to_string();
+        assert!(err.contains("changes a memoized object"), "{err}");
+        assert!(scan.extract(&scan.root()).is_ok());
+    }
 
     fn item_of(pickle: &[u8]) -> Result<Pickled> {
         let scan = Scan::new(pickle)?;
