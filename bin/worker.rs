@@ -170,7 +170,11 @@ struct Shared<'a> {
     /// Whether to call `task_done()` after each result of a task taken without a lease
     /// (the queue exposes it: Python's `queue.Queue` and `JoinableQueue` do).
     task_done: bool,
+    /// Whether the server has `ack_put` (distq's): result and ack in one round trip.
+    ack_put: bool,
 }
+
+const RESULT_QUEUE: &str = "get_result_queue";
 
 fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()> {
     println!("Connecting to server {}...", flags.connect);
@@ -180,6 +184,7 @@ fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()
     let task_queue = manager.queue("get_task_queue")?;
     let leases = flags.leases && task_queue.exposes("reserve");
     let task_done = task_queue.exposes("task_done");
+    let ack_put = task_queue.exposes("ack_put");
     drop(task_queue);
     if flags.leases && !leases {
         eprintln!(
@@ -197,6 +202,7 @@ fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()
         failures: Mutex::new(HashMap::new()),
         chatty,
         task_done,
+        ack_put,
     };
     std::thread::scope(|s| {
         let slots: Vec<_> = (0..flags.concurrency)
@@ -224,7 +230,7 @@ fn slot(shared: &Shared) -> distq::Result<()> {
 
 fn slot_loop(shared: &Shared) -> distq::Result<()> {
     let tasks = shared.manager.queue("get_task_queue")?;
-    let results = shared.manager.queue("get_result_queue")?;
+    let results = shared.manager.queue(RESULT_QUEUE)?;
     let take_round = || {
         shared
             .rounds
@@ -258,20 +264,7 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
                     }
                 };
                 if let Some(result) = done {
-                    results.put(result)?;
-                    if lease.is_none() && shared.task_done {
-                        // A master waiting in `task_queue.join()` counts these (an ack
-                        // does the same for a leased task).
-                        tasks.task_done()?;
-                    }
-                    if let Some(lease) = lease {
-                        if let Err(e) = tasks.ack(lease) {
-                            // The connection was lost and the task requeued: another
-                            // worker may run it again (at-least-once), which is safe to
-                            // continue from.
-                            eprintln!("warning: could not ack task {task}: {e}");
-                        }
-                    }
+                    deliver(shared, &tasks, &results, lease, &task, result)?;
                 }
             }
             // The master ended the job (it shut the task queue down): nothing more to take.
@@ -284,6 +277,56 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Puts a task's result and completes the task. A leased task on a distq server goes in
+/// one `ack_put`, which stores nothing if the lease is gone: a worker that lost its
+/// server mid-task (killed master, restart) and reconnected to a new one never hands
+/// the new run a result of the old one. Elsewhere: `put`, then `ack` or `task_done`.
+fn deliver(
+    shared: &Shared,
+    tasks: &QueueProxy,
+    results: &QueueProxy,
+    lease: Option<u64>,
+    task: &Value,
+    result: Value,
+) -> distq::Result<()> {
+    match lease {
+        Some(lease) if shared.ack_put => match tasks.ack_put(lease, result, RESULT_QUEUE) {
+            Err(Error::Remote { class, message }) if class.ends_with("ValueError") => {
+                let task = shorten(&text::text_form(task));
+                if message.starts_with("unknown lease") {
+                    eprintln!(
+                        "warning: dropped the result of task {task}: {message}; the task goes to \
+                         another worker (if this call reached the server before the connection \
+                         broke, the result was stored once)"
+                    );
+                } else {
+                    eprintln!("warning: task {task}: {message}");
+                }
+                Ok(())
+            }
+            other => other,
+        },
+        Some(lease) => {
+            results.put(result)?;
+            if let Err(e) = tasks.ack(lease) {
+                // The connection was lost and the task requeued: another worker may run
+                // it again (at-least-once), which is safe to continue from.
+                eprintln!("warning: could not ack task {task}: {e}");
+            }
+            Ok(())
+        }
+        None => {
+            results.put(result)?;
+            if shared.task_done {
+                // A master waiting in `task_queue.join()` counts these (an ack does the
+                // same for a leased task).
+                tasks.task_done()?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Runs the command for `item`. Returns the record to put, or `None` if the task was

@@ -515,6 +515,28 @@ impl QueueProxy {
         self.lease_call("ack", lease, vec![])
     }
 
+    /// Puts `item` on the queue named `queue_name` and acks `lease`, in one round trip
+    /// (a distq extension: check [`QueueProxy::exposes`]`("ack_put")`). The server checks
+    /// the lease first, so a result for a task whose lease is gone (the connection was
+    /// lost, the lease expired, the server restarted) is never stored.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] (`ValueError`) if the lease is no longer held: nothing was put.
+    /// If the lease ended while the put waited for room in a bounded queue, the item
+    /// was put and the error says so.
+    pub fn ack_put(&self, lease: u64, item: impl Into<Value>, queue_name: &str) -> Result<()> {
+        let lease = Value::Int(
+            i64::try_from(lease).map_err(|_| Error::Value("lease id out of range".into()))?,
+        );
+        self.call(
+            "ack_put",
+            vec![lease, item.into(), Value::str(queue_name)],
+            vec![],
+            None,
+        )
+        .map(drop)
+    }
+
     /// Gives a leased item back to the head of the queue, now or after `delay`.
     pub fn release(&self, lease: u64, delay: Option<Duration>) -> Result<()> {
         let kwargs = delay

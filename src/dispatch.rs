@@ -22,7 +22,9 @@ use crate::{Error, Value};
 /// The methods of a queue proxy: Python 3.8–3.12's `queue.Queue` list, in its order, then
 /// 3.13's `shutdown`, then distq's extensions: batching and leases.
 /// `get_many`/`put_many` move many items per round trip; `reserve`/`ack`/`release`/`touch`
-/// give at-least-once delivery. Python clients get them too, since AutoProxy builds a
+/// give at-least-once delivery, and `ack_put(lease, item, queue_name='get_result_queue')`
+/// is a worker's result and ack in one round trip (nothing stored if the lease is gone).
+/// Python clients get them too, since AutoProxy builds a
 /// method for every exposed name.
 pub const QUEUE_METHODS: &[&str] = &[
     "empty",
@@ -42,7 +44,11 @@ pub const QUEUE_METHODS: &[&str] = &[
     "release",
     "touch",
     "stats",
+    "ack_put",
 ];
+
+/// Where `ack_put` puts its item unless told otherwise: the classic result queue.
+const RESULT_QUEUE: &str = "get_result_queue";
 
 /// The most items one `get_many` returns, whatever the caller asks for: it bounds the
 /// reply frame (and the time the queue lock is held taking them).
@@ -433,6 +439,25 @@ fn call(
             let lease = args.lease()?;
             args.finish()?;
             done(queue.ack(lease))
+        }
+        "ack_put" => {
+            let lease = args.lease()?;
+            let item = fragment(map, args.required_arg(1, "item")?)?;
+            let target = match args.optional(2, "queue_name")? {
+                None => RESULT_QUEUE.to_string(),
+                Some(Value::Str(name)) => name.to_string(),
+                Some(other) => {
+                    return Err(Fault::from(exceptions::builtin(
+                        "TypeError",
+                        &format!(
+                            "ack_put() queue_name must be a str, not {}",
+                            other.brief(60)
+                        ),
+                    )))
+                }
+            };
+            args.finish()?;
+            done(map.ack_put(queue, lease, &target, item, Wait::Forever, alive))
         }
         "release" => {
             let lease = args.lease()?;

@@ -230,6 +230,68 @@ fn the_worker_survives_a_server_restart() {
     second.shutdown().unwrap();
 }
 
+/// Issue 12.2: a worker that took a task from a master that was then killed, and
+/// reconnected to the next master on the same address, must not hand the new run the
+/// old task's result. Lease ids differ across server instances and `ack_put` stores
+/// nothing for a lease the server does not hold.
+#[test]
+fn a_result_of_a_killed_run_is_not_counted_by_the_next() {
+    let first = server();
+    let addr = first.local_addr();
+    let mut w = worker(
+        addr,
+        &[
+            "--forever",
+            "--get-timeout",
+            "0.2",
+            "--sleep",
+            "1",
+            "--reconnect-for",
+            "30",
+        ],
+    );
+    let m = connect(addr);
+    m.queue("get_task_queue").unwrap().put(3).unwrap();
+    wait_for(|| {
+        first
+            .handle()
+            .queues()
+            .queues()
+            .unwrap()
+            .iter()
+            .any(|q| q.name() == "get_task_queue" && q.reserved().unwrap() == 1)
+    });
+    first.shutdown().unwrap();
+    let second = (0..50)
+        .find_map(|_| {
+            let s = Server::bind(addr, ServerConfig::new(AuthKey::new(KEY))).ok();
+            if s.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            s
+        })
+        .expect("rebind the same address")
+        .spawn()
+        .unwrap();
+    let m = connect(addr);
+    m.queue("get_task_queue").unwrap().put(4).unwrap();
+    let results = m.queue("get_result_queue").unwrap();
+    let got = results.get(Duration::from_secs(15));
+    if got.is_err() {
+        kill_and_collect_stderr(&mut w, |err| panic!("no result; worker stderr: {err}"));
+    }
+    assert_eq!(
+        got.unwrap(),
+        Value::from("4 * 4 = 16"),
+        "the old run's result came first"
+    );
+    assert_eq!(results.qsize().unwrap(), 0);
+    kill_and_collect_stderr(&mut w, |err| {
+        assert!(err.contains("dropped the result of task 3"), "{err}");
+    });
+    second.shutdown().unwrap();
+}
+
 fn kill_and_collect_stderr(child: &mut Child, check: impl FnOnce(&str)) {
     let _ = child.kill();
     let _ = child.wait();

@@ -421,6 +421,34 @@ impl QueueMap {
             .push_dead(items)
     }
 
+    /// Puts `item` on the queue named `target` and then acks `lease` on `queue`: a
+    /// worker's "here is the result, the task is done" in one round trip. The lease is
+    /// checked first, so a worker whose lease is gone (its connection dropped, the lease
+    /// expired, or the server restarted since it took the task) stores nothing: a result
+    /// is never delivered for a task this server has already given to someone else.
+    ///
+    /// # Errors
+    /// [`Error::Value`] for an unknown lease (nothing stored), or if the lease ended while
+    /// the put waited for room (then the item *was* stored and the task requeued, and the
+    /// message says so).
+    pub fn ack_put(
+        &self,
+        queue: &Queue,
+        lease: u64,
+        target: &str,
+        item: crate::pickle::Fragment,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        queue.check_lease(lease)?;
+        self.lookup_or_insert(target, 0)?.put(item, wait, alive)?;
+        queue.ack(lease).map_err(|e| {
+            Error::Value(format!(
+                "the item was put on {target:?}, but the lease ended while the put waited for room, so the task was requeued and may run again ({e})"
+            ))
+        })
+    }
+
     /// Releases a lease on `queue` (see [`Queue::release`]), dead-lettering if due.
     pub fn release(&self, queue: &Queue, lease: u64, delay: Option<Duration>) -> Result<()> {
         let dead = queue.release(lease, delay)?;

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::packed::{Packed, Taken};
@@ -29,9 +29,19 @@ use crate::{Error, Result};
 /// How often a blocked waiter checks that its peer is still there.
 pub const LIVENESS_SLICE: Duration = Duration::from_millis(100);
 
-/// Lease ids are unique within the process, so a lease can never be confused with one on
-/// another queue or from an earlier connection.
-static NEXT_LEASE: AtomicU64 = AtomicU64::new(1);
+/// A new lease id. Ids are unique within the process, so a lease can never be confused
+/// with one on another queue or from an earlier connection, and they start at a random
+/// point in 2^40..2^52 so that a worker holding a lease of a server that has since
+/// restarted cannot ack (or put a result for) a task of the new server that happens to
+/// have the same number. (Below 2^53, so a JSON or float reader keeps them exact.)
+fn next_lease() -> u64 {
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    NEXT.get_or_init(|| {
+        use rand::Rng;
+        AtomicU64::new(rand::rngs::OsRng.gen_range(1u64 << 40..1u64 << 52))
+    })
+    .fetch_add(1, Ordering::Relaxed)
+}
 
 /// One named FIFO queue.
 #[derive(Debug)]
@@ -399,7 +409,7 @@ impl Queue {
                 t.deliveries = t.deliveries.saturating_add(1);
                 let id = t.id;
                 self.journal(|qnum| Record::Reserve { qnum, id });
-                let lease = NEXT_LEASE.fetch_add(1, Ordering::Relaxed);
+                let lease = next_lease();
                 let taken = t.clone();
                 guard.leases.insert(
                     lease,
@@ -508,6 +518,18 @@ impl Queue {
             self.all_done.notify_all();
         }
         Ok(())
+    }
+
+    /// Whether `lease` is held on this queue.
+    ///
+    /// # Errors
+    /// [`Error::Value`] if the lease is unknown.
+    pub fn check_lease(&self, lease: u64) -> Result<()> {
+        let s = self.lock()?;
+        match s.leases.contains_key(&lease) {
+            true => Ok(()),
+            false => Err(self.unknown_lease(lease)),
+        }
     }
 
     /// Extends a lease by `by` (or the server's default lease time) from now.

@@ -6,7 +6,7 @@ from multiprocessing.managers import BaseManager
 class M(BaseManager):
     pass
 
-for name in ('get_jobs', 'get_jobs.dead', 'get_closing'):
+for name in ('get_jobs', 'get_jobs.dead', 'get_closing', 'get_answers'):
     M.register(name)
 host, port, key = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
 m = M(address=(host, port), authkey=key)
@@ -33,6 +33,19 @@ for _ in range(2):
     jobs.release(lease)
 assert jobs.empty()
 assert getattr(m, 'get_jobs.dead')().get(timeout=1) == 'b'
+# ack_put: the result and the ack in one call; nothing is stored for a lease that is gone.
+jobs.put('c')
+lease, item = jobs.reserve(timeout=1)
+jobs.ack_put(lease, {'done': item, 'shared': [item, item]}, 'get_answers')
+answers = m.get_answers()
+got = answers.get(timeout=1)
+assert got == {'done': 'c', 'shared': ['c', 'c']}, got
+try:
+    jobs.ack_put(lease, 'stale', 'get_answers')
+    raise AssertionError('ack_put with a finished lease accepted')
+except ValueError as e:
+    assert 'unknown lease' in str(e), e
+assert answers.empty(), 'a refused ack_put stored its item'
 
 closing = m.get_closing()
 closing.put(1)
