@@ -1,8 +1,9 @@
 //! `distq-master`: the Rust twin of the classic `task_master.py`, and with `--input` a
 //! line-oriented master that feeds one task per line and writes one result per line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::hash::{Hash, Hasher};
 use std::io::{BufWriter, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
@@ -21,6 +22,10 @@ use rand::Rng;
 /// The worker, compiled into the master too so that local workers need no second binary.
 #[path = "worker.rs"]
 mod worker;
+
+#[path = "run_state.rs"]
+mod run_state;
+use run_state::RunState;
 
 const HELP: &str = "\
 distq-master: put tasks on a queue, collect the workers' results
@@ -44,6 +49,8 @@ OPTIONS:
                             it left off
     --fsync POLICY          the journal's sync policy: always | every=MS | never
                             [default: every=50ms]
+    --resume                continue the run the journal holds (without it, a journal
+                            that still holds tasks or results is refused)
     --authkey KEY           shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH     read the shared secret from a file (or set DISTQ_AUTHKEY)
     -v, -q                  more / less logging on stderr (-q also hides the progress)
@@ -106,6 +113,7 @@ struct Flags {
     worker_flags: Vec<String>,
     progress_every: Duration,
     journal: Option<JournalConfig>,
+    resume: bool,
 }
 
 /// The name under which this executable runs as a worker, busybox-style: the master
@@ -133,6 +141,7 @@ fn main() {
         worker_flags: Vec::new(),
         progress_every: Duration::from_secs(5),
         journal: None,
+        resume: false,
     };
     let parsed: Result<(), lexopt::Error> = (|| {
         let mut parser = lexopt::Parser::from_env();
@@ -153,6 +162,7 @@ fn main() {
                 "--input" => flags.input = Some(parser.value()?.string()?),
                 "--output" => flags.output = Some(parser.value()?.string()?),
                 "--ordered" => flags.ordered = true,
+                "--resume" => flags.resume = true,
                 "--deadline" => flags.deadline = Some(cli::seconds(parser.value()?)?),
                 "--exec" => flags.command = Some(parser.value()?.string()?),
                 "--progress-every" => flags.progress_every = cli::seconds(parser.value()?)?,
@@ -240,6 +250,11 @@ fn check(flags: &Flags) -> Result<(), lexopt::Error> {
             "--bind and --connect exclude each other: --bind is where a hosted server listens, \
              --connect uses a server that already runs"
                 .into(),
+        );
+    }
+    if flags.resume && flags.journal.is_none() {
+        return Err(
+            "--resume continues the run a --journal DIR holds: give the same --journal".into(),
         );
     }
     match &flags.journal {
@@ -350,6 +365,29 @@ impl Session {
         })
     }
 
+    /// Refuses to mix a new run into a hosted journal that still holds an earlier one
+    /// (its tasks would run and its results would be taken for this run's). Returns
+    /// what the journal holds: tasks (waiting, delayed or formerly reserved), results.
+    fn check_leftovers(&self, flags: &Flags) -> (i64, i64) {
+        let Some(journal) = flags.journal.as_ref().filter(|_| self.hosted.is_some()) else {
+            return (0, 0);
+        };
+        let n = |queue: &str, field: &str| queue_stat(&self.manager, queue, field).unwrap_or(0);
+        let tasks = n(TASKS, "size") + n(TASKS, "reserved") + n(TASKS, "delayed");
+        let results = n(RESULTS, "size");
+        if tasks + results > 0 && !flags.resume {
+            cli::fail(
+                format!(
+                    "the journal in {} holds {tasks} task(s) and {results} result(s) of an earlier run: \
+                     --resume continues that run; for a new run, use another directory",
+                    journal.dir.display()
+                ),
+                exit::USAGE,
+            );
+        }
+        (tasks, results)
+    }
+
     /// Shuts a hosted server down (after the queue proxies are dropped).
     fn close(self) -> distq::Result<()> {
         if let Some(running) = self.hosted {
@@ -363,8 +401,9 @@ impl Session {
 fn run_classic(flags: &Flags, authkey: AuthKey) -> i32 {
     let result = (|| {
         let session = Session::open(flags, &authkey, true).map_err(failed)?;
-        let tasks = session.manager.queue("get_task_queue").map_err(failed)?;
-        let results = session.manager.queue("get_result_queue").map_err(failed)?;
+        let (left_tasks, left_results) = session.check_leftovers(flags);
+        let tasks = session.manager.queue(TASKS).map_err(failed)?;
+        let results = session.manager.queue(RESULTS).map_err(failed)?;
         let workers = Workers::spawn(
             flags.local_workers.unwrap_or(0),
             &session.addr,
@@ -372,8 +411,18 @@ fn run_classic(flags: &Flags, authkey: AuthKey) -> i32 {
             &[],
         )
         .map_err(failed)?;
-        let outcome = classic(flags, &tasks, &results);
-        if outcome.is_ok() && session.hosted.is_some() {
+        let resumed = flags.resume.then(|| {
+            println!(
+                "Resuming: {left_tasks} task(s) and {left_results} result(s) in the journal..."
+            );
+            (left_tasks + left_results) as u64
+        });
+        let outcome = classic(flags, &tasks, &results, resumed);
+        let finished = match &outcome {
+            Ok(()) => true,
+            Err((_, status)) => *status == exit::TASKS_FAILED,
+        };
+        if finished && session.hosted.is_some() {
             end_of_job(&session.manager, &tasks);
         }
         drop((workers, tasks, results));
@@ -413,17 +462,18 @@ fn end_of_job(manager: &Manager, tasks: &QueueProxy) {
 
 /// Tasks taken under a lease and not yet acked, from the server's `stats()`.
 fn reserved_tasks(manager: &Manager) -> Option<i64> {
-    let field = |v: &Value, name: &str| match v {
-        Value::Dict(pairs) => pairs
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(name))
-            .map(|(_, v)| v.clone()),
-        _ => None,
-    };
-    let stats = manager.stats().ok()?;
-    let queue = field(&field(&stats, "queues")?, "get_task_queue")?;
-    field(&queue, "reserved")?.as_int()
+    queue_stat(manager, TASKS, "reserved")
 }
+
+/// One number of one queue from a distq server's `stats()`.
+fn queue_stat(manager: &Manager, queue: &str, name: &str) -> Option<i64> {
+    let stats = manager.stats().ok()?;
+    let queue = text::field(text::field(&stats, "queues")?, queue)?;
+    text::field(queue, name)?.as_int()
+}
+
+const TASKS: &str = "get_task_queue";
+const RESULTS: &str = "get_result_queue";
 
 /// An error and the exit status it calls for.
 type Failure = (String, i32);
@@ -433,21 +483,42 @@ fn failed(e: Error) -> Failure {
     (e.to_string(), status)
 }
 
-fn classic(flags: &Flags, tasks: &QueueProxy, results: &QueueProxy) -> Result<(), Failure> {
-    let total = flags.tasks.unwrap_or(10);
+/// The classic master: `total` random int tasks (or, resuming, the results the journal's
+/// tasks and results will give), one result each. A result that is a line-mode record
+/// (it carries a `run`) belongs to another master on the same server: it is put back
+/// for that master, and not counted.
+fn classic(
+    flags: &Flags,
+    tasks: &QueueProxy,
+    results: &QueueProxy,
+    resumed: Option<u64>,
+) -> Result<(), Failure> {
+    let total = resumed.unwrap_or(flags.tasks.unwrap_or(10));
     let result_timeout = flags.result_timeout.unwrap_or(Duration::from_secs(10));
-    for _ in 0..total {
-        let n: i64 = rand::rngs::OsRng.gen_range(0..=10_000);
-        println!("Put task {n}...");
-        tasks.put(Value::from(n)).map_err(failed)?;
+    if resumed.is_none() {
+        for _ in 0..total {
+            let n: i64 = rand::rngs::OsRng.gen_range(0..=10_000);
+            println!("Put task {n}...");
+            tasks.put(Value::from(n)).map_err(failed)?;
+        }
     }
     println!("Try getting results...");
-    for received in 0..total {
+    let (mut received, mut failures, mut foreign) = (0, 0, 0u64);
+    while received < total {
         match results.get(result_timeout) {
-            Ok(r) => println!(
-                "Result: {}",
-                r.as_str().map_or_else(|| r.to_string(), str::to_string)
-            ),
+            Ok(r) if text::field(&r, text::RUN).is_some() => {
+                foreign += 1;
+                results.put(r).map_err(failed)?;
+                std::thread::sleep(FOREIGN_BACKOFF);
+            }
+            Ok(r) => {
+                received += 1;
+                failures += u64::from(is_failure(&r));
+                println!(
+                    "Result: {}",
+                    r.as_str().map_or_else(|| r.to_string(), str::to_string)
+                )
+            }
             Err(Error::Empty) => {
                 let e = format!(
                     "only {received} of {total} results arrived; none came for {result_timeout:?} (are workers running? see --result-timeout)"
@@ -457,8 +528,29 @@ fn classic(flags: &Flags, tasks: &QueueProxy, results: &QueueProxy) -> Result<()
             Err(e) => return Err(failed(e)),
         }
     }
+    if foreign > 0 {
+        eprintln!("note: put back {foreign} result(s) of line-mode runs for their master");
+    }
+    if failures > 0 {
+        return Err((
+            format!(
+                "{failures} of {total} results are failures (records whose status is not \"ok\")"
+            ),
+            exit::TASKS_FAILED,
+        ));
+    }
     Ok(())
 }
+
+/// A result is a failure if it is a record whose status is not "ok".
+fn is_failure(result: &Value) -> bool {
+    text::field(result, "status").is_some_and(|status| status.as_str() != Some("ok"))
+}
+
+/// How long a master waits after a batch of nothing but other runs' results, put back
+/// for their master, before it looks again: without it two masters would pass the same
+/// results back and forth as fast as the server answers.
+const FOREIGN_BACKOFF: Duration = Duration::from_millis(100);
 
 fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
     let input = flags.input.as_deref().unwrap_or("-");
@@ -466,17 +558,42 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
         Ok(lines) => lines,
         Err(e) => cli::fail(format!("cannot read {input}: {e}"), exit::FAILURE),
     };
-    let output: Box<dyn Write> = match flags.output.as_deref().unwrap_or("-") {
-        "-" => Box::new(std::io::stdout().lock()),
-        path => match std::fs::File::create(path) {
-            Ok(f) => Box::new(f),
-            Err(e) => cli::fail(format!("cannot write {path}: {e}"), exit::FAILURE),
-        },
-    };
     let result = (|| {
         let session = Session::open(flags, &authkey, false)?;
-        let tasks = session.manager.queue("get_task_queue")?;
-        let results = session.manager.queue("get_result_queue")?;
+        session.check_leftovers(flags);
+        let tasks = session.manager.queue(TASKS)?;
+        let results = session.manager.queue(RESULTS)?;
+        let journal_dir = flags.journal.as_ref().map(|j| j.dir.as_path());
+        let mut run = match journal_dir.filter(|_| flags.resume) {
+            Some(dir) => {
+                RunState::resume(dir, &lines).unwrap_or_else(|e| cli::fail(e, exit::USAGE))
+            }
+            None => RunState::fresh(journal_dir, &lines)
+                .map_err(|e| Error::io("writing the run file beside the journal", e))?,
+        };
+        // Opened only now: a run refused above must not truncate the output of the
+        // run it protects.
+        let output: Box<dyn Write> = match flags.output.as_deref().unwrap_or("-") {
+            "-" => Box::new(std::io::stdout().lock()),
+            // A resumed run adds to what the interrupted one wrote.
+            path => match std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .append(flags.resume)
+                .truncate(!flags.resume)
+                .open(path)
+            {
+                Ok(f) => Box::new(f),
+                Err(e) => cli::fail(format!("cannot write {path}: {e}"), exit::FAILURE),
+            },
+        };
+        // Resuming: the journal already holds the tasks still to do and the results not
+        // yet written; only the tasks of results lost in the crash are put again.
+        let (mut to_put, waiting) = if flags.resume {
+            resumable(&tasks, &results, &run, lines.len())?
+        } else {
+            ((0..lines.len()).collect(), Vec::new())
+        };
         let mut workers = match &flags.command {
             Some(command) => {
                 let k = flags.local_workers.unwrap_or_else(|| {
@@ -497,12 +614,11 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
                  one round trip per task"
             );
         }
-        let mut ids = 0u64..;
-        for chunk in lines.chunks(1000) {
+        to_put.sort_unstable();
+        for chunk in to_put.chunks(1000) {
             let batch: Vec<Value> = chunk
                 .iter()
-                .zip(&mut ids)
-                .map(|(line, id)| text::envelope(id, Value::from(line.as_str())))
+                .map(|&id| text::envelope(id as u64, &run.id, Value::from(lines[id].as_str())))
                 .collect();
             if batches {
                 tasks.put_many(batch, None)?;
@@ -512,9 +628,18 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
                 }
             }
         }
-        let mut collector = Collector::new(lines.len(), flags.ordered, BufWriter::new(output));
+        let mut collector =
+            Collector::new(lines.len(), flags.ordered, BufWriter::new(output), &run);
+        collector.take_batch(waiting, &results, batches, &mut run)?;
         let mut progress = Progress::new(lines.len(), flags.progress_every, verbosity >= 0);
-        let stopped = collector.collect(flags, &results, &mut workers, &mut progress);
+        let stopped = collector.collect(
+            flags,
+            &results,
+            &mut workers,
+            &mut progress,
+            batches,
+            &mut run,
+        );
         progress.finish();
         collector.finish();
         if matches!(stopped, Ok(None)) && session.hosted.is_some() {
@@ -532,19 +657,35 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
         total,
         done,
         failed,
+        earlier,
         seen,
+        failed_ids,
+        foreign,
         start,
         ..
     } = collector;
     let missing = total - done - failed;
     if verbosity > -2 {
         let secs = start.elapsed().as_secs_f64();
+        let earlier = match earlier {
+            0 => String::new(),
+            n => format!(" ({n} of them by the interrupted session)"),
+        };
         eprintln!(
-            "{total} tasks: {done} done, {failed} failed, {missing} missing in {secs:.1}s ({:.1} tasks/s)",
+            "{total} tasks: {done} done, {failed} failed{earlier}, {missing} missing in {secs:.1}s ({:.1} tasks/s)",
             (done + failed) as f64 / secs.max(1e-9)
         );
         if let Some(why) = why {
             eprintln!("stopped waiting: {why}");
+        }
+        if !foreign.is_empty() {
+            eprintln!(
+                "ignored {} result(s) of other runs, put back for their master (a result counts only if it carries its task's 'run')",
+                foreign.len()
+            );
+        }
+        for id in failed_ids.iter().take(10) {
+            eprintln!("failed: {}", lines[*id]);
         }
         let unseen = seen.iter().enumerate().filter(|(_, s)| !**s);
         for (id, _) in unseen.take(if missing > 0 { 10 } else { 0 }) {
@@ -577,13 +718,22 @@ fn read_lines(path: &str) -> std::io::Result<Vec<String>> {
         .collect())
 }
 
-/// Results as they arrive: matched to their lines by id, counted, written out.
+/// Results as they arrive: told apart from other runs' by their run id, matched to
+/// their lines by id, counted, written out.
 struct Collector {
     total: usize,
     done: usize,
     failed: usize,
+    /// Of `done + failed`, how many the interrupted session wrote (`--resume`).
+    earlier: usize,
     /// Which ids have a result (a redelivered task can produce two).
     seen: Vec<bool>,
+    /// Lines whose result is a failure, in the order they came.
+    failed_ids: Vec<usize>,
+    /// Results of other runs (or with no run), by a hash of their text: counted once
+    /// however often they come back round.
+    foreign: HashSet<u64>,
+    run: String,
     /// Results waiting for an earlier line's result (`--ordered`), by id.
     pending: BTreeMap<usize, String>,
     next: usize,
@@ -593,13 +743,35 @@ struct Collector {
 }
 
 impl Collector {
-    fn new(total: usize, ordered: bool, out: BufWriter<Box<dyn Write>>) -> Collector {
+    fn new(
+        total: usize,
+        ordered: bool,
+        out: BufWriter<Box<dyn Write>>,
+        run: &RunState,
+    ) -> Collector {
+        let mut seen = vec![false; total];
+        let (mut done, mut failed, mut failed_ids) = (0, 0, Vec::new());
+        for (&id, &ok) in &run.earlier {
+            seen[id] = true;
+            if ok {
+                done += 1;
+            } else {
+                failed += 1;
+                failed_ids.push(id);
+            }
+        }
+        failed_ids.sort_unstable();
         Collector {
             total,
-            done: 0,
-            failed: 0,
-            seen: vec![false; total],
+            done,
+            failed,
+            earlier: done + failed,
+            seen,
+            failed_ids,
+            foreign: HashSet::new(),
+            run: run.id.clone(),
             pending: BTreeMap::new(),
+            // With --ordered, a resumed run writes from the first line without a result.
             next: 0,
             ordered,
             out,
@@ -614,6 +786,8 @@ impl Collector {
         results: &QueueProxy,
         workers: &mut Workers,
         progress: &mut Progress,
+        batches: bool,
+        run: &mut RunState,
     ) -> distq::Result<Option<String>> {
         let mut last_result = Instant::now();
         while self.done + self.failed < self.total {
@@ -634,20 +808,17 @@ impl Collector {
             if workers.all_exited() {
                 return Ok(Some("every local worker exited".into()));
             }
-            let taken = if results.exposes("get_many") {
+            let taken = if batches {
                 results.get_many(1000, wait)
             } else {
                 results.get(wait).map(|item| vec![item])
             };
             match taken {
                 Ok(items) => {
-                    last_result = Instant::now();
-                    for item in items {
-                        self.take(&item);
+                    progress.clear();
+                    if self.take_batch(items, results, batches, run)? {
+                        last_result = Instant::now();
                     }
-                    self.out
-                        .flush()
-                        .map_err(|e| Error::io("writing results", e))?;
                 }
                 Err(Error::Empty) => {}
                 Err(e) => return Err(e),
@@ -657,33 +828,91 @@ impl Collector {
         Ok(None)
     }
 
-    /// Counts and writes one result. Results without a valid id (a worker that does
-    /// not echo ids) count and are written at once, even with `--ordered`.
-    fn take(&mut self, item: &Value) {
+    /// Takes a batch of results: ours are counted and written (then noted as done
+    /// beside the journal), others' are put back for their master. Returns whether any
+    /// was ours.
+    fn take_batch(
+        &mut self,
+        items: Vec<Value>,
+        results: &QueueProxy,
+        batches: bool,
+        run: &mut RunState,
+    ) -> distq::Result<bool> {
+        let mut written = Vec::new();
+        let mut theirs = Vec::new();
+        for item in items {
+            match self.take(&item) {
+                Taken::Ours(id) => written.extend(id),
+                Taken::Duplicate => {}
+                Taken::Theirs => theirs.push(item),
+            }
+        }
+        self.out
+            .flush()
+            .map_err(|e| Error::io("writing results", e))?;
+        run.record_done(&written)
+            .map_err(|e| Error::io("noting written results beside the journal", e))?;
+        let ours = !written.is_empty();
+        if !theirs.is_empty() {
+            if batches {
+                results.put_many(theirs, None)?;
+            } else {
+                for item in theirs {
+                    results.put(item)?;
+                }
+            }
+            if !ours {
+                std::thread::sleep(FOREIGN_BACKOFF);
+            }
+        }
+        Ok(ours)
+    }
+
+    /// Counts and writes one result if it is ours (it carries our run id).
+    fn take(&mut self, item: &Value) -> Taken {
+        if text::field(item, text::RUN).and_then(Value::as_str) != Some(self.run.as_str()) {
+            let mut hash = std::collections::hash_map::DefaultHasher::new();
+            text::text_form(item).hash(&mut hash);
+            self.foreign.insert(hash.finish());
+            return Taken::Theirs;
+        }
         let id = text::field(item, text::ID)
             .and_then(Value::as_int)
             .and_then(|id| usize::try_from(id).ok())
             .filter(|id| *id < self.total);
         if let Some(id) = id {
             if std::mem::replace(&mut self.seen[id], true) {
-                return; // a duplicate after a redelivery: the first result stands
+                return Taken::Duplicate; // after a redelivery: the first result stands
             }
         }
-        // A result is a failure if it is a record whose status is not "ok".
-        match text::field(item, "status") {
-            Some(status) if status.as_str() != Some("ok") => self.failed += 1,
-            _ => self.done += 1,
+        let failure = is_failure(item);
+        if failure {
+            self.failed += 1;
+            self.failed_ids.extend(id);
+        } else {
+            self.done += 1;
         }
         let line = text::text_form(item);
         match id {
             Some(id) if self.ordered => {
                 self.pending.insert(id, line);
-                while let Some(line) = self.pending.remove(&self.next) {
-                    self.write(&line);
-                    self.next += 1;
-                }
+                self.write_ready();
             }
             _ => self.write(&line),
+        }
+        Taken::Ours(id.map(|id| (id, !failure)))
+    }
+
+    /// Writes `--ordered` results whose predecessors all have theirs (or had them in
+    /// the interrupted session).
+    fn write_ready(&mut self) {
+        loop {
+            if let Some(line) = self.pending.remove(&self.next) {
+                self.write(&line);
+            } else if !(self.next < self.total && self.seen[self.next]) {
+                break;
+            }
+            self.next += 1;
         }
     }
 
@@ -699,6 +928,60 @@ impl Collector {
         }
         let _ = self.out.flush();
     }
+}
+
+/// What [`Collector::take`] made of a result.
+enum Taken {
+    /// Ours, counted and written (with its line and whether it succeeded, if it has an id).
+    Ours(Option<(usize, bool)>),
+    /// Ours, but that line already has a result.
+    Duplicate,
+    /// Another run's, or without a run: not ours to count.
+    Theirs,
+}
+
+/// Resuming a run: what the journal still holds. Drains the task queue to learn which
+/// lines are still queued (putting them straight back, in order) and takes the results
+/// waiting; every line with neither, nor a result written by the interrupted session,
+/// lost its result in the crash and is returned to be put again.
+fn resumable(
+    tasks: &QueueProxy,
+    results: &QueueProxy,
+    run: &RunState,
+    total: usize,
+) -> distq::Result<(Vec<usize>, Vec<Value>)> {
+    let drain = |queue: &QueueProxy| -> distq::Result<Vec<Value>> {
+        let mut all = Vec::new();
+        loop {
+            match queue.get_many(10_000, Duration::ZERO) {
+                Ok(items) => all.extend(items),
+                Err(Error::Empty) => return Ok(all),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let queued = drain(tasks)?;
+    let waiting = drain(results)?;
+    let mut accounted = vec![false; total];
+    for id in run.earlier.keys() {
+        accounted[*id] = true;
+    }
+    for item in queued.iter().chain(&waiting) {
+        if text::field(item, text::RUN).and_then(Value::as_str) == Some(run.id.as_str()) {
+            let id = text::field(item, text::ID).and_then(Value::as_int);
+            if let Some(seen) = id
+                .and_then(|id| usize::try_from(id).ok())
+                .and_then(|id| accounted.get_mut(id))
+            {
+                *seen = true;
+            }
+        }
+    }
+    if !queued.is_empty() {
+        tasks.put_many(queued, None)?;
+    }
+    let lost = (0..total).filter(|id| !accounted[*id]).collect();
+    Ok((lost, waiting))
 }
 
 /// The address our own clients and workers use for a hosted server: a wildcard bind

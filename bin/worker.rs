@@ -339,9 +339,11 @@ fn run_command(
     item: &Value,
 ) -> distq::Result<Option<Value>> {
     let flags = shared.flags;
-    let (id, task) = text::open_envelope(item);
-    let arg = text::text_form(task);
-    let key = id.map_or_else(|| item.to_string(), |id| format!("#{id}"));
+    let envelope = text::open_envelope(item);
+    let arg = text::text_form(envelope.task);
+    let key = envelope
+        .id
+        .map_or_else(|| item.to_string(), |id| format!("#{id}"));
     let failures = || shared.failures.lock().unwrap_or_else(|p| p.into_inner());
     let mut attempts = failures().get(&key).copied().unwrap_or(0) + 1;
     loop {
@@ -355,7 +357,7 @@ fn run_command(
         }
         if !retry {
             failures().remove(&key);
-            return Ok(Some(outcome.record(id, task, attempts)));
+            return Ok(Some(outcome.record(&envelope, attempts)));
         }
         match lease {
             // Given back to the queue, so that another worker (or this one, later)

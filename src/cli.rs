@@ -246,6 +246,8 @@ pub struct Progress {
     tty: bool,
     every: Duration,
     enabled: bool,
+    /// Whether the in-place line is on the terminal now (drawn and not cleared).
+    shown: bool,
 }
 
 impl Progress {
@@ -263,15 +265,18 @@ impl Progress {
                 every
             },
             enabled,
+            shown: false,
         }
     }
 
     /// Reports `done` successes and `failed` failures if the last report is old enough.
     pub fn update(&mut self, done: usize, failed: usize) {
         let now = Instant::now();
-        if !self.enabled || self.last.is_some_and(|t| now - t < self.every) {
+        let recent = self.last.is_some_and(|t| now - t < self.every);
+        if !self.enabled || (recent && (self.shown || !self.tty)) {
             return;
         }
+        self.shown = self.tty;
         self.last = Some(now);
         let line = progress_line(done, failed, self.total, self.start.elapsed());
         let mut err = std::io::stderr().lock();
@@ -284,9 +289,20 @@ impl Progress {
         let _ = err.flush();
     }
 
+    /// Takes the in-place line off the terminal before something else is written there
+    /// (results on a stdout that is the same terminal), so the two never share a line;
+    /// the next [`Progress::update`] draws it again.
+    pub fn clear(&mut self) {
+        if std::mem::take(&mut self.shown) {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K");
+            let _ = err.flush();
+        }
+    }
+
     /// Ends the in-place line so that what follows starts on a fresh line.
     pub fn finish(&mut self) {
-        if self.enabled && self.tty && self.last.is_some() {
+        if std::mem::take(&mut self.shown) {
             eprintln!();
         }
     }

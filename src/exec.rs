@@ -117,23 +117,26 @@ impl Outcome {
         self.status == Status::Ok
     }
 
-    /// The result record: a dict with `id` (only if the task came in an envelope),
-    /// `task`, `status`, `exit_code`, `signal`, `stdout`, `stderr`, `truncated`,
+    /// The result record: a dict with `id` and `run` (only if the task came in an
+    /// envelope that had them), `task`, `status`, `exit_code`, `signal`, `stdout`, `stderr`, `truncated`,
     /// `duration` (seconds, float) and `attempts`. Python reads it as a dict;
     /// `distq-master` writes it as one JSON line.
-    pub fn record(&self, id: Option<u64>, task: &Value, attempts: u32) -> Value {
+    pub fn record(&self, task: &text::Envelope<'_>, attempts: u32) -> Value {
         let opt = |n: Option<i32>| n.map_or(Value::None, |n| Value::Int(n.into()));
         let lossy = |b: &[u8]| Value::from(String::from_utf8_lossy(b).into_owned());
         let mut stderr = self.stderr.clone();
         if let Status::Error(why) = &self.status {
             stderr.extend_from_slice(why.as_bytes());
         }
-        let mut fields = Vec::with_capacity(10);
-        if let Some(id) = id {
+        let mut fields = Vec::with_capacity(11);
+        if let Some(id) = task.id {
             fields.push((Value::str(text::ID), Value::Int(id as i64)));
         }
+        if let Some(run) = task.run {
+            fields.push((Value::str(text::RUN), run.clone()));
+        }
         fields.extend([
-            (Value::str(text::TASK), task.clone()),
+            (Value::str(text::TASK), task.task.clone()),
             (Value::str("status"), Value::str(self.status.as_str())),
             (Value::str("exit_code"), opt(self.exit_code)),
             (Value::str("signal"), opt(self.signal)),

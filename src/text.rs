@@ -11,9 +11,11 @@
 //!   dict → object (non-str keys use their text form). Classes and opaque objects, which
 //!   have no JSON counterpart, become the string of their `repr`.
 //! * **Envelope**: `distq-master --input` puts each line as the dict
-//!   `{'id': N, 'task': LINE}`, N counting from 0 in input order. A worker answers with a
-//!   dict carrying the same `id` (see [`crate::exec`]), which is how the master matches
-//!   results to lines (for `--ordered`, and to ignore a duplicate after a redelivery).
+//!   `{'id': N, 'task': LINE, 'run': RUN}`, N counting from 0 in input order and RUN the
+//!   master's run id. A worker answers with a dict carrying the same `id` and `run` (see
+//!   [`crate::exec`]), which is how the master matches results to lines (for `--ordered`,
+//!   and to ignore a duplicate after a redelivery) and tells its own results from those
+//!   of another master on the same server.
 //!   Any other item is a plain task: the classic mode's ints stay ints, so Python's
 //!   classic workers keep working.
 
@@ -25,6 +27,8 @@ use crate::Value;
 pub const ID: &str = "id";
 /// The key of the task in envelopes and result records.
 pub const TASK: &str = "task";
+/// The key of the run id in envelopes and result records.
+pub const RUN: &str = "run";
 
 /// A str as itself, anything else as JSON.
 pub fn text_form(v: &Value) -> String {
@@ -101,27 +105,60 @@ fn json_string(s: &str, out: &mut String) {
     out.push('"');
 }
 
-/// The envelope for line `id` (see the module docs).
-pub fn envelope(id: u64, task: Value) -> Value {
+/// The envelope for line `id` of run `run` (see the module docs).
+pub fn envelope(id: u64, run: &str, task: Value) -> Value {
     Value::dict(vec![
         (
             Value::str(ID),
             Value::Int(i64::try_from(id).unwrap_or(i64::MAX)),
         ),
         (Value::str(TASK), task),
+        (Value::str(RUN), Value::str(run)),
     ])
 }
 
-/// Splits an envelope into its id and task; any other item is a task without an id.
-pub fn open_envelope(item: &Value) -> (Option<u64>, &Value) {
-    if let Value::Dict(pairs) = item {
-        if let [(k1, Value::Int(id)), (k2, task)] = &pairs[..] {
-            if k1.as_str() == Some(ID) && k2.as_str() == Some(TASK) && *id >= 0 {
-                return (Some(*id as u64), task);
-            }
+/// What a worker reads from a task: its id and run if it came in an envelope.
+#[derive(Debug, PartialEq)]
+pub struct Envelope<'a> {
+    /// The line number, from `distq-master --input`.
+    pub id: Option<u64>,
+    /// The run the task belongs to, echoed into the result so that the master can tell
+    /// its own results from those of another run.
+    pub run: Option<&'a Value>,
+    /// The task itself: the whole item if it is not an envelope.
+    pub task: &'a Value,
+}
+
+/// Opens an envelope (`{'id': N, 'task': T}`, with or without `'run'`); any other item
+/// is a task without an id.
+pub fn open_envelope(item: &Value) -> Envelope<'_> {
+    let plain = Envelope {
+        id: None,
+        run: None,
+        task: item,
+    };
+    let Value::Dict(pairs) = item else {
+        return plain;
+    };
+    let (id, task, run) = match &pairs[..] {
+        [(k1, id), (k2, task)] if k1.as_str() == Some(ID) && k2.as_str() == Some(TASK) => {
+            (id, task, None)
         }
+        [(k1, id), (k2, task), (k3, run)]
+            if k1.as_str() == Some(ID) && k2.as_str() == Some(TASK) && k3.as_str() == Some(RUN) =>
+        {
+            (id, task, Some(run))
+        }
+        _ => return plain,
+    };
+    match id {
+        Value::Int(id) if *id >= 0 => Envelope {
+            id: Some(*id as u64),
+            run,
+            task,
+        },
+        _ => plain,
     }
-    (None, item)
 }
 
 /// The value under str key `key` of a dict, if `v` is a dict that has it.
@@ -167,12 +204,24 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_plain_items_have_no_id() {
-        let e = envelope(7, Value::from("line"));
-        assert_eq!(open_envelope(&e), (Some(7), &Value::from("line")));
+        let e = envelope(7, "r1", Value::from("line"));
+        let opened = open_envelope(&e);
+        assert_eq!(opened.id, Some(7));
+        assert_eq!(opened.run, Some(&Value::from("r1")));
+        assert_eq!(opened.task, &Value::from("line"));
         assert_eq!(field(&e, TASK), Some(&Value::from("line")));
+        let older = Value::dict(vec![
+            (Value::from("id"), Value::from(3)),
+            (Value::from("task"), Value::from("t")),
+        ]);
+        assert_eq!(
+            (open_envelope(&older).id, open_envelope(&older).run),
+            (Some(3), None)
+        );
         let plain = Value::from(5);
-        assert_eq!(open_envelope(&plain), (None, &plain));
+        assert_eq!(open_envelope(&plain).task, &plain);
+        assert_eq!(open_envelope(&plain).id, None);
         let other = Value::dict(vec![(Value::from("id"), Value::from("x"))]);
-        assert_eq!(open_envelope(&other).0, None);
+        assert_eq!(open_envelope(&other).id, None);
     }
 }

@@ -670,3 +670,124 @@ fn progress_is_one_line_updated_in_place_on_a_terminal() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `task` of every JSON record in `output`.
+fn tasks_of(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(r#""task":""#)? + 8..];
+            Some(rest[..rest.find('"')?].to_string())
+        })
+        .collect()
+}
+
+/// Issue 12.2: two line-mode masters on one standalone server, with their workers
+/// taking each other's tasks, each count only their own results (they used to swap
+/// them, both "done").
+#[test]
+fn two_line_masters_on_one_server_keep_their_results() {
+    let (mut server, addr, _err) = server_process(&[]);
+    let master = |prefix: &'static str| {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut cmd = bin("distq-master");
+            cmd.args(["--connect", &addr, "--authkey", KEY, "--input", "-"])
+                .args(["--local-workers", "2", "--exec", r#"sleep 0.02; echo "$1""#]);
+            let input: String = (0..30).map(|i| format!("{prefix}-{i}\n")).collect();
+            run_with_input(cmd, &input, Duration::from_secs(60))
+        })
+    };
+    let (a, b) = (master("A"), master("B"));
+    for (prefix, out) in [("A", a.join().unwrap()), ("B", b.join().unwrap())] {
+        let stdout = text(&out.stdout);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{prefix}: {err}");
+        let mut tasks = tasks_of(&stdout);
+        tasks.sort();
+        let mut want: Vec<String> = (0..30).map(|i| format!("{prefix}-{i}")).collect();
+        want.sort();
+        assert_eq!(
+            tasks, want,
+            "{prefix} wrote another run's results:\n{stdout}"
+        );
+        assert!(
+            err.contains("30 tasks: 30 done, 0 failed, 0 missing"),
+            "{err}"
+        );
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Issue 12.2: a journal that holds an earlier run is refused without `--resume`;
+/// `--resume` needs the same input and finishes exactly that run, appending to its
+/// output, without running again what the interrupted session finished.
+#[test]
+fn a_reused_journal_is_refused_and_resume_finishes_the_run() {
+    let dir = scratch("resume");
+    let journal = dir.join("journal");
+    let out_file = dir.join("out.jsonl");
+    let master = |input: &str, extra: &[&str]| {
+        let mut cmd = bin("distq-master");
+        cmd.args(["--input", "-", "--authkey", KEY])
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--output")
+            .arg(&out_file)
+            .args(extra);
+        run_with_input(cmd, input, Duration::from_secs(60))
+    };
+    // The first session finishes a and b; c is still running at the deadline.
+    let first = master(
+        "a\nb\nc\n",
+        &[
+            "--local-workers",
+            "1",
+            "--deadline",
+            "3",
+            "--exec",
+            r#"[ "$1" = c ] && sleep 5; echo "$1""#,
+        ],
+    );
+    assert_eq!(first.status.code(), Some(5), "{}", text(&first.stderr));
+    assert_eq!(
+        tasks_of(&std::fs::read_to_string(&out_file).unwrap()),
+        ["a", "b"]
+    );
+
+    let other = master(
+        "x\ny\nz\n",
+        &["--local-workers", "1", "--exec", r#"echo "$1""#],
+    );
+    let err = text(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("1 task(s) and 0 result(s) of an earlier run") && err.contains("--resume"),
+        "{err}"
+    );
+
+    let differs = master(
+        "x\ny\nz\n",
+        &["--resume", "--local-workers", "1", "--exec", r#"echo "$1""#],
+    );
+    let err = text(&differs.stderr);
+    assert_eq!(differs.status.code(), Some(2), "{err}");
+    assert!(err.contains("input differs"), "{err}");
+
+    let resumed = master(
+        "a\nb\nc\n",
+        &["--resume", "--local-workers", "1", "--exec", r#"echo "$1""#],
+    );
+    let err = text(&resumed.stderr);
+    assert_eq!(resumed.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("3 tasks: 3 done, 0 failed (2 of them by the interrupted session), 0 missing"),
+        "{err}"
+    );
+    assert_eq!(
+        tasks_of(&std::fs::read_to_string(&out_file).unwrap()),
+        ["a", "b", "c"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

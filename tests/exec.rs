@@ -26,13 +26,20 @@ fn failure_is_a_result_with_its_exit_code() {
     assert_eq!(out.status, Status::Failed);
     assert_eq!(out.exit_code, Some(3));
     assert_eq!(out.signal, None);
-    let record = out.record(Some(4), &Value::from("x"), 2);
+    let record = out.record(
+        &text::Envelope {
+            id: Some(4),
+            run: Some(&Value::from("r")),
+            task: &Value::from("x"),
+        },
+        2,
+    );
     assert_eq!(
         text::to_json(&record)
             .split(",\"duration\"")
             .next()
             .unwrap(),
-        r#"{"id":4,"task":"x","status":"failed","exit_code":3,"signal":null,"stdout":"","stderr":"nope\n","truncated":false"#
+        r#"{"id":4,"run":"r","task":"x","status":"failed","exit_code":3,"signal":null,"stdout":"","stderr":"nope\n","truncated":false"#
     );
     assert!(text::to_json(&record).ends_with(r#","attempts":2}"#));
     assert!(out.summary().starts_with("failed (exit 3) in "));
@@ -95,7 +102,7 @@ fn large_output_is_truncated_but_fully_read() {
 fn non_utf8_output_is_replaced_not_an_error() {
     let out = run(r"printf 'a\377b'", "x");
     assert_eq!(out.stdout, b"a\xffb");
-    let record = out.record(None, &Value::from("x"), 1);
+    let record = out.record(&text::open_envelope(&Value::from("x")), 1);
     assert_eq!(
         text::field(&record, "stdout"),
         Some(&Value::from("a\u{fffd}b"))
