@@ -26,6 +26,7 @@ mod worker;
 #[path = "run_state.rs"]
 mod run_state;
 use run_state::RunState;
+use worker::signals;
 
 const HELP: &str = "\
 distq-master: put tasks on a queue, collect the workers' results
@@ -77,7 +78,9 @@ LINE MODE:
 
 EXIT STATUS:
     0 every task succeeded; 1 other failure; 2 bad usage; 3 authentication failed;
-    4 server unreachable or lost; 5 some tasks have no result; 6 some tasks failed
+    4 server unreachable or lost; 5 some tasks have no result; 6 some tasks failed;
+    130/143 stopped by Ctrl-C (SIGINT) / SIGTERM: local workers stopped their commands
+    first (with --journal, --resume continues the run)
 
 EXAMPLES:
     distq-master --local-workers 2 --authkey abc        # the whole demo, one command
@@ -126,6 +129,14 @@ fn main() {
         worker::main();
         return;
     }
+    signals::on_stop(|signal| {
+        if signals::received() == Some(signal) {
+            eprintln!(
+                "distq-master: {}: stopping (local workers stop their commands and give their tasks back)",
+                signals::name(signal)
+            );
+        }
+    });
     let mut common = CommonFlags::default();
     let mut flags = Flags {
         bind: None,
@@ -495,30 +506,50 @@ fn classic(
 ) -> Result<(), Failure> {
     let total = resumed.unwrap_or(flags.tasks.unwrap_or(10));
     let result_timeout = flags.result_timeout.unwrap_or(Duration::from_secs(10));
+    // A distq server takes and gives many items per round trip: the output is the
+    // same, line for line, with a fraction of the round trips.
+    let batches = tasks.exposes("put_many") && results.exposes("get_many");
     if resumed.is_none() {
-        for _ in 0..total {
+        let mut batch = Vec::with_capacity(CLASSIC_BATCH);
+        for i in 0..total {
             let n: i64 = rand::rngs::OsRng.gen_range(0..=10_000);
             println!("Put task {n}...");
-            tasks.put(Value::from(n)).map_err(failed)?;
+            if !batches {
+                tasks.put(Value::from(n)).map_err(failed)?;
+                continue;
+            }
+            batch.push(Value::from(n));
+            if batch.len() == CLASSIC_BATCH || i + 1 == total {
+                tasks
+                    .put_many(std::mem::take(&mut batch), None)
+                    .map_err(failed)?;
+            }
         }
     }
     println!("Try getting results...");
     let (mut received, mut failures, mut foreign) = (0, 0, 0u64);
+    let mut last_result = Instant::now();
     while received < total {
-        match results.get(result_timeout) {
-            Ok(r) if text::field(&r, text::RUN).is_some() => {
-                foreign += 1;
-                results.put(r).map_err(failed)?;
-                std::thread::sleep(FOREIGN_BACKOFF);
-            }
-            Ok(r) => {
-                received += 1;
-                failures += u64::from(is_failure(&r));
-                println!(
-                    "Result: {}",
-                    r.as_str().map_or_else(|| r.to_string(), str::to_string)
-                )
-            }
+        if let Some(signal) = signals::received() {
+            let e = format!(
+                "stopped by {} with {received} of {total} results",
+                signals::name(signal)
+            );
+            return Err((e, signals::exit_status(signal)));
+        }
+        // In slices, so that a stop signal is noticed within one.
+        let left = result_timeout.saturating_sub(last_result.elapsed());
+        let wait = left.min(STOP_CHECK);
+        let taken = if batches {
+            let want =
+                usize::try_from(total - received).map_or(CLASSIC_BATCH, |n| n.min(CLASSIC_BATCH));
+            results.get_many(want, wait)
+        } else {
+            results.get(wait).map(|r| vec![r])
+        };
+        let items = match taken {
+            Ok(items) => items,
+            Err(Error::Empty) if !left.is_zero() => continue,
             Err(Error::Empty) => {
                 let e = format!(
                     "only {received} of {total} results arrived; none came for {result_timeout:?} (are workers running? see --result-timeout)"
@@ -526,6 +557,30 @@ fn classic(
                 return Err((e, exit::MISSING));
             }
             Err(e) => return Err(failed(e)),
+        };
+        let mut theirs = Vec::new();
+        let before = received;
+        for r in items {
+            if text::field(&r, text::RUN).is_some() {
+                theirs.push(r);
+                continue;
+            }
+            last_result = Instant::now();
+            received += 1;
+            failures += u64::from(is_failure(&r));
+            println!(
+                "Result: {}",
+                r.as_str().map_or_else(|| r.to_string(), str::to_string)
+            );
+        }
+        if !theirs.is_empty() {
+            foreign += theirs.len() as u64;
+            for r in theirs {
+                results.put(r).map_err(failed)?;
+            }
+            if received == before {
+                std::thread::sleep(FOREIGN_BACKOFF);
+            }
         }
     }
     if foreign > 0 {
@@ -546,6 +601,12 @@ fn classic(
 fn is_failure(result: &Value) -> bool {
     text::field(result, "status").is_some_and(|status| status.as_str() != Some("ok"))
 }
+
+/// Tasks per `put_many` and results per `get_many` of the classic master.
+const CLASSIC_BATCH: usize = 1000;
+
+/// How often a master waiting for results looks for a stop signal.
+const STOP_CHECK: Duration = Duration::from_millis(200);
 
 /// How long a master waits after a batch of nothing but other runs' results, put back
 /// for their master, before it looks again: without it two masters would pass the same
@@ -618,7 +679,7 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
         for chunk in to_put.chunks(1000) {
             let batch: Vec<Value> = chunk
                 .iter()
-                .map(|&id| text::envelope(id as u64, &run.id, Value::from(lines[id].as_str())))
+                .map(|&id| text::envelope(id as u64, &run.id, line_task(&lines[id])))
                 .collect();
             if batches {
                 tasks.put_many(batch, None)?;
@@ -685,14 +746,16 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
             );
         }
         for id in failed_ids.iter().take(10) {
-            eprintln!("failed: {}", lines[*id]);
+            eprintln!("failed: {}", String::from_utf8_lossy(&lines[*id]));
         }
         let unseen = seen.iter().enumerate().filter(|(_, s)| !**s);
         for (id, _) in unseen.take(if missing > 0 { 10 } else { 0 }) {
-            eprintln!("missing: {}", lines[id]);
+            eprintln!("missing: {}", String::from_utf8_lossy(&lines[id]));
         }
     }
-    if missing > 0 {
+    if let Some(signal) = signals::received() {
+        signals::exit_status(signal)
+    } else if missing > 0 {
         exit::MISSING
     } else if failed > 0 {
         exit::TASKS_FAILED
@@ -701,9 +764,10 @@ fn run_lines(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
     }
 }
 
-/// The input's lines: `\n`-separated, a trailing `\r` dropped, blank lines skipped.
-/// Bytes that are not UTF-8 (a file name, say) become U+FFFD: a task is a str.
-fn read_lines(path: &str) -> std::io::Result<Vec<String>> {
+/// The input's lines: `\n`-separated, a trailing `\r` dropped, blank lines skipped,
+/// as bytes: a line that is not UTF-8 (a file name, say) goes out as it is (see
+/// [`line_task`]).
+fn read_lines(path: &str) -> std::io::Result<Vec<Vec<u8>>> {
     let mut bytes = Vec::new();
     if path == "-" {
         std::io::stdin().lock().read_to_end(&mut bytes)?;
@@ -714,8 +778,17 @@ fn read_lines(path: &str) -> std::io::Result<Vec<String>> {
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
         .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .map(<[u8]>::to_vec)
         .collect())
+}
+
+/// A line as a task: a str, or, if it is not UTF-8, bytes, which an `--exec` worker
+/// passes to its command unchanged (a Python worker gets `bytes` and can do the same).
+fn line_task(line: &[u8]) -> Value {
+    match std::str::from_utf8(line) {
+        Ok(text) => Value::from(text),
+        Err(_) => Value::Bytes(line.to_vec().into()),
+    }
 }
 
 /// Results as they arrive: told apart from other runs' by their run id, matched to
@@ -792,7 +865,10 @@ impl Collector {
         let mut last_result = Instant::now();
         while self.done + self.failed < self.total {
             progress.update(self.done, self.failed);
-            let mut wait = Duration::from_millis(200);
+            if let Some(signal) = signals::received() {
+                return Ok(Some(format!("stopped by {}", signals::name(signal))));
+            }
+            let mut wait = STOP_CHECK;
             if let Some(deadline) = flags.deadline {
                 let left = deadline.saturating_sub(self.start.elapsed());
                 if left.is_zero() {
@@ -996,9 +1072,15 @@ fn loopback(mut addr: SocketAddr) -> SocketAddr {
     addr
 }
 
-/// Local `distq-worker` processes, killed when dropped (on every path out of the
-/// master, errors included).
-struct Workers(Vec<Child>);
+/// Local `distq-worker` processes, stopped when dropped (on every path out of the
+/// master, errors and signals included): each is sent SIGTERM, so that it stops its
+/// commands and gives their tasks back, and is killed only if it has not exited after
+/// its commands' grace period.
+struct Workers {
+    children: Vec<Child>,
+    /// How long a worker may take to stop: its commands' `--kill-after`, and a margin.
+    grace: Duration,
+}
 
 impl Workers {
     /// Starts `k` workers with `extra` flags, handing them the key through the
@@ -1010,7 +1092,17 @@ impl Workers {
     fn spawn(k: u32, addr: &str, authkey: &AuthKey, extra: &[String]) -> distq::Result<Workers> {
         let exe =
             std::env::current_exe().map_err(|e| Error::io("finding distq-master's own path", e))?;
-        let mut workers = Workers(Vec::new());
+        let kill_after = extra
+            .iter()
+            .position(|f| f == "--kill-after")
+            .and_then(|i| extra.get(i + 1))
+            .and_then(|secs| secs.parse::<f64>().ok())
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .unwrap_or(Duration::from_secs(5));
+        let mut workers = Workers {
+            children: Vec::new(),
+            grace: kill_after + Duration::from_secs(3),
+        };
         for _ in 0..k {
             let mut cmd = Command::new(&exe);
             cmd.arg0(WORKER_NAME)
@@ -1026,22 +1118,54 @@ impl Workers {
             let child = cmd
                 .spawn()
                 .map_err(|e| Error::io(format!("starting {}", exe.display()), e))?;
-            workers.0.push(child);
+            workers.children.push(child);
         }
         Ok(workers)
     }
 
     /// Whether there were local workers and none is left (they cannot finish the job).
     fn all_exited(&mut self) -> bool {
-        !self.0.is_empty() && self.0.iter_mut().all(|c| !matches!(c.try_wait(), Ok(None)))
+        !self.children.is_empty()
+            && self
+                .children
+                .iter_mut()
+                .all(|c| !matches!(c.try_wait(), Ok(None)))
     }
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for w in &mut self.0 {
-            let _ = w.kill();
-            let _ = w.wait();
+        let running = |c: &mut Child| matches!(c.try_wait(), Ok(None));
+        for child in &mut self.children {
+            if running(child) {
+                terminate(child);
+            }
+        }
+        let deadline = Instant::now() + self.grace;
+        while self.children.iter_mut().any(running) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for child in &mut self.children {
+            if running(child) {
+                eprintln!(
+                    "warning: local worker {} did not stop within {:?}: killing it",
+                    child.id(),
+                    self.grace
+                );
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends SIGTERM to a local worker that has not been reaped yet (std can only SIGKILL).
+fn terminate(child: &Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill touches no memory; the pid is our unreaped child's, so not reused.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
         }
     }
 }

@@ -37,10 +37,10 @@ fn new_id() -> String {
     format!("{n:016x}")
 }
 
-fn describe(lines: &[String]) -> String {
+fn describe(lines: &[Vec<u8>]) -> String {
     let mut hash = Sha256::new();
     for line in lines {
-        hash.update(line.as_bytes());
+        hash.update(line);
         hash.update(b"\n");
     }
     let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
@@ -49,7 +49,7 @@ fn describe(lines: &[String]) -> String {
 
 impl RunState {
     /// A new run; with a journal directory, written down there for a later `--resume`.
-    pub fn fresh(dir: Option<&Path>, lines: &[String]) -> io::Result<RunState> {
+    pub fn fresh(dir: Option<&Path>, lines: &[Vec<u8>]) -> io::Result<RunState> {
         let id = new_id();
         let done_log = match dir {
             None => None,
@@ -66,7 +66,7 @@ impl RunState {
     }
 
     /// The run recorded in `dir`, which must have been started with these same lines.
-    pub fn resume(dir: &Path, lines: &[String]) -> Result<RunState, String> {
+    pub fn resume(dir: &Path, lines: &[Vec<u8>]) -> Result<RunState, String> {
         let path = dir.join(RUN_FILE);
         let recorded = std::fs::read_to_string(&path).map_err(|e| {
             format!(

@@ -1,9 +1,17 @@
 //! `distq-server`: a standalone queue server, compatible with Python's managers.
 
+use std::sync::OnceLock;
+
 use distq::cli::{self, exit, CommonFlags};
 use distq::journal::JournalConfig;
-use distq::{Server, ServerConfig};
+use distq::{Server, ServerConfig, ServerHandle};
 use lexopt::ValueExt;
+
+#[path = "signals.rs"]
+mod signals;
+
+/// The running server, for the signal thread to stop.
+static RUNNING: OnceLock<ServerHandle> = OnceLock::new();
 
 const HELP: &str = "\
 distq-server: serve named queues to distq and Python multiprocessing.managers clients
@@ -41,12 +49,28 @@ EXAMPLES:
     DISTQ_AUTHKEY=abc distq-server --bind 127.0.0.1:5000 --queue jobs:1000
     distq-server --authkey-file /etc/distq/key --bind 0.0.0.0:5000
 
-The server runs until a client calls shutdown() (e.g. Python's manager.shutdown()).
-`distq-stat HOST:PORT` shows its queues; Python clients can call q.stats() on any queue.
-Exit status: 0 after a shutdown; 1 cannot listen; 2 bad usage.
+The server runs until a client calls shutdown() (e.g. Python's manager.shutdown()) or
+it gets SIGTERM or Ctrl-C (SIGINT): then it stops accepting, wakes blocked callers,
+writes the journal and logs what it held and whether that survives (with --journal,
+named queues do). `distq-stat HOST:PORT` shows its queues; Python clients can call
+q.stats() on any queue.
+Exit status: 0 after a shutdown or a stop signal; 1 cannot listen; 2 bad usage.
 ";
 
 fn main() {
+    signals::on_stop(|signal| match RUNNING.get() {
+        Some(server) => {
+            if signals::received() == Some(signal) {
+                distq::log::write(
+                    distq::log::Level::Warn,
+                    format_args!("{}: stopping", signals::name(signal)),
+                );
+            }
+            server.shutdown();
+        }
+        // Not serving yet: nothing to keep.
+        None => std::process::exit(signals::exit_status(signal)),
+    });
     let mut common = CommonFlags::default();
     let mut bind = "0.0.0.0:5000".to_string();
     let mut queues: Vec<(String, usize)> = Vec::new();
@@ -124,6 +148,7 @@ fn main() {
             cli::fail(e, exit::FAILURE);
         }
     }
+    let _ = RUNNING.set(server.handle());
     if let Err(e) = server.run() {
         cli::fail(e, exit::FAILURE);
     }

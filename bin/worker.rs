@@ -11,6 +11,13 @@ use distq::exec::{self, ExecConfig};
 use distq::{text, ClientConfig, Error, Manager, QueueProxy, Value};
 use lexopt::ValueExt;
 
+#[path = "signals.rs"]
+pub(crate) mod signals;
+
+/// Set on SIGINT/SIGTERM: slots take no new task, running commands are stopped (see
+/// [`exec::Stop`]) and their tasks given back.
+static STOP: exec::Stop = exec::Stop::new();
+
 const HELP: &str = "\
 distq-worker: take tasks from a distq or Python manager and put results back
 
@@ -24,7 +31,8 @@ OPTIONS:
     --forever             keep taking tasks until the server goes away
     --get-timeout SECS    how long each get waits for a task [default: 1]
     --sleep SECS          pretend each task takes this long [default: 0]
-    --reconnect-for SECS  after losing the server, keep retrying this long [default: 300]
+    --reconnect-for SECS  wait this long for a server that is not up yet, and after
+                          losing it keep retrying this long [default: 300]
     --no-leases           take tasks with plain get instead of reserve/ack
     --authkey KEY         shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH   read the shared secret from a file (or set DISTQ_AUTHKEY)
@@ -57,8 +65,13 @@ ack. Against a server without leases (Python's BaseManager) the worker uses get/
 retries a failed command in place.
 
 A failing command is a failed result, never a dead worker. Each command runs in its own
-process group (so a timeout stops everything it started); Ctrl-C on the worker does not
-reach it.
+process group (so a timeout stops everything it started).
+
+Ctrl-C or SIGTERM stops the worker cleanly: it takes no new task, stops running commands
+(SIGTERM to each group, SIGKILL after --kill-after; a second Ctrl-C kills at once), gives
+their tasks back to the queue and exits 130 (SIGINT) or 143 (SIGTERM). Other exit
+status: 0 done (the rounds ran out, or the master ended the job); 2 bad usage;
+3 authentication failed; 4 the server could not be reached or was lost.
 ";
 
 struct Flags {
@@ -77,6 +90,15 @@ struct Flags {
 
 /// Also reached from `distq-master`, which runs its local workers as itself.
 pub(crate) fn main() {
+    signals::on_stop(|signal| {
+        if !STOP.requested() {
+            eprintln!(
+                "distq-worker: {}: stopping; running tasks are stopped and given back",
+                signals::name(signal)
+            );
+        }
+        STOP.request();
+    });
     let mut common = CommonFlags::default();
     let mut flags = Flags {
         connect: "127.0.0.1:5000".into(),
@@ -146,7 +168,15 @@ pub(crate) fn main() {
         .unwrap_or_else(|e| cli::fail(e, cli::exit::USAGE));
     common.warn_if_key_exposed(&flags.connect);
     let chatty = common.verbosity() >= 0;
-    if let Err(e) = run(&flags, authkey, chatty) {
+    let result = run(&flags, authkey, chatty);
+    if let Some(signal) = signals::received() {
+        if let Err(e) = &result {
+            eprintln!("error: {e}");
+        }
+        println!("Worker stopped ({}).", signals::name(signal));
+        std::process::exit(signals::exit_status(signal));
+    }
+    if let Err(e) = result {
         cli::fail(&e, cli::status_for(&e));
     }
     println!("Worker exit.");
@@ -178,9 +208,7 @@ const RESULT_QUEUE: &str = "get_result_queue";
 
 fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()> {
     println!("Connecting to server {}...", flags.connect);
-    let mut config = ClientConfig::default();
-    config.reconnect_for = flags.reconnect_for;
-    let manager = Manager::connect_with(flags.connect.as_str(), authkey, config)?;
+    let manager = first_connect(flags, authkey)?;
     let task_queue = manager.queue("get_task_queue")?;
     let leases = flags.leases && task_queue.exposes("reserve");
     let task_done = task_queue.exposes("task_done");
@@ -218,6 +246,33 @@ fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()
     })
 }
 
+/// Connects, waiting up to `--reconnect-for` for a server that is not up yet (workers
+/// often start before their master: a cluster script, a systemd unit), saying so once.
+fn first_connect(flags: &Flags, authkey: distq::AuthKey) -> distq::Result<Manager> {
+    let mut config = ClientConfig::default();
+    config.reconnect_for = flags.reconnect_for;
+    config.keep_reconnecting = || !STOP.requested();
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match Manager::connect_with(flags.connect.as_str(), authkey.clone(), config.clone()) {
+            Err(e @ Error::Io { .. })
+                if start.elapsed() < flags.reconnect_for && !STOP.requested() =>
+            {
+                if pause == Duration::from_millis(50) {
+                    eprintln!(
+                        "note: cannot reach {} yet ({e}); waiting up to {:?} for it (--reconnect-for)",
+                        flags.connect, flags.reconnect_for
+                    );
+                }
+                std::thread::sleep(pause.min(flags.reconnect_for.saturating_sub(start.elapsed())));
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One task at a time, on its own connections: leases belong to the connection that
 /// took them, and a blocked reserve must not hold up another slot's ack.
 fn slot(shared: &Shared) -> distq::Result<()> {
@@ -241,7 +296,7 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
             })
             .is_ok()
     };
-    while !shared.stop.load(Ordering::SeqCst) && take_round() {
+    while !shared.stop.load(Ordering::SeqCst) && !STOP.requested() && take_round() {
         let flags = shared.flags;
         let taken = if shared.leases {
             tasks
@@ -251,6 +306,7 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
             tasks.get(flags.get_timeout).map(|task| (None, task))
         };
         match taken {
+            Ok((lease, task)) if STOP.requested() => give_back(shared, &tasks, lease, &task)?,
             Ok((lease, task)) => {
                 let done = match &flags.exec {
                     None => {
@@ -340,20 +396,25 @@ fn run_command(
 ) -> distq::Result<Option<Value>> {
     let flags = shared.flags;
     let envelope = text::open_envelope(item);
-    let arg = text::text_form(envelope.task);
+    let arg = text::arg_form(envelope.task);
+    let mut stdin = arg.clone();
+    stdin.push(b'\n');
+    let shown = shorten(&String::from_utf8_lossy(&arg));
     let key = envelope
         .id
         .map_or_else(|| item.to_string(), |id| format!("#{id}"));
     let failures = || shared.failures.lock().unwrap_or_else(|p| p.into_inner());
     let mut attempts = failures().get(&key).copied().unwrap_or(0) + 1;
     loop {
-        let outcome = run_keeping_lease(tasks, lease, || {
-            exec::run(exec, &arg, format!("{arg}\n").as_bytes())
-        });
+        let outcome = run_keeping_lease(tasks, lease, || exec::run(exec, &arg, &stdin, &STOP));
+        if outcome.status == exec::Status::Stopped {
+            give_back(shared, tasks, lease, item)?;
+            return Ok(None);
+        }
         let retry = !outcome.succeeded() && attempts <= flags.retries;
         if shared.chatty {
             let then = if retry { "; will retry" } else { "" };
-            println!("Task {}: {}{then}", shorten(&arg), outcome.summary());
+            println!("Task {shown}: {}{then}", outcome.summary());
         }
         if !retry {
             failures().remove(&key);
@@ -375,6 +436,32 @@ fn run_command(
             }
         }
     }
+}
+
+/// Returns a task this worker will not finish (it is stopping) to the queue: a leased
+/// one by ending its lease, so it keeps its place and delivery count; one taken with a
+/// plain `get` by putting it again, at the tail (the only way back without leases).
+fn give_back(
+    shared: &Shared,
+    tasks: &QueueProxy,
+    lease: Option<u64>,
+    task: &Value,
+) -> distq::Result<()> {
+    match lease {
+        Some(lease) => tasks.release(lease, None)?,
+        None => {
+            tasks.put(task.clone())?;
+            if shared.task_done {
+                // The put counted a new unfinished task: the one we took is done.
+                tasks.task_done()?;
+            }
+        }
+    }
+    eprintln!(
+        "Task {}: stopped; given back to the queue",
+        shorten(&text::text_form(text::open_envelope(task).task))
+    );
+    Ok(())
 }
 
 /// How often a running command's lease is extended: inside any `--lease-timeout` of two

@@ -37,6 +37,9 @@ use distq::{AuthKey, Error, Manager, Value};
 
 const KEY: &str = "distq-bench";
 const PY_CLIENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/py_clients.py");
+/// The seed's classic scripts (port 0 and argv instead of constants, otherwise as shipped).
+const SEED_MASTER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/task_master.py");
+const SEED_WORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/task_worker.py");
 
 // ---------------------------------------------------------------------------------------
 // Options
@@ -59,7 +62,7 @@ const HELP: &str = "\
 bench: distq beside Python managers, Redis and the loopback floor
 
 USAGE: bench [--quick] [--rounds N] [--secs S] [--tasks N] [--python PATH] [--pin MODE]
-             [--no-python] [--no-redis] [--only floor,rt,pipe,batch,many,lat,mem]
+             [--no-python] [--no-redis] [--only floor,rt,pipe,classic,batch,many,lat,mem]
 
   --quick      3 rounds, 0.3 s per throughput case, 5,000 tasks (about a minute)
   default      5 rounds, 1 s per throughput case, 20,000 tasks (a few minutes)
@@ -646,6 +649,111 @@ fn distq_pipeline(addr: SocketAddr, tasks: usize, workers: usize, batch: usize) 
     tasks as f64 / elapsed
 }
 
+/// A scratch file for a classic run's output.
+fn scratch_file(name: &str) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("distq-bench-{}-{name}", std::process::id()));
+    std::fs::File::create(&path).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())))
+}
+
+/// Polls the output `read` returns until a line contains `marker`; returns that line.
+fn wait_for_line(child: &mut Child, read: impl Fn() -> String, marker: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(line) = read().lines().find(|l| l.contains(marker)) {
+            return line.to_string();
+        }
+        if Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+            fail(&format!("no {marker:?} line from a classic master"));
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The classic job with the real programs: `distq-master --tasks N` hosting its server
+/// (on the servers' CPU) and `workers` `distq-worker` processes, every line of output
+/// going to files. Tasks per second from the master's start to its exit.
+fn classic_binaries(tasks: usize, workers: usize) -> f64 {
+    let dir = bin_dir();
+    let out_path = std::env::temp_dir().join(format!("distq-bench-{}-master", std::process::id()));
+    let t0 = Instant::now();
+    let mut master = server_command(dir.join("distq-master"))
+        .args(["--bind", "127.0.0.1:0", "--authkey", KEY, "--tasks"])
+        .arg(tasks.to_string())
+        .stdout(std::fs::File::create(&out_path).expect("master output file"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| fail(&format!("cannot start distq-master: {e}")));
+    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let line = wait_for_line(&mut master, read, "Listening on ");
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut ws: Vec<Child> = (0..workers)
+        .map(|i| {
+            Command::new(dir.join("distq-worker"))
+                .args(["--connect", &addr, "--authkey", KEY, "--forever"])
+                .stdout(scratch_file(&format!("worker{i}")))
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| fail(&format!("cannot start distq-worker: {e}")))
+        })
+        .collect();
+    let status = master.wait().expect("wait for distq-master");
+    let elapsed = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        fail(&format!("distq-master failed: {status}"));
+    }
+    for w in &mut ws {
+        let _ = w.wait(); // the master ended the job: they exit at once
+    }
+    tasks as f64 / elapsed
+}
+
+/// The seed's `task_master.py` (Python's own server, on the servers' CPU) and `workers`
+/// `task_worker.py`, output to files, timed like [`classic_binaries`].
+fn classic_scripts(python: &str, tasks: usize, workers: usize) -> f64 {
+    let out_path =
+        std::env::temp_dir().join(format!("distq-bench-{}-pymaster", std::process::id()));
+    let t0 = Instant::now();
+    let mut master = server_command(python)
+        .args([SEED_MASTER, KEY])
+        .arg(tasks.to_string())
+        .stdout(std::fs::File::create(&out_path).expect("master output file"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| fail(&format!("cannot start {python}: {e}")));
+    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let line = wait_for_line(&mut master, read, "ADDRESS ");
+    let port = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let ws: Vec<Proc> = (0..workers)
+        .map(|i| Proc {
+            child: Command::new(python)
+                .args([SEED_WORKER, "127.0.0.1", &port, KEY])
+                .arg(tasks.to_string())
+                .stdout(scratch_file(&format!("pyworker{i}")))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| fail(&format!("cannot start {python}: {e}"))),
+            name: "task_worker.py",
+        })
+        .collect();
+    let status = master.wait().expect("wait for task_master.py");
+    let elapsed = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        fail(&format!("task_master.py failed: {status}"));
+    }
+    drop(ws); // they would poll the gone server for their remaining rounds
+    tasks as f64 / elapsed
+}
+
 /// Milliseconds from nothing to the first reply: connect (with its `dummy` call), create
 /// the proxy, open its method channel with the first `put`.
 fn distq_cold(addr: SocketAddr, samples: usize) -> f64 {
@@ -821,6 +929,20 @@ const TARGETS: &[Target] = &[
         num: "3 pipeline W=4: Python -> distq-server",
         den: "3 pipeline W=4: Python -> Python server",
         limit: 2.0,
+        at_least: true,
+    },
+    Target {
+        name: "classic W=4, the programs: distq-master + distq-worker / seed scripts on Python",
+        num: "8 classic W=4: distq-master + distq-worker processes",
+        den: "8 classic W=4: seed task_master.py + task_worker.py, Python server",
+        limit: 5.0,
+        at_least: true,
+    },
+    Target {
+        name: "classic W=4, the programs / batched (64) library pipeline W=4",
+        num: "8 classic W=4: distq-master + distq-worker processes",
+        den: "4 batched W=4: distq (Rust threads) -> distq-server",
+        limit: 0.5,
         at_least: true,
     },
     Target {
@@ -1094,6 +1216,24 @@ fn main() {
                             v[0],
                         );
                     }
+                }
+            }
+        }
+        if opts.wants("classic") {
+            for w in [1, 2, 4, 8] {
+                r.add(
+                    &format!("8 classic W={w}: distq-master + distq-worker processes"),
+                    "tasks/s",
+                    classic_binaries(opts.tasks, w),
+                );
+                if !opts.skip_python {
+                    r.add(
+                        &format!(
+                            "8 classic W={w}: seed task_master.py + task_worker.py, Python server"
+                        ),
+                        "tasks/s",
+                        classic_scripts(&opts.python, opts.tasks, w),
+                    );
                 }
             }
         }

@@ -43,6 +43,9 @@ pub struct ClientConfig {
     /// duplicated and a plain `get` can lose the item it was being sent: use leases
     /// (`reserve`/`ack`) for at-least-once delivery.
     pub reconnect_for: Duration,
+    /// Asked before each reconnect attempt: `false` gives up at once with the error
+    /// that lost the connection (a worker that is stopping stops reconnecting).
+    pub keep_reconnecting: fn() -> bool,
 }
 
 impl Default for ClientConfig {
@@ -53,6 +56,7 @@ impl Default for ClientConfig {
             call_timeout: Duration::from_secs(30),
             max_frame: DEFAULT_MAX_FRAME,
             reconnect_for: Duration::ZERO,
+            keep_reconnecting: || true,
         }
     }
 }
@@ -337,8 +341,12 @@ impl QueueProxy {
         let start = Instant::now();
         let mut backoff = Duration::ZERO;
         let mut announced = false;
+        let keep_reconnecting = self.manager.inner.config.keep_reconnecting;
         loop {
             std::thread::sleep(backoff);
+            if !keep_reconnecting() {
+                return Err(lost);
+            }
             let attempt = self.manager.create(&self.typeid).and_then(|(ident, _)| {
                 state.ident = ident.clone();
                 request.ident = Some(ident);

@@ -1,8 +1,8 @@
 //! Running a shell command for one task: `distq-worker --exec`.
 //!
 //! The command runs as `sh -c CMD distq TASK`, so the task's text form
-//! ([`crate::text::text_form`]) is `$1`; the same text followed by a newline is written
-//! to its stdin. What comes back is an [`Outcome`], turned into the result record
+//! ([`crate::text::arg_form`]: bytes as they are) is `$1`; the same followed by a
+//! newline is written to its stdin. What comes back is an [`Outcome`], turned into the result record
 //! ([`Outcome::record`]) that is put on the result queue.
 //!
 //! Choices, and why:
@@ -10,8 +10,9 @@
 //! * **Its own process group.** `sh -c 'a; b'` forks children; signalling only the
 //!   shell would leave them running and holding the output pipes open. Each command
 //!   is started as the leader of a new process group and a timeout signals the whole
-//!   group. The cost: Ctrl-C on the worker's terminal does not reach a running command
-//!   (it is in another group); it runs to completion or to its timeout.
+//!   group. So Ctrl-C on the worker's terminal does not reach a running command (it is
+//!   in another group): the worker, told to stop, stops its commands through [`Stop`]
+//!   the way a timeout does, so none keeps running after the worker has gone.
 //! * **Escalation without `libc`.** A timeout sends SIGTERM to the group, waits the
 //!   grace period, then sends SIGKILL. std can only SIGKILL its direct child, so group
 //!   signals go through the shell's `kill` builtin (`sh` is needed anyway). The group is
@@ -27,8 +28,10 @@
 //!   be started: each is an [`Outcome`] with a status, never an error for the worker.
 
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -78,6 +81,8 @@ pub enum Status {
     Timeout,
     /// The shell could not be started; the message says why.
     Error(String),
+    /// Stopped by us because the worker is stopping ([`Stop`]): no verdict on the task.
+    Stopped,
 }
 
 impl Status {
@@ -88,6 +93,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Timeout => "timeout",
             Status::Error(_) => "error",
+            Status::Stopped => "stopped",
         }
     }
 }
@@ -159,11 +165,42 @@ impl Outcome {
             (Status::Error(why), _, _) => format!("error ({why})"),
             (Status::Timeout, _, Some(sig)) => format!("timed out (stopped by signal {sig})"),
             (Status::Timeout, _, None) => "timed out".to_string(),
+            (Status::Stopped, _, _) => "stopped (the worker is stopping)".to_string(),
             (Status::Failed, Some(code), _) => format!("failed (exit {code})"),
             (Status::Failed, None, Some(sig)) => format!("failed (killed by signal {sig})"),
             (Status::Failed, None, None) => "failed".to_string(),
         };
         format!("{how} in {:.2}s", self.duration.as_secs_f64())
+    }
+}
+
+/// A request to stop running commands early, shared by everything that runs them (the
+/// worker sets it on SIGTERM): the first [`Stop::request`] stops each command as a
+/// timeout would (SIGTERM to its group, SIGKILL after the grace period), a second one
+/// SIGKILLs at once.
+#[derive(Debug, Default)]
+pub struct Stop(AtomicU8);
+
+impl Stop {
+    /// Not stopping.
+    pub const fn new() -> Stop {
+        Stop(AtomicU8::new(0))
+    }
+
+    /// Asks once more (see the type's docs).
+    pub fn request(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some((n + 1).min(2)));
+    }
+
+    /// Whether a stop was requested.
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst) > 0
+    }
+
+    fn urgent(&self) -> bool {
+        self.0.load(Ordering::SeqCst) > 1
     }
 }
 
@@ -175,14 +212,15 @@ struct Capture {
     truncated: bool,
 }
 
-/// Runs `config.command` with `arg` as `$1` and `stdin` on its standard input.
-pub fn run(config: &ExecConfig, arg: &str, stdin: &[u8]) -> Outcome {
+/// Runs `config.command` with `arg` as `$1` and `stdin` on its standard input, until it
+/// exits, times out, or `stop` asks.
+pub fn run(config: &ExecConfig, arg: &[u8], stdin: &[u8], stop: &Stop) -> Outcome {
     let start = Instant::now();
     let spawned = Command::new("sh")
         .arg("-c")
         .arg(&config.command)
         .arg("distq")
-        .arg(arg)
+        .arg(std::ffi::OsStr::from_bytes(arg))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -214,7 +252,7 @@ pub fn run(config: &ExecConfig, arg: &str, stdin: &[u8]) -> Outcome {
     let out = capture(child.stdout.take(), config.max_output, eof_tx.clone());
     let err = capture(child.stderr.take(), config.max_output, eof_tx);
 
-    let (exit, timed_out) = wait(&mut child, config);
+    let (exit, ended_by) = wait(&mut child, config, stop);
     let exited = Instant::now();
     // Both readers reach EOF at once unless a background process kept a pipe open.
     let mut open = 2;
@@ -247,7 +285,12 @@ pub fn run(config: &ExecConfig, arg: &str, stdin: &[u8]) -> Outcome {
     let (stdout, t1) = take(&out);
     let (stderr, t2) = take(&err);
     let (status, exit_code, signal) = match exit {
-        Some(exit) if timed_out => (Status::Timeout, exit.code(), exit.signal()),
+        Some(exit) if ended_by == Some(Ending::Stop) => {
+            (Status::Stopped, exit.code(), exit.signal())
+        }
+        Some(exit) if ended_by == Some(Ending::Timeout) => {
+            (Status::Timeout, exit.code(), exit.signal())
+        }
         Some(exit) if exit.success() => (Status::Ok, Some(0), None),
         Some(exit) => (Status::Failed, exit.code(), exit.signal()),
         None => (
@@ -267,32 +310,50 @@ pub fn run(config: &ExecConfig, arg: &str, stdin: &[u8]) -> Outcome {
     }
 }
 
-/// Waits for the command, escalating at the timeout. Returns its exit status (`None`
-/// if waiting itself failed) and whether we stopped it.
-fn wait(child: &mut Child, config: &ExecConfig) -> (Option<std::process::ExitStatus>, bool) {
+/// Why we stopped a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    Timeout,
+    Stop,
+}
+
+/// Waits for the command, escalating at the timeout or when asked to stop. Returns its
+/// exit status (`None` if waiting itself failed) and why we ended it, if we did.
+fn wait(
+    child: &mut Child,
+    config: &ExecConfig,
+    stop: &Stop,
+) -> (Option<std::process::ExitStatus>, Option<Ending>) {
     let start = Instant::now();
-    let mut termed: Option<Instant> = None;
+    let mut termed: Option<(Instant, Ending)> = None;
+    let ending = |t: Option<(Instant, Ending)>| t.map(|(_, why)| why);
     // Short polls first so quick commands return quickly, then at most every 20 ms.
     let mut poll = Duration::from_millis(1);
     loop {
         match child.try_wait() {
-            Ok(Some(exit)) => return (Some(exit), termed.is_some()),
+            Ok(Some(exit)) => return (Some(exit), ending(termed)),
             Ok(None) => {}
             Err(_) => {
                 let _ = child.kill();
-                return (child.wait().ok(), termed.is_some());
+                return (child.wait().ok(), ending(termed));
             }
         }
         // The leader is not reaped yet, so its group id is still ours to signal.
-        match (config.timeout, termed) {
-            (Some(limit), None) if start.elapsed() >= limit => {
+        let timed_out = config.timeout.is_some_and(|limit| start.elapsed() >= limit);
+        match termed {
+            None if stop.requested() || timed_out => {
                 signal_group(child.id(), "TERM");
-                termed = Some(Instant::now());
+                let why = if timed_out {
+                    Ending::Timeout
+                } else {
+                    Ending::Stop
+                };
+                termed = Some((Instant::now(), why));
             }
-            (_, Some(at)) if at.elapsed() >= config.grace => {
+            Some((at, _)) if at.elapsed() >= config.grace || stop.urgent() => {
                 signal_group(child.id(), "KILL");
                 let _ = child.kill();
-                return (child.wait().ok(), true);
+                return (child.wait().ok(), ending(termed));
             }
             _ => {}
         }

@@ -325,7 +325,15 @@ impl Server {
         if let Some(flusher) = flusher {
             let _ = flusher.join();
         }
-        log_at!(Info, "server on {} stopped", self.shared.local_addr);
+        // A warning when items remain: they were kept or lost, and either is news.
+        match self.shared.leftovers() {
+            None => log_at!(
+                Info,
+                "server on {} stopped: no items queued or reserved",
+                self.shared.local_addr
+            ),
+            Some(left) => log_at!(Warn, "server on {} stopped: {left}", self.shared.local_addr),
+        }
         Ok(())
     }
 }
@@ -370,6 +378,42 @@ impl Shared {
                 self.config.max_handshakes
             );
         }
+    }
+
+    /// What the server holds as it stops, and whether it survives: one clause for the
+    /// journaled queues, one for the rest.
+    fn leftovers(&self) -> Option<String> {
+        let (mut kept, mut lost) = ((0, 0), (0, 0));
+        for queue in self.queues.queues().unwrap_or_default() {
+            let Ok(st) = queue.stats() else { continue };
+            let tally = if queue.is_journaled() {
+                &mut kept
+            } else {
+                &mut lost
+            };
+            tally.0 += st.size + st.delayed;
+            tally.1 += st.reserved;
+        }
+        let items = |(queued, reserved): (usize, usize)| {
+            format!("{queued} item(s) queued and {reserved} reserved but not acked")
+        };
+        Some(match (kept, lost) {
+            ((0, 0), (0, 0)) => return None,
+            ((0, 0), lost) if self.queues.journal().is_none() => {
+                format!("{} are lost: the server keeps no journal", items(lost))
+            }
+            ((0, 0), lost) => format!("{} in anonymous queues are lost", items(lost)),
+            (kept, (0, 0)) => format!(
+                "{} are kept in the journal (reserved ones are delivered again after a restart)",
+                items(kept)
+            ),
+            (kept, lost) => format!(
+                "{} are kept in the journal (reserved ones are delivered again after a restart); \
+                 {} in anonymous queues are lost",
+                items(kept),
+                items(lost)
+            ),
+        })
     }
 
     fn end_handshake(&self, id: u64) {
@@ -580,13 +624,7 @@ impl Shared {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        let reserved = self.queues.close_all();
-        if reserved > 0 {
-            log_at!(
-                Warn,
-                "shutting down with {reserved} item(s) reserved but not acked; they are lost with the server's memory"
-            );
-        }
+        self.queues.close_all();
         // Shut down only the reading side: a thread blocked waiting for a request wakes
         // up with end-of-stream, while one that is just sending a reply (say, to the
         // `put` whose result made the master decide to stop) still gets it out.

@@ -5,6 +5,9 @@
 //!
 //! * **Text form** ([`text_form`]): a str is itself; every other value is its JSON
 //!   rendering ([`to_json`]), so a command can feed it to `jq` or a JSON parser.
+//!   A command's argument ([`arg_form`]) is the same except that bytes and bytearray
+//!   are their own bytes: how `distq-master --input` passes a line that is not UTF-8
+//!   (a file name, say) through unchanged.
 //! * **JSON** follows the value: `None` → `null`, bools, ints (any size), floats
 //!   (`nan`/`inf`, which JSON lacks, → `null`), str → string, bytes and bytearray →
 //!   string (UTF-8, invalid bytes replaced by U+FFFD), tuple/list/set/frozenset → array,
@@ -35,6 +38,14 @@ pub fn text_form(v: &Value) -> String {
     match v {
         Value::Str(s) => s.to_string(),
         other => to_json(other),
+    }
+}
+
+/// What a command gets as `$1` for `v`: the text form, but bytes as they are.
+pub fn arg_form(v: &Value) -> Vec<u8> {
+    match v {
+        Value::Bytes(b) | Value::ByteArray(b) => b.to_vec(),
+        other => text_form(other).into_bytes(),
     }
 }
 

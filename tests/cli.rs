@@ -207,10 +207,13 @@ fn auth_and_connection_failures_have_their_own_exit_codes() {
     }
     server.shutdown().unwrap();
     for name in ["distq-worker", "distq-stat", "distq-master"] {
-        let out = bin(name)
-            .args(["--connect", &addr, "--authkey", KEY])
-            .output()
-            .unwrap();
+        let mut cmd = bin(name);
+        cmd.args(["--connect", &addr, "--authkey", KEY]);
+        if name == "distq-worker" {
+            // Without it, the worker waits (300 s by default) for a server to come up.
+            cmd.args(["--reconnect-for", "0"]);
+        }
+        let out = cmd.output().unwrap();
         assert_eq!(out.status.code(), Some(4), "{name}: {}", text(&out.stderr));
     }
 }
@@ -790,4 +793,29 @@ fn a_reused_journal_is_refused_and_resume_finishes_the_run() {
         ["a", "b", "c"]
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A line that is not UTF-8 (a Latin-1 file name) reaches the command byte for byte,
+/// as `$1` and on stdin.
+#[test]
+fn input_lines_that_are_not_utf8_pass_through_unchanged() {
+    let mut cmd = bin("distq-master");
+    cmd.args(["--input", "-", "-q", "--exec"])
+        .arg(r#"want=$(printf 'caf\351'); [ "$1" = "$want" ] && [ "$(cat)" = "$want" ]"#);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"caf\xe9\n").unwrap();
+    let out = wait_with_deadline(child, Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(has(&text(&out.stdout), r#""status":"ok""#));
 }

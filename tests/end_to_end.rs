@@ -250,8 +250,9 @@ fn port_in_use_and_unreachable_server_are_one_clear_line() {
     );
 
     drop(taken); // nothing listens there now
+                 // Told not to wait for the server to come up (it would, for 300 s by default).
     let out = bin("distq-worker")
-        .args(["--connect", &addr, "--authkey", KEY])
+        .args(["--connect", &addr, "--authkey", KEY, "--reconnect-for", "0"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4), "connection failure");

@@ -7,7 +7,12 @@ use distq::text;
 use distq::Value;
 
 fn run(cmd: &str, arg: &str) -> exec::Outcome {
-    exec::run(&ExecConfig::new(cmd), arg, format!("{arg}\n").as_bytes())
+    exec::run(
+        &ExecConfig::new(cmd),
+        arg.as_bytes(),
+        format!("{arg}\n").as_bytes(),
+        &exec::Stop::new(),
+    )
 }
 
 #[test]
@@ -56,7 +61,7 @@ fn a_timeout_terminates_the_whole_command() {
     let mut config = ExecConfig::new("sleep 30; echo never");
     config.timeout = Some(Duration::from_millis(300));
     let start = Instant::now();
-    let out = exec::run(&config, "x", b"");
+    let out = exec::run(&config, b"x", b"", &exec::Stop::new());
     assert_eq!(out.status, Status::Timeout);
     assert_eq!(out.signal, Some(15), "SIGTERM was enough");
     assert!(
@@ -73,7 +78,7 @@ fn a_command_that_ignores_sigterm_gets_sigkill_after_the_grace_period() {
     config.timeout = Some(Duration::from_millis(300));
     config.grace = Duration::from_millis(400);
     let start = Instant::now();
-    let out = exec::run(&config, "x", b"");
+    let out = exec::run(&config, b"x", b"", &exec::Stop::new());
     let took = start.elapsed();
     assert_eq!(out.status, Status::Timeout);
     assert_eq!(out.signal, Some(9));
@@ -88,7 +93,7 @@ fn a_command_that_ignores_sigterm_gets_sigkill_after_the_grace_period() {
 fn large_output_is_truncated_but_fully_read() {
     let mut config = ExecConfig::new("head -c 3000000 /dev/zero; head -c 100000 /dev/zero >&2");
     config.max_output = 1000;
-    let out = exec::run(&config, "x", b"");
+    let out = exec::run(&config, b"x", b"", &exec::Stop::new());
     assert_eq!(
         out.status,
         Status::Ok,
@@ -126,7 +131,60 @@ fn background_leftovers_do_not_hold_the_worker() {
 #[test]
 fn a_command_that_does_not_read_a_large_stdin_still_finishes() {
     let big = vec![b'x'; 4 << 20];
-    let out = exec::run(&ExecConfig::new("echo done"), "x", &big);
+    let out = exec::run(
+        &ExecConfig::new("echo done"),
+        b"x",
+        &big,
+        &exec::Stop::new(),
+    );
     assert_eq!(out.status, Status::Ok);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+}
+
+#[test]
+fn a_stop_request_ends_the_whole_command_group() {
+    // The command's child writes its pid, then both sleep: the stop must reach the
+    // child too (the group), not only the shell.
+    let dir = std::env::temp_dir().join(format!("distq-stop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let config = ExecConfig::new(format!("sleep 30 & echo $! > {}; wait", pidfile.display()));
+    let stop = exec::Stop::new();
+    let start = Instant::now();
+    let out = std::thread::scope(|s| {
+        let running = s.spawn(|| exec::run(&config, b"x", b"", &stop));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&pidfile).map_or(true, |p| p.trim().is_empty()) {
+            assert!(Instant::now() < deadline, "the command never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.request();
+        running.join().unwrap()
+    });
+    assert_eq!(out.status, Status::Stopped);
+    assert_eq!(out.signal, Some(15));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while running(pid.trim()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !running(pid.trim()),
+        "the command's background child {pid} is still running"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether process `pid` is running: it exists and is not a zombie waiting for a reaper
+/// (an orphan's reaper in a container may be slow to collect it).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        !state.starts_with('Z') && !state.starts_with('X')
+    })
 }

@@ -728,6 +728,12 @@ impl Queue {
         Ok(self.lock()?.items.len())
     }
 
+    /// Whether the queue's items are kept in the server's journal (named queues of a
+    /// server with one).
+    pub fn is_journaled(&self) -> bool {
+        self.journal.is_some()
+    }
+
     /// Whether no item is waiting (`empty()`).
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
