@@ -240,7 +240,7 @@ fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::Value("a worker slot panicked".into())))
+                    .unwrap_or_else(|_| Err(Error::Internal("a worker slot panicked".into())))
             })
             .fold(Ok(()), Result::and)
     })
@@ -311,8 +311,13 @@ fn slot_loop(shared: &Shared) -> distq::Result<()> {
                 let done = match &flags.exec {
                     None => {
                         println!("Running task {task} * {task}...");
-                        std::thread::sleep(flags.sleep);
-                        Some(square(&task))
+                        // Slow (`--sleep`) tasks keep their lease like commands do;
+                        // an instant one needs no toucher thread.
+                        let keep = lease.filter(|_| !flags.sleep.is_zero());
+                        Some(run_keeping_lease(&tasks, keep, || {
+                            std::thread::sleep(flags.sleep);
+                            square(&task)
+                        }))
                     }
                     Some(exec) => {
                         std::thread::sleep(flags.sleep);

@@ -315,10 +315,9 @@ impl QueueProxy {
         kwargs: Vec<(String, Value)>,
         blocks_for: Option<Duration>,
     ) -> Result<Value> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| Error::Value("a proxy lock was poisoned by a panicking thread".into()))?;
+        let mut state = self.state.lock().map_err(|_| {
+            Error::Internal("a proxy lock was poisoned by a panicking thread".into())
+        })?;
         let mut request = Request {
             ident: Some(state.ident.clone()),
             method: method.to_string(),

@@ -47,8 +47,12 @@ pub enum Error {
     Traceback(String),
     /// The peer closed the connection.
     Closed,
-    /// A value cannot be represented (e.g. a pickle nesting deeper than the limit).
+    /// A value or request that cannot be taken: a pickle nesting deeper than the limit,
+    /// an item over a size limit, a lease the server does not hold (Python's `ValueError`).
     Value(String),
+    /// A bug in distq rather than anything the caller did: a lock poisoned by a panicking
+    /// thread, a thread that panicked. Reaches a Python client as `RuntimeError`.
+    Internal(String),
     /// An operating-system I/O error, with what distq was doing at the time.
     Io {
         /// What distq was doing, e.g. `connecting to 10.0.0.5:5000`.
@@ -91,7 +95,8 @@ impl fmt::Display for Error {
             Error::Remote { class, message } => write!(f, "remote exception {class}: {message}"),
             Error::Traceback(text) => write!(f, "remote error: {}", text.trim_end()),
             Error::Closed => write!(f, "connection closed by peer"),
-            Error::Value(msg) => write!(f, "unsupported value: {msg}"),
+            Error::Value(msg) => write!(f, "{msg}"),
+            Error::Internal(msg) => write!(f, "internal error: {msg} (a bug in distq; please report it)"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }

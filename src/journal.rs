@@ -748,7 +748,7 @@ fn write_failed(last: Option<&str>) -> Error {
 }
 
 fn poisoned() -> Error {
-    Error::Value("internal error: the journal lock was poisoned by a panicking thread".into())
+    Error::Internal("the journal lock was poisoned by a panicking thread".into())
 }
 
 fn wrap(config: &JournalConfig, file: File) -> Box<dyn JournalFile> {

@@ -2,7 +2,8 @@
 //!
 //! distq logs few lines (connections, authentication failures, protocol faults), so a
 //! logging framework would cost more binary size than it saves. The level is global and
-//! set once by a binary (`-v` / `-q`). Nothing secret is ever passed in: [`AuthKey`]
+//! set once by a binary (`-v` / `-q`); until someone sets it, the library writes nothing,
+//! so an embedded [`Server`](crate::Server) is silent unless its caller asks for lines. Nothing secret is ever passed in: [`AuthKey`]
 //! has no `Display` and a redacting `Debug`.
 //!
 //! [`AuthKey`]: crate::auth::AuthKey
@@ -20,13 +21,14 @@ pub enum Level {
     Error = 0,
     /// Errors and warnings (authentication failures, protocol faults).
     Warn = 1,
-    /// Also connections opening and closing (the default).
+    /// Also connections opening and closing (the binaries' default).
     Info = 2,
     /// Also every request.
     Debug = 3,
 }
 
-static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+/// One more than the highest level written; 0 (the start) writes nothing.
+static LEVEL: AtomicU8 = AtomicU8::new(0);
 
 // The crate's own unit tests capture from the start.
 static TO_TEST_CAPTURE: AtomicBool = AtomicBool::new(cfg!(test));
@@ -39,14 +41,14 @@ pub fn to_test_capture() {
     TO_TEST_CAPTURE.store(true, Ordering::Relaxed);
 }
 
-/// Sets the process-wide log level.
+/// Sets the process-wide log level: lines at `level` and above go to stderr.
 pub fn set_level(level: Level) {
-    LEVEL.store(level as u8, Ordering::Relaxed);
+    LEVEL.store(level as u8 + 1, Ordering::Relaxed);
 }
 
 /// Whether messages at `level` are written.
 pub fn enabled(level: Level) -> bool {
-    level as u8 <= LEVEL.load(Ordering::Relaxed)
+    (level as u8) < LEVEL.load(Ordering::Relaxed)
 }
 
 /// Writes one line if `level` is enabled. Use through the `log!` macros' callers in the

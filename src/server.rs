@@ -294,6 +294,11 @@ impl Server {
             if let Ok(mut live) = self.shared.live.lock() {
                 live.insert(id, handle.clone());
             }
+            // A shutdown that ran between `accept` and the insert above did not see this
+            // connection: it must not keep the server waiting for an idle peer.
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                let _ = handle.shutdown(Shutdown::Read);
+            }
             let shared = self.shared.clone();
             let spawned = thread::Builder::new()
                 .name(format!("distq-conn-{id}"))
@@ -471,8 +476,9 @@ impl Shared {
             Err(Error::Closed) => return log_at!(Debug, "{peer}: closed during the handshake"),
             Err(e) => return log_at!(Warn, "{peer}: handshake failed: {e}"),
         };
+        // An authenticated peer that never sends its first request is idle too.
         let setup = conn
-            .set_read_timeout(None)
+            .set_read_timeout(self.config.idle_timeout)
             .and_then(|()| conn.set_write_timeout(Some(self.config.write_timeout)));
         if let Err(e) = setup {
             return log_at!(Warn, "{peer}: {e}");
@@ -480,6 +486,13 @@ impl Shared {
         let req = match self.read_request(&mut conn) {
             Ok(Some(req)) => req,
             Ok(None) => return,
+            Err(Error::Timeout(_)) if self.config.idle_timeout.is_some() => {
+                return log_at!(
+                    Info,
+                    "{peer}: sent no request for {:?} after authenticating; closed",
+                    self.config.idle_timeout.unwrap_or_default()
+                )
+            }
             Err(e) => return log_at!(Warn, "{peer}: {e}"),
         };
         log_at!(
@@ -684,6 +697,6 @@ impl RunningServer {
     pub fn join(self) -> Result<()> {
         self.thread
             .join()
-            .map_err(|_| Error::Value("internal error: the server thread panicked".into()))?
+            .map_err(|_| Error::Internal("the server thread panicked".into()))?
     }
 }

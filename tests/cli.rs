@@ -491,6 +491,29 @@ fn long_commands_keep_their_lease() {
     server.shutdown().unwrap();
 }
 
+/// The classic (squaring) worker renews its lease too: a slow healthy task is not
+/// requeued under `--lease-timeout` and run twice.
+#[test]
+fn slow_classic_tasks_keep_their_lease() {
+    let server = server_with(|c| c.lease_timeout = Some(Duration::from_millis(1500)));
+    let addr = server.local_addr().to_string();
+    let m = Manager::connect(server.local_addr(), AuthKey::new(KEY)).unwrap();
+    m.queue("get_task_queue").unwrap().put(7).unwrap();
+    let out = worker(&addr, &["--sleep", "3.5", "--tasks", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let results = m.queue("get_result_queue").unwrap();
+    assert_eq!(
+        results.get(Duration::from_secs(5)).unwrap(),
+        Value::from("7 * 7 = 49")
+    );
+    let stats = m.stats().unwrap().to_string();
+    assert!(
+        stats.contains("'requeues': 0") && stats.contains("'acks': 1"),
+        "{stats}"
+    );
+    server.shutdown().unwrap();
+}
+
 /// Four slow tasks with --concurrency 4 run at once; a timed-out one is a result too.
 #[test]
 fn concurrency_and_timeouts_in_the_worker() {

@@ -470,6 +470,34 @@ fn idle_channels_are_closed() {
     server.shutdown().unwrap();
 }
 
+/// A peer that authenticates and then never sends a request is idle too: with
+/// `idle_timeout` it is closed, not kept (with its thread) forever.
+#[test]
+fn an_authenticated_silent_peer_is_closed_at_the_idle_timeout() {
+    use distq::conn::{Connection, Role};
+    let server = server_with(|c| c.idle_timeout = Some(Duration::from_millis(300)));
+    let stream = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    let mut conn = Connection::handshake(
+        stream,
+        Role::Client,
+        &AuthKey::new(KEY),
+        1 << 20,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let start = Instant::now();
+    // Sends nothing: the server's side of the socket closes, so the read sees the end.
+    assert!(matches!(conn.read_frame(), Err(Error::Closed)));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    server.shutdown().unwrap();
+}
+
 /// 1000 wrong-key attempts while a good client keeps working without long stalls.
 #[test]
 fn a_wrong_key_flood_does_not_starve_good_clients() {

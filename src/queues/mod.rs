@@ -64,7 +64,7 @@ pub struct Policy {
 /// A poisoned lock means a thread panicked while holding it; the queue's invariants may
 /// be broken, so report it instead of serving possibly corrupt state.
 fn poisoned() -> Error {
-    Error::Value("internal error: a queue lock was poisoned by a panicking thread".into())
+    Error::Internal("a queue lock was poisoned by a panicking thread".into())
 }
 
 /// The most named queues one server holds; creating a new name beyond it fails, so a
