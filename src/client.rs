@@ -146,11 +146,15 @@ impl Manager {
     /// at its limit of connections authenticating at once): the attempt is repeated with
     /// a short, growing pause until `connect_timeout` has passed.
     fn open(&self) -> Result<Connection> {
-        let cfg = &self.inner.config;
+        self.open_within(&self.inner.config)
+    }
+
+    /// [`Manager::open`] with the deadlines of `cfg`.
+    fn open_within(&self, cfg: &ClientConfig) -> Result<Connection> {
         let start = Instant::now();
         let mut pause = Duration::from_millis(5);
         loop {
-            match self.open_once() {
+            match self.open_once(cfg) {
                 Err(Error::Closed) if start.elapsed() + pause < cfg.connect_timeout => {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(200));
@@ -160,8 +164,7 @@ impl Manager {
         }
     }
 
-    fn open_once(&self) -> Result<Connection> {
-        let cfg = &self.inner.config;
+    fn open_once(&self, cfg: &ClientConfig) -> Result<Connection> {
         let mut last = None;
         for addr in &self.inner.addrs {
             match TcpStream::connect_timeout(addr, cfg.connect_timeout) {
@@ -190,9 +193,18 @@ impl Manager {
 
     /// Calls a public function on a fresh one-shot connection, as Python's `dispatch` does.
     pub fn call_public(&self, method: &str, args: Vec<Value>) -> Result<Value> {
-        let mut conn = self.open()?;
-        conn.set_read_timeout(Some(self.inner.config.call_timeout))?;
-        conn.set_write_timeout(Some(self.inner.config.call_timeout))?;
+        self.call_public_within(&self.inner.config, method, args)
+    }
+
+    fn call_public_within(
+        &self,
+        cfg: &ClientConfig,
+        method: &str,
+        args: Vec<Value>,
+    ) -> Result<Value> {
+        let mut conn = self.open_within(cfg)?;
+        conn.set_read_timeout(Some(cfg.call_timeout))?;
+        conn.set_write_timeout(Some(cfg.call_timeout))?;
         conn.write_value(&Request::new(None, method, args).to_value()?)?;
         Reply::from_value(&conn.read_value()?)?.into_result()
     }
@@ -210,6 +222,7 @@ impl Manager {
             state: Mutex::new(ProxyState {
                 ident,
                 channel: None,
+                released: false,
             }),
         })
     }
@@ -272,10 +285,12 @@ pub struct QueueProxy {
 
 #[derive(Debug)]
 struct ProxyState {
-    /// The server's ident for the queue; renewed by `create` after a reconnect, since a
-    /// restarted server hands out new idents.
+    /// The server's ident for the queue; for a named queue renewed by `create` after a
+    /// reconnect, since a restarted server hands out new idents.
     ident: String,
     channel: Option<Connection>,
+    /// The reference `create` gave us was returned ([`QueueProxy::close`]).
+    released: bool,
 }
 
 /// Errors after which the connection is unusable but a new one may work.
@@ -295,6 +310,43 @@ impl QueueProxy {
             .lock()
             .map(|s| s.ident.clone())
             .unwrap_or_default()
+    }
+
+    /// Whether this is an anonymous queue (`Queue()`, `JoinableQueue()`), which the
+    /// server knows only by its ident.
+    fn is_made_by_factory(&self) -> bool {
+        matches!(self.typeid.as_str(), "Queue" | "JoinableQueue")
+    }
+
+    /// After a reconnect, an anonymous queue's "no such ident" reply (a `KeyError`
+    /// traceback, from distq's server as from Python's) as a clear error.
+    fn still_there(&self, reply: Reply, ident: &str) -> Result<Reply> {
+        match reply {
+            Reply::Traceback(text) if text.contains("KeyError") => Err(Error::Value(format!(
+                "the {}() queue {ident} is gone: after the connection was lost the server no \
+                 longer had it (it restarted?); anonymous queues do not outlive their server, \
+                 named ones do with --journal",
+                self.typeid
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    /// Returns the reference this proxy holds on the server, as dropping it does, but
+    /// with the full deadlines and the error reported. A `Queue()` is freed when its last
+    /// reference goes.
+    pub fn close(self) -> Result<()> {
+        let ident = {
+            let mut state = self.state.lock().map_err(|_| {
+                Error::Internal("a proxy lock was poisoned by a panicking thread".into())
+            })?;
+            state.channel = None;
+            state.released = true;
+            state.ident.clone()
+        };
+        self.manager
+            .call_public("decref", vec![Value::str(&ident)])
+            .map(drop)
     }
 
     /// Whether the server offers `method` on this queue (e.g. `reserve`: distq does,
@@ -346,11 +398,20 @@ impl QueueProxy {
             if !keep_reconnecting() {
                 return Err(lost);
             }
-            let attempt = self.manager.create(&self.typeid).and_then(|(ident, _)| {
-                state.ident = ident.clone();
-                request.ident = Some(ident);
+            // A named queue is looked up again by name (a restarted server has new
+            // idents). A `Queue()` made by a factory has no name: `create` would make a
+            // new, empty queue, so the proxy keeps its ident and fails clearly below if
+            // the server no longer has it.
+            let attempt = if self.is_made_by_factory() {
                 self.try_call(&mut state, &request, blocks_for)
-            });
+                    .and_then(|reply| self.still_there(reply, &state.ident))
+            } else {
+                self.manager.create(&self.typeid).and_then(|(ident, _)| {
+                    state.ident = ident.clone();
+                    request.ident = Some(ident);
+                    self.try_call(&mut state, &request, blocks_for)
+                })
+            };
             match attempt {
                 Ok(reply) => {
                     if announced {
@@ -623,17 +684,28 @@ impl QueueProxy {
 
 impl Drop for QueueProxy {
     /// Returns the reference `create` gave this proxy. Errors are ignored, as in Python:
-    /// the server may already be gone.
+    /// the server may already be gone. Bounded by [`DROP_DEADLINE`] per step, since a
+    /// destructor must not block for the minute the full deadlines allow; use
+    /// [`QueueProxy::close`] to wait longer and see the error.
     fn drop(&mut self) {
         let ident = match self.state.get_mut() {
-            Ok(state) => {
+            Ok(state) if !state.released => {
                 state.channel = None;
                 state.ident.clone()
             }
-            Err(_) => return,
+            _ => return,
         };
         if !self.manager.inner.shut_down.load(Ordering::SeqCst) {
-            let _ = self.manager.call_public("decref", vec![Value::str(&ident)]);
+            let mut quick = self.manager.inner.config.clone();
+            quick.connect_timeout = quick.connect_timeout.min(DROP_DEADLINE);
+            quick.handshake_timeout = quick.handshake_timeout.min(DROP_DEADLINE);
+            quick.call_timeout = quick.call_timeout.min(DROP_DEADLINE);
+            let _ = self
+                .manager
+                .call_public_within(&quick, "decref", vec![Value::str(&ident)]);
         }
     }
 }
+
+/// How long each step of a dropped proxy's `decref` (connect, handshake, reply) may take.
+const DROP_DEADLINE: Duration = Duration::from_secs(2);

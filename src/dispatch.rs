@@ -251,6 +251,16 @@ impl Outcome {
         }
     }
 
+    /// The reply reached the peer: the items it carries are gone for good (see
+    /// [`QueueMap::delivered`]).
+    pub fn delivered(&self, map: &QueueMap) {
+        match &self.reply {
+            Reply::Item(f) => map.delivered(f),
+            Reply::Items(fs) => fs.iter().for_each(|f| map.delivered(f)),
+            _ => {}
+        }
+    }
+
     /// Puts the items this reply carries back at the head of their queue, in order.
     pub fn undo(self) -> Result<(), Error> {
         let Some(queue) = self.taken_from else {
@@ -354,25 +364,43 @@ fn call(
     };
     match req.method.as_str() {
         "put" => {
-            let item = fragment(map, args.required_arg(0, "item")?)?;
+            let arg = args.required_arg(0, "item")?;
+            let item = fragment(map, arg)?;
             let wait = args.wait(1)?;
             args.finish()?;
-            done(queue.put(item, wait, alive))
+            let held = names_code(arg).then(|| item.clone());
+            done(queue.put(item, wait, alive).map(|()| hold(map, held)))
         }
         "put_nowait" => {
-            let item = fragment(map, args.required_arg(0, "item")?)?;
+            let arg = args.required_arg(0, "item")?;
+            let item = fragment(map, arg)?;
             args.finish()?;
-            done(queue.put(item, Wait::No, alive))
+            let held = names_code(arg).then(|| item.clone());
+            done(queue.put(item, Wait::No, alive).map(|()| hold(map, held)))
         }
         "put_many" => {
+            let mut held = Vec::new();
             let items = match args.required_arg(0, "items")? {
                 Arg::Items(items) => items
                     .iter()
-                    .map(|p| pickled(map, p))
+                    .map(|p| {
+                        let item = pickled(map, p)?;
+                        if p.names.is_some() {
+                            held.push(item.clone());
+                        }
+                        Ok(item)
+                    })
                     .collect::<Result<Vec<_>, Value>>()?,
                 Arg::Value(Value::List(items) | Value::Tuple(items)) => items
                     .iter()
-                    .map(|v| fragment(map, &Arg::Value(v.clone())))
+                    .map(|v| {
+                        let arg = Arg::Value(v.clone());
+                        let item = fragment(map, &arg)?;
+                        if names_code(&arg) {
+                            held.push(item.clone());
+                        }
+                        Ok(item)
+                    })
                     .collect::<Result<Vec<_>, Value>>()?,
                 other => {
                     return Err(Fault::from(exceptions::builtin(
@@ -386,7 +414,11 @@ fn call(
             };
             let wait = args.wait(1)?;
             args.finish()?;
-            done(queue.put_many(items, wait, alive))
+            done(queue.put_many(items, wait, alive).map(|()| {
+                for item in &held {
+                    map.hold_proxies(item);
+                }
+            }))
         }
         "get" => {
             let wait = args.wait(0)?;
@@ -438,11 +470,13 @@ fn call(
         "ack" => {
             let lease = args.lease()?;
             args.finish()?;
-            done(queue.ack(lease))
+            done(queue.ack(lease).map(|taken| map.delivered(&taken.item)))
         }
         "ack_put" => {
             let lease = args.lease()?;
-            let item = fragment(map, args.required_arg(1, "item")?)?;
+            let arg = args.required_arg(1, "item")?;
+            let item = fragment(map, arg)?;
+            let held = names_code(arg).then(|| item.clone());
             let target = match args.optional(2, "queue_name")? {
                 None => RESULT_QUEUE.to_string(),
                 Some(Value::Str(name)) => name.to_string(),
@@ -457,7 +491,10 @@ fn call(
                 }
             };
             args.finish()?;
-            done(map.ack_put(queue, lease, &target, item, Wait::Forever, alive))
+            done(
+                map.ack_put(queue, lease, &target, item, Wait::Forever, alive)
+                    .map(|()| hold(map, held)),
+            )
         }
         "release" => {
             let lease = args.lease()?;
@@ -526,6 +563,23 @@ fn fragment(map: &QueueMap, item: &Arg) -> Result<Fragment, Value> {
         }
     }
     Fragment::encode(value).map_err(|e| exceptions::builtin("ValueError", &e.to_string()))
+}
+
+/// Whether an item argument names a class or function: only such an item can carry a
+/// manager proxy (see `queues/holds.rs`).
+fn names_code(item: &Arg) -> bool {
+    match item {
+        Arg::Pickled(p) => p.names.is_some(),
+        Arg::Value(v) => first_global(v, 0, &mut HashSet::new()).is_some(),
+        Arg::Items(_) => false,
+    }
+}
+
+/// Records the holds of a stored item that may carry proxies.
+fn hold(map: &QueueMap, item: Option<Fragment>) {
+    if let Some(item) = item {
+        map.hold_proxies(&item);
+    }
 }
 
 /// An item as the client pickled it, checked against `no_code_items`.

@@ -630,6 +630,9 @@ impl Shared {
                 outcome.undo()?;
                 return Err(e);
             }
+            if outcome.taken_from.is_some() {
+                outcome.delivered(&self.queues);
+            }
         }
     }
 

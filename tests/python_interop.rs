@@ -18,6 +18,7 @@ const JOIN_MASTER: &str = include_str!("python/join_master.py");
 const RAW_ITEMS: &str = include_str!("python/raw_items.py");
 const PICKLE_SUITE: &str = include_str!("python/pickle_suite.py");
 const CORPUS: &str = include_str!("python/corpus.py");
+const REPLY_QUEUE: &str = include_str!("python/reply_queue.py");
 
 /// distq-master (hosting its server) with the classic Python worker, on every version.
 #[test]
@@ -431,6 +432,27 @@ fn python_join_returns_with_distq_worker() {
             py.version
         );
     }
+}
+
+/// Issue 13: a task carrying a `Queue()` proxy to answer on, whose producer dropped its
+/// own proxy right after the put: the queue lives while the item refers to it, and the
+/// task is not lost (before: the consumer's get took the task, then unpickling failed
+/// with `KeyError`).
+#[test]
+fn a_reply_queue_inside_a_task_outlives_its_producers_proxy() {
+    let server = server();
+    let port = server.local_addr().port().to_string();
+    for py in require_pythons() {
+        let out = py.run_ok(REPLY_QUEUE, &["127.0.0.1", &port, KEY]);
+        assert_eq!(
+            out.matches("done: job").count(),
+            3,
+            "python {:?}: {out}",
+            py.version
+        );
+        assert!(out.contains("answered"), "python {:?}: {out}", py.version);
+    }
+    server.shutdown().unwrap();
 }
 
 /// Issue 13: distq-stat against Python's own server says what is wrong, not a traceback.

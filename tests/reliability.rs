@@ -334,6 +334,71 @@ fn the_client_library_reconnects() {
     second.shutdown().unwrap();
 }
 
+/// A `Queue()` proxy whose connection was lost reconnects to *its* queue: it does not
+/// switch to a new, empty one (what `create('Queue')` would make), nor leak a reference
+/// per reconnect. If the server no longer has it, the error says so.
+#[test]
+fn an_anonymous_queue_survives_a_lost_connection_but_not_a_restart() {
+    let first = server_with(|c| c.idle_timeout = Some(Duration::from_millis(200)));
+    let addr = first.local_addr();
+    let mut config = ClientConfig::default();
+    config.reconnect_for = Duration::from_secs(10);
+    let m = Manager::connect_with(addr, AuthKey::new(KEY), config).unwrap();
+    let q = m.queue("Queue").unwrap();
+    q.put(1).unwrap();
+    let objects = m.number_of_objects().unwrap();
+    // The server closes the idle channel: only the stats call's own connection is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while distq::text::field(&m.stats().unwrap(), "connections") != Some(&Value::Int(1)) {
+        assert!(
+            Instant::now() < deadline,
+            "the idle channel was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(q.get(Duration::from_secs(1)).unwrap(), Value::Int(1));
+    assert_eq!(
+        m.number_of_objects().unwrap(),
+        objects,
+        "a reference leaked"
+    );
+    first.shutdown().unwrap();
+    let second = Server::bind(addr, ServerConfig::new(AuthKey::new(KEY)))
+        .unwrap()
+        .spawn()
+        .unwrap();
+    match q.put(2) {
+        Err(Error::Value(msg)) => assert!(msg.contains("is gone"), "{msg}"),
+        other => panic!("a Queue() of a restarted server: {other:?}"),
+    }
+    second.shutdown().unwrap();
+}
+
+/// Dropping a proxy returns its reference, bounded: a server that accepts and never
+/// answers cannot hold a destructor for the minute the full deadlines allow.
+#[test]
+fn dropping_a_proxy_is_bounded_and_close_reports() {
+    let server = server();
+    let addr = server.local_addr();
+    let m = Manager::connect(addr, AuthKey::new(KEY)).unwrap();
+    let kept = m.queue("Queue").unwrap();
+    let closed = m.queue("Queue").unwrap();
+    let before = m.number_of_objects().unwrap();
+    closed.close().unwrap();
+    assert_eq!(m.number_of_objects().unwrap(), before - 1, "close freed it");
+    server.shutdown().unwrap();
+    // Same address, a listener that never accepts: connects complete in the backlog,
+    // and the handshake's challenge never comes.
+    let _silent = std::net::TcpListener::bind(addr).unwrap();
+    let start = Instant::now();
+    drop(kept);
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "drop blocked for {:?}",
+        start.elapsed()
+    );
+}
+
 /// The standalone server exits 0 after a client's shutdown, waking blocked callers and
 /// reporting reserved-but-unacked items.
 #[test]

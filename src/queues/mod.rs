@@ -6,6 +6,7 @@
 //! touched: callers get items back and encode and send them after every guard is dropped;
 //! the liveness callback a blocked waiter calls runs with the queue lock released.
 
+mod holds;
 mod packed;
 mod queue;
 
@@ -123,6 +124,8 @@ pub struct QueueMap {
     started: Option<Instant>,
     /// Where named queues record their mutations, if the server keeps a journal.
     journal: Option<Arc<Journal>>,
+    /// Anonymous queues kept alive by stored items that carry their proxies.
+    holds: holds::ProxyHolds,
 }
 
 impl QueueMap {
@@ -358,6 +361,30 @@ impl QueueMap {
         Ok(())
     }
 
+    /// An item carrying proxies of our anonymous queues was stored: each such queue is
+    /// kept alive until the item has left (see `holds.rs`). Call it after a successful
+    /// put, before its reply, for items that name a class or function.
+    pub fn hold_proxies(&self, item: &crate::pickle::Fragment) {
+        self.holds.hold(item, |ident| {
+            let Ok(mut reg) = self.lock() else {
+                return false;
+            };
+            match reg.by_ident.get_mut(ident) {
+                Some(entry) if entry.anonymous => {
+                    entry.refcount += 1;
+                    true
+                }
+                _ => false,
+            }
+        });
+    }
+
+    /// An item left the server for good (its `get` reply was sent, or its lease was
+    /// acked): the queues it kept alive are let go after [`holds::GRACE`].
+    pub fn delivered(&self, item: &crate::pickle::Fragment) {
+        self.holds.delivered(item);
+    }
+
     /// Python's `number_of_objects()`: idents that some client holds a reference to.
     pub fn number_of_objects(&self) -> Result<usize> {
         Ok(self
@@ -442,11 +469,13 @@ impl QueueMap {
     ) -> Result<()> {
         queue.check_lease(lease)?;
         self.lookup_or_insert(target, 0)?.put(item, wait, alive)?;
-        queue.ack(lease).map_err(|e| {
+        let done = queue.ack(lease).map_err(|e| {
             Error::Value(format!(
                 "the item was put on {target:?}, but the lease ended while the put waited for room, so the task was requeued and may run again ({e})"
             ))
-        })
+        })?;
+        self.delivered(&done.item);
+        Ok(())
     }
 
     /// Releases a lease on `queue` (see [`Queue::release`]), dead-lettering if due.
@@ -482,6 +511,10 @@ impl QueueMap {
     /// leases expired.
     pub fn expire(&self) -> Result<usize> {
         let now = Instant::now();
+        for ident in self.holds.take_due(now) {
+            // Gone already only if a client decref'd more than it incref'd.
+            let _ = self.decref(&ident);
+        }
         let mut expired = 0;
         for q in self.queues()? {
             let (dead, n) = q.expire(now)?;
@@ -650,6 +683,71 @@ mod tests {
         assert!(map.incref("nope").is_err());
         // The queue itself survives and keeps its ident.
         assert_eq!(map.create("r").unwrap().ident(), q.ident());
+    }
+
+    /// What Python's `BaseProxy.__reduce__` pickles for a `Queue()` proxy with `ident`.
+    fn proxy_of(ident: &str) -> Value {
+        use crate::pickle::{Construct, Global, Object};
+        let global = |name: &str| {
+            Value::Global(Arc::new(Global {
+                module: "multiprocessing.managers".into(),
+                name: name.into(),
+            }))
+        };
+        let token = Value::Object(Arc::new(Object {
+            construct: Construct::NewObj,
+            callable: global("Token"),
+            args: Value::tuple(vec![]),
+            state: Some(Value::tuple(vec![
+                Value::str("Queue"),
+                Value::tuple(vec![Value::str("127.0.0.1"), Value::Int(5000)]),
+                Value::str(ident),
+            ])),
+        }));
+        Value::Object(Arc::new(Object {
+            construct: Construct::Reduce,
+            callable: global("RebuildProxy"),
+            args: Value::tuple(vec![
+                global("AutoProxy"),
+                token,
+                Value::str("pickle"),
+                Value::dict(vec![]),
+            ]),
+            state: None,
+        }))
+    }
+
+    #[test]
+    fn an_item_carrying_a_queue_proxy_keeps_the_queue_until_delivered_and_grace() {
+        let map = QueueMap::new();
+        let reply = map.create_anonymous("Queue", 0).unwrap();
+        let ident = reply.ident().to_string();
+        let task = item(Value::tuple(vec![Value::str("job"), proxy_of(&ident)]));
+        map.hold_proxies(&task);
+        map.decref(&ident).unwrap(); // the producer drops its proxy
+        assert!(
+            map.by_ident(&ident).is_some(),
+            "freed while an item refers to it"
+        );
+        map.delivered(&task);
+        map.expire().unwrap();
+        assert!(
+            map.by_ident(&ident).is_some(),
+            "freed before the receiver could incref"
+        );
+        let later = Instant::now() + holds::GRACE + Duration::from_secs(1);
+        for due in map.holds.take_due(later) {
+            map.decref(&due).unwrap();
+        }
+        assert!(
+            map.by_ident(&ident).is_none(),
+            "kept after its last holder left"
+        );
+        // An item naming no queue of ours, or none at all, holds nothing.
+        let other = item(Value::tuple(vec![proxy_of("nope"), Value::from(1)]));
+        map.hold_proxies(&other);
+        map.delivered(&other);
+        assert!(map.holds.take_due(later).is_empty());
     }
 
     #[test]

@@ -500,11 +500,12 @@ impl Queue {
         ))
     }
 
-    /// Completes a lease: the item is done (this also counts as `task_done`).
+    /// Completes a lease: the item is done (this also counts as `task_done`). Returns
+    /// it, now gone from the queue for good.
     ///
     /// # Errors
     /// [`Error::Value`] if the lease is unknown.
-    pub fn ack(&self, lease: u64) -> Result<()> {
+    pub fn ack(&self, lease: u64) -> Result<Taken> {
         let mut s = self.lock()?;
         let done = s
             .leases
@@ -517,7 +518,7 @@ impl Queue {
         if s.unfinished == 0 {
             self.all_done.notify_all();
         }
-        Ok(())
+        Ok(done.taken)
     }
 
     /// Whether `lease` is held on this queue.
