@@ -466,8 +466,10 @@ fn end_of_job(manager: &Manager, tasks: &QueueProxy) {
         return;
     }
     let deadline = Instant::now() + ACK_GRACE;
+    let mut poll = Duration::from_millis(1);
     while reserved_tasks(manager).is_some_and(|n| n > 0) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -509,24 +511,30 @@ fn classic(
     // A distq server takes and gives many items per round trip: the output is the
     // same, line for line, with a fraction of the round trips.
     let batches = tasks.exposes("put_many") && results.exposes("get_many");
+    // Lines go out a batch at a time (one write per batch, not per line); a closed
+    // stdout does not stop the job.
+    let mut out = BufWriter::new(std::io::stdout());
     if resumed.is_none() {
         let mut batch = Vec::with_capacity(CLASSIC_BATCH);
         for i in 0..total {
             let n: i64 = rand::rngs::OsRng.gen_range(0..=10_000);
-            println!("Put task {n}...");
+            let _ = writeln!(out, "Put task {n}...");
             if !batches {
+                let _ = out.flush();
                 tasks.put(Value::from(n)).map_err(failed)?;
                 continue;
             }
             batch.push(Value::from(n));
             if batch.len() == CLASSIC_BATCH || i + 1 == total {
+                let _ = out.flush();
                 tasks
                     .put_many(std::mem::take(&mut batch), None)
                     .map_err(failed)?;
             }
         }
     }
-    println!("Try getting results...");
+    let _ = writeln!(out, "Try getting results...");
+    let _ = out.flush();
     let (mut received, mut failures, mut foreign) = (0, 0, 0u64);
     let mut last_result = Instant::now();
     while received < total {
@@ -568,11 +576,12 @@ fn classic(
             last_result = Instant::now();
             received += 1;
             failures += u64::from(is_failure(&r));
-            println!(
-                "Result: {}",
-                r.as_str().map_or_else(|| r.to_string(), str::to_string)
-            );
+            let _ = match r.as_str() {
+                Some(text) => writeln!(out, "Result: {text}"),
+                None => writeln!(out, "Result: {r}"),
+            };
         }
+        let _ = out.flush();
         if !theirs.is_empty() {
             foreign += theirs.len() as u64;
             for r in theirs {

@@ -574,6 +574,59 @@ impl QueueProxy {
         }
     }
 
+    /// Takes up to `max` items, each under its own lease, in one round trip (a distq
+    /// extension: check [`QueueProxy::exposes`]`("reserve_many")`): a worker's prefetch.
+    /// The server hands out at most half the waiting items (rounded up), so other
+    /// workers still find work; waits up to `timeout` for the first.
+    ///
+    /// # Errors
+    /// As [`QueueProxy::reserve`].
+    pub fn reserve_many(&self, max: usize, timeout: Duration) -> Result<Vec<(u64, Value)>> {
+        let kwargs = vec![("timeout".to_string(), Value::Float(timeout.as_secs_f64()))];
+        let max = Value::Int(i64::try_from(max).unwrap_or(i64::MAX));
+        let bad = || Error::protocol("reserve_many must return a list of (lease, item)");
+        match self.call("reserve_many", vec![max], kwargs, Some(timeout))? {
+            Value::List(pairs) => pairs
+                .iter()
+                .map(|pair| match pair.as_tuple() {
+                    Some([Value::Int(lease), item]) if *lease >= 0 => {
+                        Ok((*lease as u64, item.clone()))
+                    }
+                    _ => Err(bad()),
+                })
+                .collect(),
+            _ => Err(bad()),
+        }
+    }
+
+    /// [`QueueProxy::ack_put`] for a batch, in one round trip: `results[i]` completes
+    /// `leases[i]`. Every lease is checked before anything is put: if one is no longer
+    /// held, nothing is stored (and the error names it); a caller can then fall back to
+    /// one `ack_put` per lease to save the others.
+    pub fn ack_put_many(
+        &self,
+        leases: &[u64],
+        results: Vec<Value>,
+        queue_name: &str,
+    ) -> Result<()> {
+        let leases = leases
+            .iter()
+            .map(|&l| i64::try_from(l).map(Value::Int))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| Error::Value("lease id out of range".into()))?;
+        self.call(
+            "ack_put_many",
+            vec![
+                Value::list(leases),
+                Value::list(results),
+                Value::str(queue_name),
+            ],
+            vec![],
+            None,
+        )
+        .map(drop)
+    }
+
     /// Completes a lease: the item is done for good.
     ///
     /// # Errors

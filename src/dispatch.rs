@@ -45,6 +45,8 @@ pub const QUEUE_METHODS: &[&str] = &[
     "touch",
     "stats",
     "ack_put",
+    "reserve_many",
+    "ack_put_many",
 ];
 
 /// Where `ack_put` puts its item unless told otherwise: the classic result queue.
@@ -466,6 +468,104 @@ fn call(
                 .map_err(to_exception)?;
             session.has_leases.set(true);
             Ok(Outcome::reply(Reply::Lease(r.lease, r.item)))
+        }
+        "reserve_many" => {
+            let max = match args.optional(0, "max_items")? {
+                None => MAX_BATCH,
+                Some(Value::Int(n)) if n > 0 => {
+                    usize::try_from(n).map_or(MAX_BATCH, |n| n.min(MAX_BATCH))
+                }
+                Some(other) => {
+                    return Err(Fault::from(exceptions::builtin(
+                        "ValueError",
+                        &format!(
+                            "reserve_many() max_items must be a positive int, not {}",
+                            other.brief(60)
+                        ),
+                    )))
+                }
+            };
+            let wait = args.wait(1)?;
+            let lease_time = args.seconds("lease_timeout")?;
+            args.finish()?;
+            let reserved = queue
+                .reserve_many(session.id, max, lease_time, wait, alive)
+                .map_err(to_exception)?;
+            session.has_leases.set(true);
+            let pairs = reserved
+                .iter()
+                .map(|r| Fragment::paired(r.lease as i64, &r.item))
+                .collect::<crate::Result<Vec<_>>>()
+                .map_err(to_exception)?;
+            Ok(Outcome::reply(Reply::Items(pairs)))
+        }
+        "ack_put_many" => {
+            let leases = match args.required(0, "leases")? {
+                Value::List(ids) | Value::Tuple(ids) => ids
+                    .iter()
+                    .map(|id| match id {
+                        Value::Int(n) => u64::try_from(*n).ok(),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<u64>>>(),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                Fault::from(exceptions::builtin(
+                    "TypeError",
+                    "ack_put_many() leases must be a list of lease ids",
+                ))
+            })?;
+            let (items, held) = match args.required_arg(1, "items")? {
+                Arg::Items(items) => {
+                    let mut held = Vec::new();
+                    let items = items
+                        .iter()
+                        .map(|p| {
+                            let item = pickled(map, p)?;
+                            if p.names.is_some() {
+                                held.push(item.clone());
+                            }
+                            Ok(item)
+                        })
+                        .collect::<Result<Vec<_>, Value>>()?;
+                    (items, held)
+                }
+                _ => {
+                    return Err(Fault::from(exceptions::builtin(
+                        "TypeError",
+                        "ack_put_many() items must be a list of results",
+                    )))
+                }
+            };
+            if leases.len() != items.len() {
+                return Err(Fault::from(exceptions::builtin(
+                    "ValueError",
+                    &format!(
+                        "ack_put_many() got {} leases and {} items: one result per lease",
+                        leases.len(),
+                        items.len()
+                    ),
+                )));
+            }
+            let target = match args.optional(2, "queue_name")? {
+                None => RESULT_QUEUE.to_string(),
+                Some(Value::Str(name)) => name.to_string(),
+                Some(other) => {
+                    return Err(Fault::from(exceptions::builtin(
+                        "TypeError",
+                        &format!(
+                            "ack_put_many() queue_name must be a str, not {}",
+                            other.brief(60)
+                        ),
+                    )))
+                }
+            };
+            args.finish()?;
+            done(
+                map.ack_put_many(queue, &leases, &target, items, Wait::Forever, alive)
+                    .map(|()| held.iter().for_each(|item| map.hold_proxies(item))),
+            )
         }
         "ack" => {
             let lease = args.lease()?;

@@ -42,7 +42,8 @@ pub enum Arg {
     Value(Value),
     /// Anything else, as its own pickle.
     Pickled(Pickled),
-    /// The elements of a list or tuple, each as its own pickle: the items of `put_many`.
+    /// The elements of a list or tuple, each as its own pickle: the items of `put_many`
+    /// and `ack_put_many`.
     Items(Vec<Pickled>),
 }
 
@@ -85,8 +86,17 @@ impl Arg {
 /// The longest str argument read as a value; longer ones stay pickled.
 const SCALAR_STR_MAX: u32 = 256;
 
-/// The method whose first argument is a sequence of items, each stored on its own.
-const ITEMS_METHOD: &str = "put_many";
+/// The methods with an argument that is a sequence of items, each stored on its own:
+/// the method, the argument's position, its keyword name.
+const ITEMS_ARGS: &[(&str, usize, &str)] =
+    &[("put_many", 0, "items"), ("ack_put_many", 1, "items")];
+
+/// Whether argument `position` (or keyword `name`) of `method` is a sequence of items.
+fn is_items(method: &str, position: Option<usize>, name: Option<&str>) -> bool {
+    ITEMS_ARGS
+        .iter()
+        .any(|&(m, i, k)| m == method && (position == Some(i) || name == Some(k)))
+}
 
 impl Request {
     /// A request with no keyword arguments.
@@ -137,7 +147,7 @@ impl Request {
         let args = args
             .iter()
             .enumerate()
-            .map(|(i, r)| arg(&scan, r, i == 0 && method == ITEMS_METHOD))
+            .map(|(i, r)| arg(&scan, r, is_items(&method, Some(i), None)))
             .collect::<Result<Vec<_>>>()?;
         let kwds = match parts[3].kind {
             Kind::Dict => scan.children(&parts[3])?,
@@ -150,7 +160,7 @@ impl Request {
                 let name = scan
                     .str(&pair[0])
                     .ok_or_else(|| Error::protocol("keyword argument names must be str"))?;
-                let items = name == "items" && method == ITEMS_METHOD;
+                let items = is_items(&method, None, Some(name));
                 Ok((name.to_string(), arg(&scan, &pair[1], items)?))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -323,11 +323,14 @@ impl Server {
         for t in threads {
             let _ = t.join();
         }
+        // Woken rather than waited for: its sleep would add up to a slice to every stop.
+        janitor.thread().unpark();
         let _ = janitor.join();
         // Only now: acks, takes and requeues appended while connections wound down are
         // buffered, and the flusher's last write must include them.
         self.shared.drained.store(true, Ordering::SeqCst);
         if let Some(flusher) = flusher {
+            flusher.thread().unpark();
             let _ = flusher.join();
         }
         // A warning when items remain: they were kept or lost, and either is news.
@@ -431,7 +434,7 @@ impl Shared {
     /// server stops.
     fn expire_leases(&self) {
         while !self.stopping.load(Ordering::SeqCst) {
-            thread::sleep(LIVENESS_SLICE);
+            thread::park_timeout(LIVENESS_SLICE);
             if let Err(e) = self.queues.expire() {
                 log_at!(Error, "expiring leases: {e}");
             }
@@ -450,7 +453,7 @@ impl Shared {
             if stopping {
                 return;
             }
-            thread::sleep(journal.flush_interval());
+            thread::park_timeout(journal.flush_interval());
         }
     }
 

@@ -792,3 +792,98 @@ fn chaos_with_python_lease_workers() {
     );
     server.shutdown().unwrap();
 }
+
+/// One number of one queue, from the server's own map.
+fn queue_number(server: &distq::RunningServer, queue: &str, field: &str) -> usize {
+    let stats = server.handle().queues().stats().unwrap();
+    distq::text::field(&stats, "queues")
+        .and_then(|qs| distq::text::field(qs, queue))
+        .and_then(|q| distq::text::field(q, field))
+        .and_then(Value::as_int)
+        .unwrap_or(0) as usize
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Prefetching keeps fairness: two idle workers and 10 tasks put at once both get work
+/// (a leased batch is at most half of what waits).
+#[test]
+fn prefetching_workers_share_a_short_queue() {
+    let server = server();
+    let addr = server.local_addr();
+    let workers: Vec<Child> = (0..2)
+        .map(|_| worker(addr, &["--tasks", "10", "--get-timeout", "5"]))
+        .collect();
+    wait_until("both workers wait for tasks", || {
+        queue_number(&server, "get_task_queue", "waiting_getters") == 2
+    });
+    let m = connect(addr);
+    let tasks = m.queue("get_task_queue").unwrap();
+    tasks
+        .put_many((0..10).map(Value::Int).collect(), None)
+        .unwrap();
+    let results = m.queue("get_result_queue").unwrap();
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        got.extend(results.get_many(10, Duration::from_secs(10)).unwrap());
+    }
+    tasks.shutdown(false).unwrap(); // the job is over: both exit at once
+    for w in workers {
+        let out = wait_with_deadline(w, Duration::from_secs(20));
+        let ran = text(&out.stdout).matches("Running task").count();
+        assert!(ran >= 1, "a worker got no task: {}", text(&out.stdout));
+    }
+    server.shutdown().unwrap();
+}
+
+/// A worker killed while it holds a prefetched batch (its `ack_put_many` waits for room
+/// in a full result queue) loses none of it: every task is requeued and finished by the
+/// next worker.
+#[test]
+fn a_worker_killed_with_prefetched_leases_loses_nothing() {
+    let server = server();
+    let addr = server.local_addr();
+    server
+        .handle()
+        .queues()
+        .declare("get_result_queue", 1)
+        .unwrap();
+    let m = connect(addr);
+    let tasks = m.queue("get_task_queue").unwrap();
+    tasks
+        .put_many((0..10).map(Value::Int).collect(), None)
+        .unwrap();
+    let mut first = worker(addr, &["--forever"]);
+    wait_until("the worker holds a batch", || {
+        queue_number(&server, "get_task_queue", "reserved") > 1
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_until("its leases are requeued", || {
+        queue_number(&server, "get_task_queue", "reserved") == 0
+    });
+    server
+        .handle()
+        .queues()
+        .declare("get_result_queue", 0)
+        .unwrap();
+    let second = worker(addr, &["--tasks", "12", "--get-timeout", "0.3"]);
+    let out = wait_with_deadline(second, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let results = m.queue("get_result_queue").unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    while let Ok(batch) = results.get_many(100, Duration::from_millis(300)) {
+        got.extend(batch.iter().map(|r| r.to_string()));
+    }
+    let want: std::collections::BTreeSet<String> = (0..10i64)
+        .map(|n| Value::from(format!("{n} * {n} = {}", n * n)).to_string())
+        .collect();
+    assert_eq!(got, want);
+    server.shutdown().unwrap();
+}

@@ -33,6 +33,19 @@ impl Fragment {
         Fragment { bytes, uses_memo }
     }
 
+    /// The 2-tuple `(n, item)`, e.g. a lease and its item for `reserve_many`. An int is
+    /// never memoized, so the item's memo indices stay valid where they are.
+    pub(crate) fn paired(n: i64, item: &Fragment) -> Result<Fragment> {
+        let mut bytes = Vec::with_capacity(item.bytes.len() + 10);
+        encode_fragment(&Value::Int(n), &mut bytes)?;
+        bytes.extend_from_slice(&item.bytes);
+        bytes.push(TUPLE2);
+        Ok(Fragment {
+            bytes,
+            uses_memo: item.uses_memo,
+        })
+    }
+
     /// The opcodes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

@@ -478,6 +478,41 @@ impl QueueMap {
         Ok(())
     }
 
+    /// [`QueueMap::ack_put`] for a batch: every lease is checked first, so either every
+    /// result is stored (then every lease acked) or, if one lease is not held, none is.
+    ///
+    /// # Errors
+    /// [`Error::Value`] naming the first lease the queue does not hold (nothing stored),
+    /// or one whose lease ended while the put waited (stored, task requeued).
+    pub fn ack_put_many(
+        &self,
+        queue: &Queue,
+        leases: &[u64],
+        target: &str,
+        items: Vec<crate::pickle::Fragment>,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        for &lease in leases {
+            queue.check_lease(lease)?;
+        }
+        self.lookup_or_insert(target, 0)?
+            .put_many(items, wait, alive)?;
+        let mut lost = None;
+        for &lease in leases {
+            match queue.ack(lease) {
+                Ok(done) => self.delivered(&done.item),
+                Err(e) => lost = lost.or(Some(e)),
+            }
+        }
+        match lost {
+            None => Ok(()),
+            Some(e) => Err(Error::Value(format!(
+                "the items were put on {target:?}, but a lease ended while the put waited for room, so its task was requeued and may run again ({e})"
+            ))),
+        }
+    }
+
     /// Releases a lease on `queue` (see [`Queue::release`]), dead-lettering if due.
     pub fn release(&self, queue: &Queue, lease: u64, delay: Option<Duration>) -> Result<()> {
         let dead = queue.release(lease, delay)?;

@@ -364,14 +364,17 @@ impl Queue {
     }
 
     /// Waits for items and takes up to `max`: handed out plainly, or (with `lease`:
-    /// owner and expiry) one item under a new lease, whose id is returned too.
+    /// owner and expiry) each under a new lease, whose ids are returned too. Leased
+    /// takes of more than one get at most half the waiting items (rounded up), so that a
+    /// worker prefetching from a short queue leaves work for the others: with 10 items,
+    /// two workers asking for 16 get 5 and 3.
     fn take(
         &self,
         max: usize,
         wait: Wait,
         alive: &dyn Fn() -> bool,
         lease: Option<(u64, Option<Instant>)>,
-    ) -> Result<(Vec<Taken>, Option<u64>)> {
+    ) -> Result<(Vec<Taken>, Vec<u64>)> {
         let mut guard = self.lock()?;
         guard.getters += 1;
         let waited = self.wait_until(&self.not_empty, guard, wait, alive, |s| {
@@ -395,33 +398,34 @@ impl Queue {
             });
         }
         debug_assert!(ready);
-        let take = if lease.is_some() {
-            1
-        } else {
-            max.min(guard.items.len())
+        let waiting = guard.items.len();
+        let take = match lease {
+            Some(_) if max > 1 => max.min(waiting.div_ceil(2)),
+            _ => max.min(waiting),
         };
         let mut items: Vec<Taken> = (0..take).filter_map(|_| guard.items.pop_front()).collect();
         guard.items.shrink_if_sparse();
         guard.counts.gets += items.len() as u64;
-        let mut lease_id = None;
-        match (lease, items.first_mut()) {
-            (Some((owner, expires)), Some(t)) => {
-                t.deliveries = t.deliveries.saturating_add(1);
-                let id = t.id;
-                self.journal(|qnum| Record::Reserve { qnum, id });
-                let lease = next_lease();
-                let taken = t.clone();
-                guard.leases.insert(
-                    lease,
-                    Lease {
-                        taken,
-                        owner,
-                        expires,
-                    },
-                );
-                lease_id = Some(lease);
+        let mut leases = Vec::new();
+        match lease {
+            Some((owner, expires)) => {
+                for t in &mut items {
+                    t.deliveries = t.deliveries.saturating_add(1);
+                    let id = t.id;
+                    self.journal(|qnum| Record::Reserve { qnum, id });
+                    let lease = next_lease();
+                    guard.leases.insert(
+                        lease,
+                        Lease {
+                            taken: t.clone(),
+                            owner,
+                            expires,
+                        },
+                    );
+                    leases.push(lease);
+                }
             }
-            _ => {
+            None => {
                 for t in &items {
                     let id = t.id;
                     self.journal(|qnum| Record::Take { qnum, id });
@@ -432,7 +436,7 @@ impl Queue {
         // Every waiting put: one woken `put_many` that still does not fit would otherwise
         // swallow the wakeup while a single `put` that fits sleeps until its poll.
         self.not_full.notify_all();
-        Ok((items, lease_id))
+        Ok((items, leases))
     }
 
     /// Takes one item (see [`Queue::get_many`]).
@@ -479,18 +483,40 @@ impl Queue {
         wait: Wait,
         alive: &dyn Fn() -> bool,
     ) -> Result<Reserved> {
+        let mut reserved = self.reserve_many(owner, 1, lease_time, wait, alive)?;
+        reserved.pop().ok_or(Error::Empty)
+    }
+
+    /// Takes up to `max` items, each under its own lease owned by connection `owner`
+    /// (a worker's prefetch): at most half the waiting items, rounded up, so other
+    /// workers still find some. Waits like [`Queue::reserve`] for the first.
+    ///
+    /// # Errors
+    /// As [`Queue::get_many`].
+    pub fn reserve_many(
+        &self,
+        owner: u64,
+        max: usize,
+        lease_time: Option<Duration>,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+    ) -> Result<Vec<Reserved>> {
         let expires = lease_time
             .or(self.policy.lease_timeout)
             .filter(|t| !t.is_zero())
             .and_then(|t| Instant::now().checked_add(t));
-        let (mut items, lease) = self.take(1, wait, alive, Some((owner, expires)))?;
-        match (items.pop(), lease) {
-            (Some(t), Some(lease)) => Ok(Reserved {
+        let (items, leases) = self.take(max.max(1), wait, alive, Some((owner, expires)))?;
+        if items.is_empty() {
+            return Err(Error::Empty);
+        }
+        Ok(leases
+            .into_iter()
+            .zip(items)
+            .map(|(lease, t)| Reserved {
                 lease,
                 item: t.item,
-            }),
-            _ => Err(Error::Empty),
-        }
+            })
+            .collect())
     }
 
     fn unknown_lease(&self, lease: u64) -> Error {

@@ -46,6 +46,25 @@ try:
 except ValueError as e:
     assert 'unknown lease' in str(e), e
 assert answers.empty(), 'a refused ack_put stored its item'
+# reserve_many / ack_put_many: a prefetch and its results, two round trips for a batch;
+# at most half of what waits goes to one caller, so others still find work.
+jobs.put_many(list(range(10)))
+batch = jobs.reserve_many(16, timeout=1)
+assert [item for _, item in batch] == [0, 1, 2, 3, 4], batch
+rest = jobs.reserve_many(16, timeout=1)
+assert len(rest) == 3, rest
+jobs.ack_put_many([l for l, _ in batch], [i * i for _, i in batch], 'get_answers')
+assert answers.get_many(10, timeout=1) == [0, 1, 4, 9, 16]
+try:
+    jobs.ack_put_many([batch[0][0], rest[0][0]], ['stale', 'fresh'], 'get_answers')
+    raise AssertionError('ack_put_many with a finished lease accepted')
+except ValueError as e:
+    assert 'unknown lease' in str(e), e
+assert answers.empty(), 'a refused ack_put_many stored its items'
+for lease, _ in rest:
+    jobs.release(lease)
+while not jobs.empty():
+    jobs.get(timeout=1)
 
 closing = m.get_closing()
 closing.put(1)
