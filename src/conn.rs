@@ -55,6 +55,17 @@ pub struct Connection {
     quickack_next: bool,
 }
 
+/// How many times the frame limit an oversized frame may be and still be read and
+/// dropped to keep its connection (see [`Connection::discard_payload`]); a larger one
+/// closes it at once.
+pub const DISCARD_FACTOR: u64 = 16;
+
+/// How long discarding an oversized frame may take in all.
+pub const DISCARD_TIME: Duration = Duration::from_secs(60);
+
+/// The longest pause in an oversized frame's bytes before its connection is closed.
+pub const DISCARD_STALL: Duration = Duration::from_secs(10);
+
 /// Bytes received ahead of the frame being read.
 ///
 /// Reading a frame straight from the socket takes two `recv` calls (the 4-byte header,
@@ -186,6 +197,70 @@ impl Connection {
             return Err(Error::Closed);
         }
         Ok(())
+    }
+
+    /// Reads and drops the `len`-byte payload of a frame [`Connection::read_frame`]
+    /// refused as too large, so that the connection stays in step and the peer can be
+    /// answered: a Python client caches one connection per thread, and every later call
+    /// of that thread would fail if this one were closed. Bounded: at most
+    /// [`DISCARD_FACTOR`] times the frame limit (and 4 GiB), within [`DISCARD_TIME`] and
+    /// with no pause over [`DISCARD_STALL`], through a 64 KiB buffer; beyond any of
+    /// these the connection must be closed.
+    ///
+    /// # Errors
+    /// [`Error::FrameTooLarge`] if `len` is beyond the bound, [`Error::Timeout`] if the
+    /// bytes do not arrive in time, I/O errors as for a read.
+    pub fn discard_payload(&mut self, len: u64) -> Result<()> {
+        let bound = (self.max_frame as u64)
+            .saturating_mul(DISCARD_FACTOR)
+            .min(4 << 30);
+        if len > bound {
+            return Err(Error::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        let deadline = Instant::now() + DISCARD_TIME;
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut left = len;
+        let result = (|| {
+            while left > 0 {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::Timeout("discarding an oversized frame"));
+                }
+                let wait = (deadline - now).min(DISCARD_STALL);
+                self.stream
+                    .set_read_timeout(Some(wait))
+                    .map_err(|e| Error::io("setting a read timeout", e))?;
+                self.socket_timeout.set(Some(Some(wait)));
+                let mut reader = Buffered {
+                    stream: &self.stream,
+                    inbox: &mut self.inbox,
+                    forever: false,
+                    quickacked: false,
+                };
+                let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                match reader.read(&mut chunk[..want]) {
+                    Ok(0) => return Err(Error::Closed),
+                    Ok(n) => left -= n as u64,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return Err(Error::Timeout("discarding an oversized frame"))
+                    }
+                    Err(e) => return Err(Error::io("discarding an oversized frame", e)),
+                }
+            }
+            Ok(())
+        })();
+        // Back to the caller's read timeout for the next frame.
+        self.set_read_timeout(self.read_timeout.get())?;
+        result
     }
 
     /// Parses the request in the frame last read by [`Connection::read_frame`].

@@ -346,6 +346,17 @@ impl Server {
     }
 }
 
+/// Answers a request frame over the size limit without losing the connection: the
+/// peer gets a `#TRACEBACK` naming the limit at once (a Python client raises it as
+/// `RemoteError` once it has sent the rest), and the payload is read and dropped
+/// (bounded, see [`Connection::discard_payload`]). If that is not possible in bounds,
+/// the error ends the connection.
+fn refuse_oversized(conn: &mut Connection, len: u64, e: &Error) -> Result<()> {
+    log_at!(Warn, "{}: {e}", conn.peer());
+    conn.write_reply(&Reply::traceback("OSError", &e.to_string()))?;
+    conn.discard_payload(len)
+}
+
 fn peer_name(stream: &TcpStream) -> String {
     stream
         .peer_addr()
@@ -541,9 +552,9 @@ impl Shared {
         match conn.read_frame() {
             Ok(()) => {}
             Err(Error::Closed) => return Ok(None),
-            Err(e @ Error::FrameTooLarge { .. }) => {
-                let _ = conn.write_reply(&Reply::traceback("OSError", &e.to_string()));
-                return Err(e);
+            Err(e @ Error::FrameTooLarge { len, .. }) => {
+                refuse_oversized(conn, len, &e)?;
+                return Ok(None);
             }
             Err(e) => return Err(e),
         }
@@ -591,9 +602,9 @@ impl Shared {
             match conn.read_frame() {
                 Ok(()) => {}
                 Err(Error::Closed) => return Ok(()),
-                Err(e @ Error::FrameTooLarge { .. }) => {
-                    let _ = conn.write_reply(&Reply::traceback("OSError", &e.to_string()));
-                    return Err(e);
+                Err(e @ Error::FrameTooLarge { len, .. }) => {
+                    refuse_oversized(conn, len, &e)?;
+                    continue;
                 }
                 Err(e) => return Err(e),
             }

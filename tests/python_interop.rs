@@ -19,6 +19,7 @@ const RAW_ITEMS: &str = include_str!("python/raw_items.py");
 const PICKLE_SUITE: &str = include_str!("python/pickle_suite.py");
 const CORPUS: &str = include_str!("python/corpus.py");
 const REPLY_QUEUE: &str = include_str!("python/reply_queue.py");
+const OVERSIZED: &str = include_str!("python/oversized.py");
 
 /// distq-master (hosting its server) with the classic Python worker, on every version.
 #[test]
@@ -451,6 +452,25 @@ fn a_reply_queue_inside_a_task_outlives_its_producers_proxy() {
             py.version
         );
         assert!(out.contains("answered"), "python {:?}: {out}", py.version);
+    }
+    server.shutdown().unwrap();
+}
+
+/// Issue 13: a put over `max_frame` gets a `RemoteError` naming the limit, and the
+/// connection Python cached for the thread keeps working (before: `BrokenPipeError`, and
+/// every later call of that thread failed).
+#[test]
+fn an_oversized_item_is_refused_and_the_connection_kept() {
+    let limit = 1 << 20;
+    let server = server_with(|c| c.max_frame = limit);
+    let port = server.local_addr().port().to_string();
+    for py in require_pythons() {
+        let out = py.run_ok(OVERSIZED, &["127.0.0.1", &port, KEY, &limit.to_string()]);
+        assert!(
+            out.contains("refused and still connected"),
+            "python {:?}: {out}",
+            py.version
+        );
     }
     server.shutdown().unwrap();
 }

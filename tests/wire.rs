@@ -195,6 +195,28 @@ fn a_frame_over_the_limit_is_refused_before_allocating() {
     server.shutdown().unwrap();
 }
 
+/// A frame over the limit but within 16 times it is answered and dropped: the same
+/// connection then serves the next request (a Python client keeps one per thread).
+#[test]
+fn a_moderately_oversized_frame_is_answered_and_the_connection_kept() {
+    let server = server_with(|c| c.max_frame = 1024);
+    let m = Manager::connect(server.local_addr(), AuthKey::new(KEY)).unwrap();
+    let q = m.queue("q").unwrap();
+    let mut s = raw(server.local_addr());
+    let accept = Request::new(None, "accept_connection", vec![Value::str("t")]);
+    send_value(&mut s, &accept.to_value().unwrap());
+    assert_eq!(read_reply(&mut s), Reply::Return(Value::None));
+    frame::write_frame(&mut s, &vec![0x80; 4096]).unwrap();
+    match read_reply(&mut s) {
+        Reply::Traceback(t) => assert!(t.contains("exceeds the limit of 1024 bytes"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    let qsize = Request::new(Some(&q.ident()), "qsize", vec![]);
+    send_value(&mut s, &qsize.to_value().unwrap());
+    assert_eq!(read_reply(&mut s), Reply::Return(Value::Int(0)));
+    server.shutdown().unwrap();
+}
+
 #[test]
 fn a_memo_bomb_does_not_expand() {
     let server = server();

@@ -1,0 +1,27 @@
+# Issue 13: an item over the server's frame limit is refused with a RemoteError naming
+# the limit, and the thread's cached connection stays usable for the next call.
+import sys
+from multiprocessing.managers import BaseManager, RemoteError
+
+host, port, key, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
+
+class M(BaseManager):
+    pass
+
+M.register('get_big_queue')
+m = M(address=(host, port), authkey=key)
+m.connect()
+q = m.get_big_queue()
+q.put('small before')
+try:
+    q.put(b'x' * (2 * limit))
+    raise AssertionError('an oversized put was accepted')
+except RemoteError as e:
+    text = str(e)
+    assert 'exceeds the limit of %d bytes' % limit in text, text
+    assert '--max-frame' in text, text
+q.put('small after')  # same thread, same cached connection
+assert q.get(timeout=1) == 'small before'
+assert q.get(timeout=1) == 'small after'
+assert q.empty()
+print('refused and still connected', flush=True)
