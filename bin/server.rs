@@ -30,6 +30,8 @@ OPTIONS:
                           when their connection closes [default: 0]
     --max-deliveries N    after N leased deliveries a returned item goes to NAME.dead
                           instead of NAME; 0 = never [default: 0]
+    --max-memory BYTES    the most bytes of items the server stores, in all queues;
+                          past it puts wait (or fail with queue.Full) [default: no limit]
     --no-code-items       refuse items that reference classes or functions (so a client
                           holding the key cannot ship code to Python workers)
     --journal DIR         keep named queues in an append-only journal in DIR, so a restart
@@ -97,6 +99,10 @@ fn main() {
                 }
                 "--max-deliveries" => config.max_deliveries = parser.value()?.parse()?,
                 "--no-code-items" => config.no_code_items = true,
+                "--max-memory" => {
+                    config.max_memory =
+                        Some(cli::count("--max-memory", parser.value()?)?).filter(|n| *n > 0)
+                }
                 "--journal" => journal.dir = Some(parser.value()?.into()),
                 "--fsync" => {
                     let text = parser.value()?.string()?;

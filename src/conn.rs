@@ -1,4 +1,5 @@
-//! One authenticated TCP connection: frames of pickles in and out, with deadlines.
+//! One authenticated TCP connection: frames of pickles (or, for a peer that uses
+//! `serializer='xmlrpclib'`, XML-RPC documents) in and out, with deadlines.
 //!
 //! Both the server and the client talk through a [`Connection`]. It owns the socket and
 //! two reusable buffers, so a steady request/reply loop allocates nothing per frame
@@ -26,6 +27,7 @@ use crate::auth::{self, AuthKey};
 use crate::frame;
 use crate::pickle::{self, Value};
 use crate::protocol::{encode_frame, encode_reply_frame, Reply, Request};
+use crate::xmlrpc;
 use crate::{Error, Result};
 
 /// Which side of the handshake this end plays.
@@ -53,6 +55,18 @@ pub struct Connection {
     socket_timeout: Cell<Option<Option<Duration>>>,
     /// Acknowledge at once before the next frame's first read (see the module docs).
     quickack_next: bool,
+    /// The serializer the peer speaks, once its first request has told.
+    serializer: Cell<Option<Serializer>>,
+}
+
+/// How a peer's requests are encoded: Python's default pickles, or XML-RPC documents
+/// from a manager made with `serializer='xmlrpclib'` (see `xmlrpc.rs`). A Python
+/// manager uses one for every connection, so the first request decides and every reply
+/// on the connection answers in the same one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Serializer {
+    Pickle,
+    Xml,
 }
 
 /// How many times the frame limit an oversized frame may be and still be read and
@@ -123,6 +137,7 @@ impl Connection {
             read_timeout: Cell::new(None),
             socket_timeout: Cell::new(None),
             quickack_next: role == Role::Server,
+            serializer: Cell::new(None),
         })
     }
 
@@ -263,9 +278,35 @@ impl Connection {
         result
     }
 
-    /// Parses the request in the frame last read by [`Connection::read_frame`].
+    /// Parses the request in the frame last read by [`Connection::read_frame`], as a
+    /// pickle or as XML-RPC: the first request fixes which for the whole connection.
     pub fn parse_request(&self) -> Result<Request> {
-        Request::parse(&self.read_buf)
+        match self.serializer() {
+            Serializer::Pickle => Request::parse(&self.read_buf),
+            Serializer::Xml => xmlrpc::parse_request(&self.read_buf),
+        }
+    }
+
+    /// The exception class a Python server speaking this peer's serializer would name
+    /// for a request it cannot read, for the `#TRACEBACK` reply.
+    pub fn bad_request_class(&self) -> &'static str {
+        match self.serializer() {
+            Serializer::Pickle => "UnpicklingError",
+            Serializer::Xml => "xml.parsers.expat.ExpatError",
+        }
+    }
+
+    fn serializer(&self) -> Serializer {
+        if let Some(known) = self.serializer.get() {
+            return known;
+        }
+        let detected = if xmlrpc::is_document(&self.read_buf) {
+            Serializer::Xml
+        } else {
+            Serializer::Pickle
+        };
+        self.serializer.set(Some(detected));
+        detected
     }
 
     /// Decodes the pickle in the frame last read by [`Connection::read_frame`].
@@ -273,14 +314,25 @@ impl Connection {
         pickle::decode(&self.read_buf)
     }
 
-    /// Encodes `reply` and sends it as one frame. A reply whose result cannot be pickled
-    /// goes out as `#UNSERIALIZABLE` instead, as Python's server does.
+    /// Encodes `reply` in the peer's serializer and sends it as one frame. A reply whose
+    /// result cannot be pickled (or marshalled) goes out as `#UNSERIALIZABLE` instead, as
+    /// Python's server does.
     pub fn write_reply(&mut self, reply: &Reply) -> Result<()> {
-        match encode_reply_frame(reply, &mut self.write_buf) {
-            Ok(()) => {}
-            Err(Error::Value(msg)) => {
-                encode_reply_frame(&Reply::Unserializable(msg), &mut self.write_buf)?
+        // XML replies are bounded because a shared value is written once per reference;
+        // twice the request limit leaves room for base64 and escaping to grow any item
+        // a request could carry.
+        let xml_limit = self.max_frame.saturating_mul(2);
+        let xml = self.serializer.get() == Some(Serializer::Xml);
+        let encode = |reply: &Reply, buf: &mut Vec<u8>| {
+            if xml {
+                xmlrpc::encode_reply_frame(reply, buf, xml_limit)
+            } else {
+                encode_reply_frame(reply, buf)
             }
+        };
+        match encode(reply, &mut self.write_buf) {
+            Ok(()) => {}
+            Err(Error::Value(msg)) => encode(&Reply::Unserializable(msg), &mut self.write_buf)?,
             Err(e) => return Err(e),
         }
         frame::finish_and_write(&mut self.stream, &mut self.write_buf)

@@ -739,6 +739,7 @@ fn to_exception(e: Error) -> Fault {
     Fault::Raise(match e {
         Error::Empty => exceptions::empty(),
         Error::Full => exceptions::full(),
+        e @ Error::MemoryFull { .. } => exceptions::full_because(&e.to_string()),
         Error::ShutDown => exceptions::shut_down(),
         Error::Value(msg) => exceptions::builtin("ValueError", &msg),
         Error::Closed => return Fault::HangUp,

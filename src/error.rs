@@ -23,6 +23,12 @@ pub enum Error {
     /// The queue was shut down (Python 3.13's `queue.ShutDown`): no more puts, and gets
     /// fail once it is drained.
     ShutDown,
+    /// The server's memory budget for stored items is used up (`--max-memory`): a put
+    /// that does not wait fails with it (Python's `queue.Full`, naming the limit).
+    MemoryFull {
+        /// The budget, in bytes.
+        limit: u64,
+    },
     /// A network deadline passed: connecting, the handshake, or waiting for a reply.
     Timeout(&'static str),
     /// The peer's authkey differs from ours (one side sent or received `#FAILURE#`).
@@ -82,6 +88,10 @@ impl fmt::Display for Error {
             Error::Empty => write!(f, "queue is empty"),
             Error::Full => write!(f, "queue is full"),
             Error::ShutDown => write!(f, "queue was shut down"),
+            Error::MemoryFull { limit } => write!(
+                f,
+                "the server's memory for items is full ({limit} bytes, --max-memory): try again once consumers catch up"
+            ),
             Error::Timeout(what) => write!(f, "timed out while {what}"),
             Error::AuthFailed(why) => write!(
                 f,

@@ -12,6 +12,7 @@
 //! - [`auth`]: the HMAC challenge-response handshake, legacy (MD5) and modern (SHA-256).
 //! - [`pickle`]: the value model and a data-only pickle codec.
 //! - [`protocol`]: requests and replies.
+//! - [`xmlrpc`]: the same messages for peers that use `serializer='xmlrpclib'`.
 //! - [`queues`]: the queue map with `queue.Queue`'s blocking semantics, and leases.
 //! - [`journal`]: the append-only file that makes queues survive restarts.
 //! - [`dispatch`]: what each request does to the queues.
@@ -52,6 +53,7 @@ pub mod protocol;
 pub mod queues;
 pub mod server;
 pub mod text;
+pub mod xmlrpc;
 
 pub use auth::AuthKey;
 pub use client::{ClientConfig, Manager, QueueProxy};

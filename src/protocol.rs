@@ -381,6 +381,12 @@ pub mod exceptions {
         Value::exception("queue", "Full", vec![])
     }
 
+    /// `queue.Full(msg)`: full for a reason a plain `Full` would hide (the server's
+    /// memory budget).
+    pub fn full_because(msg: &str) -> Value {
+        Value::exception("queue", "Full", vec![Value::str(msg)])
+    }
+
     /// `queue.ShutDown()` (Python 3.13+; older Pythons cannot unpickle it and report a
     /// missing `queue.ShutDown`, which still names the cause).
     pub fn shut_down() -> Value {

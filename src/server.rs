@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub max_deliveries: u32,
     /// Refuse items that reference classes or functions (`--no-code-items`).
     pub no_code_items: bool,
+    /// The most bytes of stored items, server-wide (`--max-memory`): past it, puts
+    /// wait or fail with `queue.Full`; `None`: no limit.
+    pub max_memory: Option<u64>,
     /// Keep named queues in an append-only journal so they survive restarts
     /// (`--journal DIR`); `None` keeps them in memory only.
     pub journal: Option<JournalConfig>,
@@ -81,6 +84,7 @@ impl ServerConfig {
             lease_timeout: None,
             max_deliveries: 0,
             no_code_items: false,
+            max_memory: None,
             journal: None,
         }
     }
@@ -172,6 +176,7 @@ impl Server {
             lease_timeout: config.lease_timeout,
             max_deliveries: config.max_deliveries,
             no_code_items: config.no_code_items,
+            max_memory: config.max_memory,
         };
         let queues = match &config.journal {
             Some(jc) => {
@@ -562,7 +567,8 @@ impl Shared {
             Ok(req) => Ok(Some(req)),
             Err(e) => {
                 log_at!(Warn, "{}: bad request: {e}", conn.peer());
-                conn.write_reply(&Reply::traceback("UnpicklingError", &e.to_string()))?;
+                let class = conn.bad_request_class();
+                conn.write_reply(&Reply::traceback(class, &e.to_string()))?;
                 Ok(None)
             }
         }
@@ -622,7 +628,7 @@ impl Shared {
                 }
                 Err(e) => {
                     log_at!(Warn, "{}: bad request: {e}", conn.peer());
-                    let reply = Reply::traceback("UnpicklingError", &e.to_string());
+                    let reply = Reply::traceback(conn.bad_request_class(), &e.to_string());
                     conn.write_reply(&reply)?;
                     continue;
                 }

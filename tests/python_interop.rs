@@ -20,6 +20,7 @@ const PICKLE_SUITE: &str = include_str!("python/pickle_suite.py");
 const CORPUS: &str = include_str!("python/corpus.py");
 const REPLY_QUEUE: &str = include_str!("python/reply_queue.py");
 const OVERSIZED: &str = include_str!("python/oversized.py");
+const MEMORY: &str = include_str!("python/memory.py");
 
 /// distq-master (hosting its server) with the classic Python worker, on every version.
 #[test]
@@ -471,6 +472,28 @@ fn an_oversized_item_is_refused_and_the_connection_kept() {
             "python {:?}: {out}",
             py.version
         );
+    }
+    server.shutdown().unwrap();
+}
+
+/// Issue 16: `--max-memory`: past the budget a Python put gets `queue.Full` naming the
+/// limit (a blocking one after its timeout), `stats()` shows it, and a get frees room.
+#[test]
+fn the_memory_budget_is_queue_full_for_python() {
+    let limit: u64 = 100_000;
+    let server = server_with(|c| c.max_memory = Some(limit));
+    let port = server.local_addr().port().to_string();
+    for py in require_pythons() {
+        let out = py.run_ok(MEMORY, &["127.0.0.1", &port, KEY, &limit.to_string()]);
+        assert!(
+            out.contains("budget kept"),
+            "python {:?}: {out}",
+            py.version
+        );
+        // Leave the queue empty for the next version.
+        let m = Manager::connect(server.local_addr(), distq::AuthKey::new(KEY)).unwrap();
+        let q = m.queue("get_mem_queue").unwrap();
+        while q.get_nowait().is_ok() {}
     }
     server.shutdown().unwrap();
 }

@@ -6,6 +6,7 @@
 //! touched: callers get items back and encode and send them after every guard is dropped;
 //! the liveness callback a blocked waiter calls runs with the queue lock released.
 
+mod budget;
 mod holds;
 mod packed;
 mod queue;
@@ -60,6 +61,8 @@ pub struct Policy {
     pub max_deliveries: u32,
     /// Refuse items whose pickle references any global (`--no-code-items`).
     pub no_code_items: bool,
+    /// The most bytes of stored items, server-wide (`--max-memory`; `None`: no limit).
+    pub max_memory: Option<u64>,
 }
 
 /// A poisoned lock means a thread panicked while holding it; the queue's invariants may
@@ -126,6 +129,8 @@ pub struct QueueMap {
     journal: Option<Arc<Journal>>,
     /// Anonymous queues kept alive by stored items that carry their proxies.
     holds: holds::ProxyHolds,
+    /// The bytes of every queue's items, against `policy.max_memory`.
+    budget: Arc<budget::Budget>,
 }
 
 impl QueueMap {
@@ -144,6 +149,7 @@ impl QueueMap {
         QueueMap {
             policy,
             started: Some(Instant::now()),
+            budget: Arc::new(budget::Budget::new(policy.max_memory)),
             ..QueueMap::default()
         }
     }
@@ -214,8 +220,16 @@ impl QueueMap {
             queues.push((Value::str(q.name()), Value::dict(dict)));
         }
         let uptime = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let memory = Value::dict(vec![
+            (Value::str("used"), count(self.budget.used())),
+            (
+                Value::str("limit"),
+                self.budget.limit().map_or(Value::None, count),
+            ),
+        ]);
         Ok(Value::dict(vec![
             (Value::str("queues"), Value::dict(queues)),
+            (Value::str("memory"), memory),
             (
                 Value::str("connections"),
                 count(self.connections.load(Ordering::Relaxed) as u64),
@@ -293,6 +307,7 @@ impl QueueMap {
             maxsize,
             self.policy,
             journal,
+            self.budget.clone(),
         ));
         reg.by_ident.insert(
             ident,
@@ -718,6 +733,63 @@ mod tests {
         assert!(map.incref("nope").is_err());
         // The queue itself survives and keeps its ident.
         assert_eq!(map.create("r").unwrap().ident(), q.ident());
+    }
+
+    fn memory_used(map: &QueueMap) -> i64 {
+        let stats = map.stats().unwrap();
+        let memory = crate::text::field(&stats, "memory").unwrap();
+        crate::text::field(memory, "used")
+            .unwrap()
+            .as_int()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_memory_budget_refuses_puts_and_every_way_out_frees_it() {
+        let map = QueueMap::with_policy(Policy {
+            max_memory: Some(1000),
+            ..Policy::default()
+        });
+        let a = map.create("a").unwrap();
+        let b = map.create("b").unwrap();
+        let blob = |n: usize| item(Value::Bytes(vec![7u8; n].into()));
+        a.put(blob(600), Wait::No, ALIVE).unwrap();
+        let used = memory_used(&map);
+        assert!(used > 600 && used < 700, "{used}");
+        match b.put(blob(600), Wait::No, ALIVE) {
+            Err(Error::MemoryFull { limit: 1000 }) => {}
+            other => panic!("over the budget: {other:?}"),
+        }
+        assert!(matches!(
+            b.put(blob(2000), Wait::Forever, ALIVE),
+            Err(Error::Value(msg)) if msg.contains("can never fit")
+        ));
+        // A blocked put on one queue goes in once a get on another frees the memory.
+        thread::scope(|s| {
+            let waiting = s.spawn(|| b.put(blob(600), Wait::For(Duration::from_secs(10)), ALIVE));
+            a.get(Wait::No, ALIVE).unwrap();
+            waiting.join().unwrap().unwrap();
+        });
+        // Reserved items still count; an ack frees them; an undelivered reply (unget)
+        // counts again; a cleared queue frees its items.
+        let r = b.reserve(1, None, Wait::No, ALIVE).unwrap();
+        assert!(memory_used(&map) > 600);
+        b.ack(r.lease).unwrap();
+        assert_eq!(memory_used(&map), 0);
+        a.put(blob(100), Wait::No, ALIVE).unwrap();
+        let taken = a.get(Wait::No, ALIVE).unwrap();
+        assert_eq!(memory_used(&map), 0);
+        a.unget(vec![taken]).unwrap();
+        assert!(memory_used(&map) > 100);
+        a.shutdown(true).unwrap();
+        assert_eq!(memory_used(&map), 0);
+        // A freed anonymous queue gives its items' memory back.
+        let anon = map.create_anonymous("Queue", 0).unwrap();
+        anon.put(blob(300), Wait::No, ALIVE).unwrap();
+        let ident = anon.ident().to_string();
+        drop(anon);
+        map.decref(&ident).unwrap();
+        assert_eq!(memory_used(&map), 0);
     }
 
     /// What Python's `BaseProxy.__reduce__` pickles for a `Queue()` proxy with `ident`.

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::budget::Budget;
 use super::packed::{Packed, Taken};
 use super::{poisoned, Policy, Wait};
 use crate::journal::{Journal, Record};
@@ -51,6 +52,8 @@ pub struct Queue {
     policy: Policy,
     /// The server's journal and this queue's number in it (named queues only).
     journal: Option<(Arc<Journal>, u32)>,
+    /// The server-wide budget for stored items' bytes, shared by every queue.
+    budget: Arc<Budget>,
     state: Mutex<State>,
     not_empty: Condvar,
     not_full: Condvar,
@@ -73,6 +76,9 @@ struct State {
     delayed: Vec<(Instant, Taken)>,
     /// Callers blocked in `get`/`get_many`/`reserve` right now.
     getters: usize,
+    /// Bytes of the items this queue holds (waiting, reserved or delayed), counted in
+    /// the budget.
+    bytes: u64,
     counts: Counts,
 }
 
@@ -130,12 +136,14 @@ impl Queue {
         maxsize: usize,
         policy: Policy,
         journal: Option<(Arc<Journal>, u32)>,
+        budget: Arc<Budget>,
     ) -> Queue {
         Queue {
             name: name.to_string(),
             ident,
             policy,
             journal,
+            budget,
             state: Mutex::new(State {
                 items: Packed::default(),
                 maxsize,
@@ -145,6 +153,7 @@ impl Queue {
                 leases: HashMap::new(),
                 delayed: Vec::new(),
                 getters: 0,
+                bytes: 0,
                 counts: Counts::default(),
             }),
             not_empty: Condvar::new(),
@@ -165,6 +174,18 @@ impl Queue {
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
         self.state.lock().map_err(|_| poisoned())
+    }
+
+    /// Counts items that came back (or were recovered) into this queue: never refused.
+    fn gain(&self, s: &mut State, bytes: u64) {
+        s.bytes += bytes;
+        self.budget.add(bytes);
+    }
+
+    /// Items left this queue for good.
+    fn lose(&self, s: &mut State, bytes: u64) {
+        s.bytes = s.bytes.saturating_sub(bytes);
+        self.budget.give_back(bytes);
     }
 
     /// Buffers a journal record built from this queue's number (no I/O; called with the
@@ -250,22 +271,50 @@ impl Queue {
             }
             j.admit(items.iter().map(|i| i.bytes().len()).sum())?;
         }
-        let guard = self.lock()?;
+        let bytes: u64 = items.iter().map(|i| i.bytes().len() as u64).sum();
+        if let Some(limit) = self.budget.limit().filter(|limit| bytes > *limit) {
+            return Err(Error::Value(format!(
+                "{bytes} bytes of items can never fit the server's memory budget of {limit} bytes"
+            )));
+        }
+        let mut guard = self.lock()?;
         if guard.maxsize > 0 && n > guard.maxsize {
             return Err(Error::Value(format!(
                 "a batch of {n} items can never fit a queue bounded to {}",
                 guard.maxsize
             )));
         }
-        let (mut guard, ready) = self.wait_until(&self.not_full, guard, wait, alive, |s| {
-            s.shut_down || s.maxsize == 0 || s.items.len() + n <= s.maxsize
-        })?;
-        if guard.shut_down {
-            return Err(Error::ShutDown);
+        // Room in the queue and in the server's budget. The budget is shared with other
+        // queues, so it is taken only after the wait, and a put that loses the race to
+        // another queue's waits again (memory freed elsewhere is noticed within a
+        // liveness slice).
+        let deadline = wait.deadline();
+        let mut wait = wait;
+        loop {
+            let (g, ready) = self.wait_until(&self.not_full, guard, wait, alive, |s| {
+                s.shut_down
+                    || ((s.maxsize == 0 || s.items.len() + n <= s.maxsize)
+                        && self.budget.fits(bytes))
+            })?;
+            guard = g;
+            if guard.shut_down {
+                return Err(Error::ShutDown);
+            }
+            if !ready {
+                return Err(match (self.budget.limit(), self.budget.fits(bytes)) {
+                    (Some(limit), false) => Error::MemoryFull { limit },
+                    _ => Error::Full,
+                });
+            }
+            if self.budget.try_take(bytes) {
+                break;
+            }
+            wait = match deadline {
+                Some(d) => Wait::For(d.saturating_duration_since(Instant::now())),
+                None => Wait::Forever,
+            };
         }
-        if !ready {
-            return Err(Error::Full);
-        }
+        guard.bytes += bytes;
         let mut seq = 0;
         let mut ids = Vec::new();
         for item in items {
@@ -313,11 +362,13 @@ impl Queue {
         };
         let mut kept = Vec::with_capacity(s.items.len());
         let mut withdrawn = 0u64;
+        let mut withdrawn_bytes = 0u64;
         while let Some(t) = s.items.pop_front() {
             if ids.contains(&t.id) {
                 let id = t.id;
                 self.journal(|qnum| Record::Take { qnum, id });
                 withdrawn += 1;
+                withdrawn_bytes += t.item.bytes().len() as u64;
             } else {
                 kept.push(t);
             }
@@ -326,6 +377,7 @@ impl Queue {
             s.items.push_back(t);
         }
         s.items.shrink_if_sparse();
+        self.lose(&mut s, withdrawn_bytes);
         s.unfinished = s.unfinished.saturating_sub(withdrawn);
         s.counts.puts = s.counts.puts.saturating_sub(withdrawn);
         if s.unfinished == 0 {
@@ -430,6 +482,8 @@ impl Queue {
                     let id = t.id;
                     self.journal(|qnum| Record::Take { qnum, id });
                 }
+                let bytes = items.iter().map(|t| t.item.bytes().len() as u64).sum();
+                self.lose(&mut guard, bytes);
             }
         }
         drop(guard);
@@ -453,6 +507,8 @@ impl Queue {
         for t in items.iter().rev() {
             guard.items.push_front(t);
         }
+        let bytes = items.iter().map(|t| t.item.bytes().len() as u64).sum();
+        self.gain(&mut guard, bytes);
         // In the journal the items were taken; put them back in the same order.
         for t in items.iter().rev() {
             if let Some((j, qnum)) = &self.journal {
@@ -539,6 +595,7 @@ impl Queue {
             .ok_or_else(|| self.unknown_lease(lease))?;
         let id = done.taken.id;
         self.journal(|qnum| Record::Ack { qnum, id });
+        self.lose(&mut s, done.taken.item.bytes().len() as u64);
         s.unfinished = s.unfinished.saturating_sub(1);
         s.counts.acks += 1;
         if s.unfinished == 0 {
@@ -622,6 +679,7 @@ impl Queue {
                 });
             }
             s.counts.dead_lettered += 1;
+            self.lose(s, t.item.bytes().len() as u64);
             s.unfinished = s.unfinished.saturating_sub(1);
             if s.unfinished == 0 {
                 self.all_done.notify_all();
@@ -700,6 +758,8 @@ impl Queue {
         for t in &items {
             s.items.push_back(t);
         }
+        let bytes = items.iter().map(|t| t.item.bytes().len() as u64).sum();
+        self.gain(&mut s, bytes);
         s.unfinished += n as u64;
         drop(s);
         self.not_empty.notify_all();
@@ -721,6 +781,12 @@ impl Queue {
         for t in reserved.iter().chain(&ready) {
             s.items.push_back(t);
         }
+        let bytes = reserved
+            .iter()
+            .chain(&ready)
+            .map(|t| t.item.bytes().len() as u64)
+            .sum();
+        self.gain(&mut s, bytes);
         s.unfinished += n;
         Ok(())
     }
@@ -735,6 +801,14 @@ impl Queue {
             let delayed = s.delayed.len() as u64;
             s.delayed.clear();
             let dropped = s.items.clear() as u64 + delayed;
+            // What is left is what is reserved.
+            let kept: u64 = s
+                .leases
+                .values()
+                .map(|l| l.taken.item.bytes().len() as u64)
+                .sum();
+            let gone = s.bytes.saturating_sub(kept);
+            self.lose(&mut s, gone);
             self.journal(|qnum| Record::Clear {
                 qnum,
                 count: dropped,
@@ -841,5 +915,13 @@ impl Queue {
         self.not_full.notify_all();
         self.all_done.notify_all();
         reserved
+    }
+}
+
+impl Drop for Queue {
+    /// A freed anonymous queue's items leave the budget with it.
+    fn drop(&mut self) {
+        let bytes = self.state.get_mut().map_or(0, |s| s.bytes);
+        self.budget.give_back(bytes);
     }
 }
