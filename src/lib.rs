@@ -47,6 +47,7 @@ pub mod error;
 pub mod exec;
 pub mod frame;
 pub mod journal;
+mod leb128;
 pub mod log;
 pub mod pickle;
 pub mod protocol;

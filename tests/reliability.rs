@@ -811,22 +811,41 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Prefetching keeps fairness: two idle workers and 10 tasks put at once both get work
-/// (a leased batch is at most half of what waits).
+/// Prefetching keeps fairness: of 10 tasks, a worker's batch is at most half, so a
+/// second worker finds work even if the first is fast. Made deterministic by a full
+/// result queue that holds the first worker in its batch while the second takes its own.
 #[test]
 fn prefetching_workers_share_a_short_queue() {
     let server = server();
     let addr = server.local_addr();
-    let workers: Vec<Child> = (0..2)
-        .map(|_| worker(addr, &["--tasks", "10", "--get-timeout", "5"]))
-        .collect();
-    wait_until("both workers wait for tasks", || {
-        queue_number(&server, "get_task_queue", "waiting_getters") == 2
-    });
+    server
+        .handle()
+        .queues()
+        .declare("get_result_queue", 1)
+        .unwrap();
     let m = connect(addr);
     let tasks = m.queue("get_task_queue").unwrap();
     tasks
         .put_many((0..10).map(Value::Int).collect(), None)
+        .unwrap();
+    let first = worker(addr, &["--tasks", "10", "--get-timeout", "5"]);
+    wait_until("the first worker is held in its batch", || {
+        queue_number(&server, "get_result_queue", "size") == 1
+    });
+    let left = queue_number(&server, "get_task_queue", "size");
+    assert!(
+        left >= 5,
+        "one worker's batch took {} of 10 tasks",
+        10 - left
+    );
+    let second = worker(addr, &["--tasks", "10", "--get-timeout", "5"]);
+    wait_until("the second worker holds tasks too", || {
+        queue_number(&server, "get_task_queue", "reserved") > 10 - left - 1
+    });
+    server
+        .handle()
+        .queues()
+        .declare("get_result_queue", 0)
         .unwrap();
     let results = m.queue("get_result_queue").unwrap();
     let mut got = Vec::new();
@@ -834,7 +853,7 @@ fn prefetching_workers_share_a_short_queue() {
         got.extend(results.get_many(10, Duration::from_secs(10)).unwrap());
     }
     tasks.shutdown(false).unwrap(); // the job is over: both exit at once
-    for w in workers {
+    for w in [first, second] {
         let out = wait_with_deadline(w, Duration::from_secs(20));
         let ran = text(&out.stdout).matches("Running task").count();
         assert!(ran >= 1, "a worker got no task: {}", text(&out.stdout));

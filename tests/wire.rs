@@ -260,3 +260,59 @@ fn a_memo_bomb_does_not_expand() {
     still_serving(server.local_addr());
     server.shutdown().unwrap();
 }
+
+/// Deep nesting holds on the stacks distq really uses: the server scans without
+/// recursion (here 2,000 levels, far past the decoder's limit, arrive raw and go back
+/// out as sent), and the Rust client's codec, at its own limit, fits a 512 KiB stack
+/// (a connection thread's) even in a debug build.
+#[test]
+fn deep_nesting_fits_the_real_stacks() {
+    let server = server();
+    let m = Manager::connect(server.local_addr(), AuthKey::new(KEY)).unwrap();
+    let q = m.queue("deep").unwrap();
+    let ident = q.ident().to_string();
+    let mut s = raw(server.local_addr());
+    let accept = Request::new(None, "accept_connection", vec![Value::str("t")]);
+    send_value(&mut s, &accept.to_value().unwrap());
+    assert_eq!(read_reply(&mut s), Reply::Return(Value::None));
+    // (ident, 'put', ([[[...]]],), {}), the item 2,000 EMPTY_LISTs and 1,999 APPENDs.
+    let depth = 2000;
+    let mut item = vec![b']'; depth];
+    item.extend(std::iter::repeat(b'a').take(depth - 1));
+    let mut req = vec![0x80, 0x04, b'(', 0x8c, ident.len() as u8];
+    req.extend_from_slice(ident.as_bytes());
+    req.extend_from_slice(&[0x8c, 0x03, b'p', b'u', b't']);
+    req.extend_from_slice(&item);
+    req.extend_from_slice(&[0x85, b'}', b't', b'.']);
+    frame::write_frame(&mut s, &req).unwrap();
+    assert_eq!(read_reply(&mut s), Reply::Return(Value::None));
+    send_value(
+        &mut s,
+        &Request::new(Some(&ident), "get", vec![])
+            .to_value()
+            .unwrap(),
+    );
+    let mut reply = Vec::new();
+    frame::read_frame(&mut s, 1 << 20, &mut reply).unwrap();
+    assert!(
+        reply.windows(item.len()).any(|w| w == item.as_slice()),
+        "the item did not come back as sent"
+    );
+    // An odd argument the server does decode (get_many's count as a 499-deep list):
+    // refused with a TypeError on the 512 KiB connection stack, not a crash.
+    let depth = distq::pickle::MAX_DEPTH - 1;
+    let mut arg = vec![b']'; depth];
+    arg.extend(std::iter::repeat(b'a').take(depth - 1));
+    let mut req = vec![0x80, 0x04, b'(', 0x8c, ident.len() as u8];
+    req.extend_from_slice(ident.as_bytes());
+    req.extend_from_slice(&[0x8c, 0x08]);
+    req.extend_from_slice(b"get_many");
+    req.extend_from_slice(&arg);
+    req.extend_from_slice(&[0x85, b'}', b't', b'.']);
+    frame::write_frame(&mut s, &req).unwrap();
+    match read_reply(&mut s) {
+        Reply::Error(e) => assert!(e.to_string().contains("max_items"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().unwrap();
+}

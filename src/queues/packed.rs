@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 
+use crate::leb128;
 use crate::pickle::Fragment;
 
 /// An item taken out of a queue, with the number of times it has been handed out under
@@ -40,21 +41,6 @@ pub(super) struct Packed {
     count: usize,
 }
 
-/// Writes `v` as LEB128 into `buf`, returning the number of bytes used.
-fn leb128(mut v: u64, buf: &mut [u8; 10]) -> usize {
-    let mut n = 0;
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            buf[n] = byte;
-            return n + 1;
-        }
-        buf[n] = byte | 0x80;
-        n += 1;
-    }
-}
-
 impl Packed {
     pub(super) fn len(&self) -> usize {
         self.count
@@ -71,23 +57,23 @@ impl Packed {
     }
 
     /// The header bytes for `t`: a LEB128 tag, then the count and the id if non-zero.
-    fn header(t: &Taken) -> ([u8; 30], usize) {
+    fn header(t: &Taken) -> ([u8; 3 * leb128::MAX_LEN], usize) {
         let has_count = t.deliveries > 0;
         let has_id = t.id > 0;
         let tag = ((t.item.bytes().len() as u64) << 3)
             | (u64::from(t.item.uses_memo()) << 2)
             | (u64::from(has_count) << 1)
             | u64::from(has_id);
-        let mut out = [0u8; 30];
+        let mut out = [0u8; 3 * leb128::MAX_LEN];
         let mut total = 0;
-        let mut buf = [0u8; 10];
+        let mut buf = [0u8; leb128::MAX_LEN];
         for (present, v) in [
             (true, tag),
             (has_count, u64::from(t.deliveries)),
             (has_id, t.id),
         ] {
             if present {
-                let n = leb128(v, &mut buf);
+                let n = leb128::encode(v, &mut buf);
                 out[total..total + n].copy_from_slice(&buf[..n]);
                 total += n;
             }
@@ -112,15 +98,7 @@ impl Packed {
 
     /// Reads a LEB128 number starting at `at`; returns it and the bytes used.
     fn read_leb128(&self, at: usize) -> Option<(u64, usize)> {
-        let mut v: u64 = 0;
-        for n in 0..10 {
-            let byte = *self.bytes.get(at + n)?;
-            v |= u64::from(byte & 0x7f) << (7 * n);
-            if byte & 0x80 == 0 {
-                return Some((v, n + 1));
-            }
-        }
-        None
+        leb128::decode(self.bytes.iter().skip(at).copied())
     }
 
     pub(super) fn pop_front(&mut self) -> Option<Taken> {
