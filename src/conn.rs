@@ -57,6 +57,11 @@ pub struct Connection {
     quickack_next: bool,
     /// The serializer the peer speaks, once its first request has told.
     serializer: Cell<Option<Serializer>>,
+    /// What the caller asked [`Connection::set_write_timeout`] for: on the server's
+    /// side, the most a whole frame may take to send, however many `send` calls it
+    /// needs (a client's large put over a slow link is bounded per `send` only).
+    write_timeout: Cell<Option<Duration>>,
+    server: bool,
 }
 
 /// How a peer's requests are encoded: Python's default pickles, or XML-RPC documents
@@ -138,6 +143,8 @@ impl Connection {
             socket_timeout: Cell::new(None),
             quickack_next: role == Role::Server,
             serializer: Cell::new(None),
+            write_timeout: Cell::new(None),
+            server: role == Role::Server,
         })
     }
 
@@ -178,6 +185,7 @@ impl Connection {
 
     /// Limits how long a send may block on a peer that does not read.
     pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.write_timeout.set(timeout);
         self.stream
             .set_write_timeout(timeout)
             .map_err(|e| Error::io("setting a write timeout", e))
@@ -335,13 +343,34 @@ impl Connection {
             Err(Error::Value(msg)) => encode(&Reply::Unserializable(msg), &mut self.write_buf)?,
             Err(e) => return Err(e),
         }
-        frame::finish_and_write(&mut self.stream, &mut self.write_buf)
+        self.send_frame()
+    }
+
+    /// Sends the frame in `write_buf`. A large one may take many `send` calls: each gets
+    /// only what is left of the write timeout, so a peer that reads a trickle cannot
+    /// hold a reply (and the item in it) for longer than the timeout in all. A small one
+    /// is one `send`, bounded by the socket's own timeout, with no extra syscall.
+    fn send_frame(&mut self) -> Result<()> {
+        match self.write_timeout.get() {
+            Some(limit) if self.server && self.write_buf.len() > 64 * 1024 => {
+                let mut out = Deadline {
+                    stream: &self.stream,
+                    deadline: Instant::now() + limit,
+                    quickack: false,
+                };
+                let sent = frame::finish_and_write(&mut out, &mut self.write_buf);
+                // The next small frame relies on the socket's timeout again.
+                let _ = self.stream.set_write_timeout(Some(limit));
+                sent
+            }
+            _ => frame::finish_and_write(&mut self.stream, &mut self.write_buf),
+        }
     }
 
     /// Encodes `value` and sends it as one frame.
     pub fn write_value(&mut self, value: &Value) -> Result<()> {
         encode_frame(value, &mut self.write_buf)?;
-        frame::finish_and_write(&mut self.stream, &mut self.write_buf)
+        self.send_frame()
     }
 }
 
@@ -455,10 +484,7 @@ impl Deadline<'_> {
     fn remaining(&self) -> io::Result<Duration> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake deadline passed",
-            ))
+            Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"))
         } else {
             Ok(left)
         }
@@ -481,6 +507,13 @@ impl Write for Deadline<'_> {
         self.stream.set_write_timeout(Some(self.remaining()?))?;
         let mut stream = self.stream;
         stream.write(buf)
+    }
+
+    // Kept vectored: a frame's header and payload leave in one `writev`.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.remaining()?))?;
+        let mut stream = self.stream;
+        stream.write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -906,3 +906,52 @@ fn a_worker_killed_with_prefetched_leases_loses_nothing() {
     assert_eq!(got, want);
     server.shutdown().unwrap();
 }
+
+/// The reply write timeout bounds a whole frame, not each `send`: a client that takes a
+/// 48 MB item and then reads a trickle is cut off after the timeout (the item goes back
+/// to the head of its queue), instead of holding it for as long as it likes.
+#[test]
+fn a_trickling_reader_cannot_hold_a_reply() {
+    use distq::protocol::Request;
+    use std::io::Write as _;
+    let server = server_with(|c| c.write_timeout = Duration::from_secs(1));
+    let addr = server.local_addr();
+    let m = connect(addr);
+    let q = m.queue("big").unwrap();
+    let big = Value::Bytes(vec![7u8; 48 << 20].into());
+    q.put(big.clone()).unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    distq::auth::client_handshake(&mut s, &AuthKey::new(KEY)).unwrap();
+    let send = |s: &mut TcpStream, req: Request| {
+        let bytes = distq::pickle::encode(&req.to_value().unwrap()).unwrap();
+        distq::frame::write_frame(s, &bytes).unwrap();
+        s.flush().unwrap();
+    };
+    send(
+        &mut s,
+        Request::new(None, "accept_connection", vec![Value::str("t")]),
+    );
+    let mut reply = Vec::new();
+    distq::frame::read_frame(&mut s, 1 << 20, &mut reply).unwrap();
+    send(&mut s, Request::new(Some(&q.ident()), "get", vec![]));
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let cut_off = loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break start.elapsed(),
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a trickling reader held the reply for 30 s"
+        );
+    };
+    assert!(cut_off < Duration::from_secs(15), "{cut_off:?}");
+    assert_eq!(
+        q.get(Duration::from_secs(10)).unwrap(),
+        big,
+        "the item went back"
+    );
+    server.shutdown().unwrap();
+}

@@ -58,7 +58,7 @@ fn assert_closed_by_server(s: &mut TcpStream) {
 fn dummy_reply_bytes_are_pinned() {
     let server = server();
     let mut s = raw(server.local_addr());
-    // Python 3.11's exact dummy request (python-wire.md 4.2).
+    // Python 3.11's exact dummy request (../shared/python-wire.md 4.2).
     let dummy = [
         0x80, 0x04, 0x95, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x28, 0x4e, 0x8c, 0x05, b'd', b'u', b'm',
         b'm', b'y', 0x94, 0x29, 0x7d, 0x94, 0x74, 0x94, 0x2e,
@@ -66,7 +66,7 @@ fn dummy_reply_bytes_are_pinned() {
     frame::write_frame(&mut s, &dummy).unwrap();
     let mut buf = Vec::new();
     frame::read_frame(&mut s, 1024, &mut buf).unwrap();
-    // ('#RETURN', None): PROTO 4, '#RETURN', NONE, TUPLE2, STOP (python-wire.md 4.3).
+    // ('#RETURN', None): PROTO 4, '#RETURN', NONE, TUPLE2, STOP (../shared/python-wire.md 4.3).
     assert_eq!(
         buf,
         [0x80, 0x04, 0x8c, 0x07, b'#', b'R', b'E', b'T', b'U', b'R', b'N', 0x4e, 0x86, 0x2e]

@@ -1,8 +1,8 @@
 //! The pickle encoder: writes a [`Value`] as a protocol-4 pickle.
 //!
 //! The output is what CPython's pickler would write at protocol 4, minus FRAME (optional
-//! for readers, `python-wire.md` §4.3) and minus memo entries for objects that occur only
-//! once: the smallest int/str/bytes opcodes, batches of 1000 for lists, dicts and sets,
+//! for readers: `../shared/python-wire.md` §4.3, beside the repository) and minus memo
+//! entries for objects that occur only once: the smallest int/str/bytes opcodes, batches of 1000 for lists, dicts and sets,
 //! and `builtins.bytearray(bytes)` via REDUCE for bytearrays (what 3.8–3.13 emit at
 //! protocol 4; BYTEARRAY8 would need protocol 5).
 //!

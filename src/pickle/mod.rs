@@ -1,8 +1,8 @@
 //! The pickle codec: Python's serialisation format, restricted to data.
 //!
 //! [`decode`] runs a small stack machine over the opcodes CPython 3.8–3.14 emit at
-//! protocols 2–5 (see `python-wire.md` §4.4) and builds a [`Value`]. It never imports,
-//! resolves or calls anything: globals stay names, REDUCE/NEWOBJ/BUILD stay data.
+//! protocols 2–5 (see `../shared/python-wire.md` §4.4, beside the repository) and
+//! builds a [`Value`]. It never imports, resolves or calls anything: globals stay names, REDUCE/NEWOBJ/BUILD stay data.
 //! [`encode`] writes a [`Value`] back as protocol-4 opcodes that any Python ≥ 3.4 reads
 //! as the same value, including shared references.
 
