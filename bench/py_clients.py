@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Python side of distq's benchmark (examples/bench.rs drives it).
+"""Python side of distq's benchmark (benches/bench.rs drives it).
 
 Plain `multiprocessing.managers` code, exactly what a user would write; nothing here is
 tuned for distq. Every client mode prints one JSON object on stdout.

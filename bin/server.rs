@@ -3,12 +3,15 @@
 use std::sync::OnceLock;
 
 use distq::cli::{self, exit, CommonFlags};
-use distq::journal::JournalConfig;
 use distq::{Server, ServerConfig, ServerHandle};
 use lexopt::ValueExt;
 
 #[path = "signals.rs"]
 mod signals;
+
+#[path = "journal_flags.rs"]
+mod journal_flags;
+use journal_flags::JournalFlags;
 
 /// The running server, for the signal thread to stop.
 static RUNNING: OnceLock<ServerHandle> = OnceLock::new();
@@ -84,7 +87,11 @@ fn main() {
             if common.take(&flag, &mut parser, HELP)? {
                 continue;
             }
-            match flag.name().as_str() {
+            let name = flag.name();
+            if journal.take(&name, &mut parser)? {
+                continue;
+            }
+            match name.as_str() {
                 "--bind" => bind = cli::address("--bind", parser.value()?)?,
                 "--queue" => {
                     let spec = parser.value()?.string()?;
@@ -103,11 +110,6 @@ fn main() {
                     config.max_memory =
                         Some(cli::count("--max-memory", parser.value()?)?).filter(|n| *n > 0)
                 }
-                "--journal" => journal.dir = Some(parser.value()?.into()),
-                "--fsync" => {
-                    let text = parser.value()?.string()?;
-                    journal.fsync = Some(distq::journal::Fsync::parse(&text)?);
-                }
                 "--journal-repair" => journal.repair = true,
                 "--compact-min" => journal.compact_min = Some(parser.value()?.parse()?),
                 _ => return Err(flag.unexpected()),
@@ -123,30 +125,13 @@ fn main() {
         .authkey()
         .unwrap_or_else(|e| cli::fail(e, exit::USAGE));
     common.warn_if_key_exposed(&bind);
-    config.journal = match journal {
-        JournalFlags {
-            dir: Some(dir),
-            fsync,
-            repair,
-            compact_min,
-        } => {
-            let mut jc = JournalConfig::new(dir);
-            jc.fsync = fsync.unwrap_or(jc.fsync);
-            jc.repair = repair;
-            jc.compact_min_bytes = compact_min.unwrap_or(jc.compact_min_bytes);
-            Some(jc)
-        }
-        JournalFlags {
-            dir: None,
-            fsync: None,
-            repair: false,
-            compact_min: None,
-        } => None,
-        _ => cli::fail(
+    if journal.lack_dir() {
+        cli::fail(
             "--fsync, --journal-repair and --compact-min need --journal DIR",
             exit::USAGE,
-        ),
-    };
+        );
+    }
+    config.journal = journal.config();
     let server =
         Server::bind(bind.as_str(), config).unwrap_or_else(|e| cli::fail(e, exit::FAILURE));
     for (name, max) in &queues {
@@ -158,14 +143,6 @@ fn main() {
     if let Err(e) = server.run() {
         cli::fail(e, exit::FAILURE);
     }
-}
-
-#[derive(Default)]
-struct JournalFlags {
-    dir: Option<std::path::PathBuf>,
-    fsync: Option<distq::journal::Fsync>,
-    repair: bool,
-    compact_min: Option<u64>,
 }
 
 fn parse_queue(spec: &str) -> Result<(String, usize), lexopt::Error> {

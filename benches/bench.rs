@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! scripts/bench            # builds, installs redis-server if it can, runs everything
-//! cargo build --release --bins --examples && target/release/examples/bench [--quick]
+//! cargo build --release --bins && cargo bench --bench bench -- [--quick]
 //! ```
 //!
 //! Everything runs on loopback with ports the kernel picks. Each round runs every case once
@@ -151,6 +151,8 @@ fn parse_opts() -> Opts {
             "--no-pin" => o.pin = "none".into(),
             "--serve-floor" => serve_floor(),
             "--only" => o.only = val("--only").split(',').map(str::to_string).collect(),
+            // `cargo bench` passes it to every bench without a harness.
+            "--bench" => {}
             "-h" | "--help" => {
                 print!("{HELP}");
                 std::process::exit(0);
@@ -194,13 +196,13 @@ impl Proc {
     }
 }
 
-/// The directory holding this example's sibling binaries (`target/release`).
+/// The directory holding the binaries this bench runs (`target/release`).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/release/examples/bench -> target/release
+    // target/release/deps/bench-HASH -> target/release
     exe.parent()
         .and_then(Path::parent)
-        .expect("the bench runs from target/<profile>/examples")
+        .expect("the bench runs from target/<profile>/deps")
         .to_path_buf()
 }
 

@@ -2,12 +2,12 @@
 //! run, interleaved (A B C D A B C D ...), and the journal's bytes per item.
 //!
 //! ```sh
-//! cargo run --release --example journal_bench -- [ROUNDS] [PUTS_PER_PRODUCER]
+//! cargo bench --bench journal_bench -- [ROUNDS] [PUTS_PER_PRODUCER]
 //! ```
 //! 8 producers, each on its own connection, put 100-byte items.
 //!
 //! ```sh
-//! cargo run --release --example journal_bench -- replay-memory [PAIRS] [LIVE]
+//! cargo bench --bench journal_bench -- replay-memory [PAIRS] [LIVE]
 //! ```
 //! The memory that opening and compacting a journal costs: writes PAIRS (default 1M)
 //! puts and as many takes of 170-byte items (in batches of 1,000, so the live data stays
