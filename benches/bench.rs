@@ -756,6 +756,44 @@ fn classic_scripts(python: &str, tasks: usize, workers: usize) -> f64 {
     tasks as f64 / elapsed
 }
 
+/// Milliseconds from starting the seed's `task_worker.py` (a new Python process) to its
+/// first "run task" line, with one task waiting on the server at `port`: interpreter start,
+/// connect, two proxies, the first `get`. The median of `samples` runs.
+fn seed_worker_first_task(python: &str, port: u16, samples: usize) -> f64 {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let m = manager(addr);
+    let (tasks, results) = (
+        m.queue("get_task_queue").unwrap(),
+        m.queue("get_result_queue").unwrap(),
+    );
+    let mut ms = Vec::new();
+    for i in 0..samples {
+        tasks.put(i as i64).unwrap();
+        let t0 = Instant::now();
+        let mut child = Command::new(python)
+            .args([SEED_WORKER, "127.0.0.1", &port.to_string(), KEY, "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| fail(&format!("cannot start {python}: {e}")));
+        let mut lines = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                fail("task_worker.py ended before running its task");
+            }
+            if line.starts_with("run task") {
+                break;
+            }
+        }
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let _ = child.wait();
+        results.get(T).unwrap();
+    }
+    median(&mut ms)
+}
+
 /// Milliseconds from nothing to the first reply: connect (with its `dummy` call), create
 /// the proxy, open its method channel with the first `put`.
 fn distq_cold(addr: SocketAddr, samples: usize) -> f64 {
@@ -1287,6 +1325,16 @@ fn main() {
                         &format!("6 cold connect..first reply: Python -> {label}"),
                         "ms",
                         median(&mut v),
+                    );
+                }
+            }
+            if let Some(py_port) = &py_port {
+                for (label, port) in [("distq-server", &dq_port), ("Python server", py_port)] {
+                    let port: u16 = port.parse().expect("a port");
+                    r.add(
+                        &format!("6 seed task_worker.py start..first task: {label}"),
+                        "ms",
+                        seed_worker_first_task(&opts.python, port, 3),
                     );
                 }
             }
