@@ -356,7 +356,8 @@ impl Server {
 /// `RemoteError` once it has sent the rest), and the payload is read and dropped
 /// (bounded, see [`Connection::discard_payload`]). If that is not possible in bounds,
 /// the error ends the connection.
-fn refuse_oversized(conn: &mut Connection, len: u64, e: &Error) -> Result<()> {
+fn refuse_oversized(conn: &mut Connection, len: u64, max: usize) -> Result<()> {
+    let e = Error::FrameTooLarge { len, max };
     log_at!(Warn, "{}: {e}", conn.peer());
     conn.write_reply(&Reply::traceback("OSError", &e.to_string()))?;
     conn.discard_payload(len)
@@ -557,8 +558,8 @@ impl Shared {
         match conn.read_frame() {
             Ok(()) => {}
             Err(Error::Closed) => return Ok(None),
-            Err(e @ Error::FrameTooLarge { len, .. }) => {
-                refuse_oversized(conn, len, &e)?;
+            Err(Error::FrameTooLarge { len, max }) => {
+                refuse_oversized(conn, len, max)?;
                 return Ok(None);
             }
             Err(e) => return Err(e),
@@ -608,8 +609,8 @@ impl Shared {
             match conn.read_frame() {
                 Ok(()) => {}
                 Err(Error::Closed) => return Ok(()),
-                Err(e @ Error::FrameTooLarge { len, .. }) => {
-                    refuse_oversized(conn, len, &e)?;
+                Err(Error::FrameTooLarge { len, max }) => {
+                    refuse_oversized(conn, len, max)?;
                     continue;
                 }
                 Err(e) => return Err(e),

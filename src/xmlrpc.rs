@@ -267,12 +267,22 @@ enum Open {
 
 /// A struct's members so far, with an index so that a repeated name (which Python's dict
 /// collapses) costs a lookup, not a scan.
-#[derive(Default)]
 struct Members {
     pairs: Vec<(Value, Value)>,
     index: HashMap<Arc<str>, usize>,
     /// The name of the member whose value is being read.
     name: Arc<str>,
+}
+
+// By hand: `Arc<str>: Default` is newer than the crate's `rust-version`.
+impl Default for Members {
+    fn default() -> Members {
+        Members {
+            pairs: Vec::new(),
+            index: HashMap::new(),
+            name: Arc::from(""),
+        }
+    }
 }
 
 impl Open {
