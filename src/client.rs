@@ -737,7 +737,7 @@ impl QueueProxy {
 
 impl Drop for QueueProxy {
     /// Returns the reference `create` gave this proxy. Errors are ignored, as in Python:
-    /// the server may already be gone. Bounded by [`DROP_DEADLINE`] per step, since a
+    /// the server may already be gone. Bounded by `DROP_DEADLINE` (2 s) per step, since a
     /// destructor must not block for the minute the full deadlines allow; use
     /// [`QueueProxy::close`] to wait longer and see the error.
     fn drop(&mut self) {

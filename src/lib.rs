@@ -7,19 +7,22 @@
 //! timeouts. Every byte on the wire is Python's, so distq and Python programs mix freely:
 //! a Rust server with Python workers, a Python master with Rust workers.
 //!
-//! ## A tour, bottom up
-//! - [`frame`]: Python's length-prefixed frames, with size limits.
-//! - [`auth`]: the HMAC challenge-response handshake, legacy (MD5) and modern (SHA-256).
-//! - [`pickle`]: the value model and a data-only pickle codec.
-//! - [`protocol`]: requests and replies.
-//! - [`xmlrpc`]: the same messages for peers that use `serializer='xmlrpclib'`.
-//! - [`queues`]: the queue map with `queue.Queue`'s blocking semantics, and leases.
-//! - [`journal`]: the append-only file that makes queues survive restarts.
-//! - [`dispatch`]: what each request does to the queues.
-//! - [`conn`]: one authenticated socket.
-//! - [`server`] and [`client`]: the two ends.
-//! - For the binaries: [`cli`] (flags, exit codes, progress), [`exec`] (a shell command
-//!   per task) and [`text`] (values as text and JSON), plus [`log`].
+//! ## The library's face
+//! - [`Server`], [`ServerConfig`], [`ServerHandle`], [`RunningServer`]: serve queues,
+//!   embedded or standalone, with an optional [`journal`] ([`journal::JournalConfig`]).
+//! - [`Manager`], [`QueueProxy`], [`ClientConfig`]: talk to a distq or Python server.
+//! - [`Value`] (in [`pickle`]), [`AuthKey`], [`Error`].
+//! - For workers and tools: [`exec`] (a shell command per task), [`text`] (values as
+//!   text and JSON, the line-mode envelope) and [`log`] (silent until a level is set).
+//!
+//! ## Internals
+//! The layers beneath, bottom up, are public for the binaries, the fuzz targets, the
+//! benches and the tests, hidden from these docs, and not a stable interface: `frame`
+//! (Python's length-prefixed frames), `auth` (the HMAC handshake), `pickle` (the codec and
+//! the server's scan), `protocol` (requests and replies), `xmlrpc` (the other
+//! serializer), `queues` (`queue.Queue` semantics, leases, holds, the memory budget),
+//! `dispatch` (what each request does), `conn` (one authenticated socket) and `cli` (the
+//! binaries' shared flags). ARCHITECTURE.md maps them.
 //!
 //! ```
 //! use distq::{AuthKey, Manager, Server, ServerConfig};
@@ -38,22 +41,30 @@
 #![deny(unsafe_code)] // one audited exception: `conn::quickack` (a setsockopt std lacks)
 #![warn(missing_docs)]
 
+#[doc(hidden)]
 pub mod auth;
+#[doc(hidden)]
 pub mod cli;
 pub mod client;
+#[doc(hidden)]
 pub mod conn;
+#[doc(hidden)]
 pub mod dispatch;
 pub mod error;
 pub mod exec;
+#[doc(hidden)]
 pub mod frame;
 pub mod journal;
 mod leb128;
 pub mod log;
 pub mod pickle;
+#[doc(hidden)]
 pub mod protocol;
+#[doc(hidden)]
 pub mod queues;
 pub mod server;
 pub mod text;
+#[doc(hidden)]
 pub mod xmlrpc;
 
 pub use auth::AuthKey;

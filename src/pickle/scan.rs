@@ -188,7 +188,7 @@ pub(crate) struct Scan<'b> {
     work: std::cell::Cell<usize>,
 }
 
-/// An argument cut out of a request by [`Scan::extract`]: its opcodes, and what they name.
+/// An argument cut out of a request by `Scan::extract`: its opcodes, and what they name.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pickled {
     /// The opcodes, ready to be stored and spliced into replies.
