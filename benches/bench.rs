@@ -209,7 +209,12 @@ fn bin_dir() -> PathBuf {
 /// Starts `distq-server` on a kernel-chosen port and returns it with its address, read
 /// from its "listening on" log line. Its stderr is drained by a thread afterwards.
 fn start_distq_server() -> (Proc, SocketAddr) {
-    let path = bin_dir().join("distq-server");
+    start_server_binary(&bin_dir().join("distq-server"))
+}
+
+/// [`start_distq_server`] for a given `distq-server` executable.
+fn start_server_binary(path: &Path) -> (Proc, SocketAddr) {
+    let path = path.to_path_buf();
     if !path.exists() {
         fail(&format!(
             "{} is missing: run `cargo build --release --bins` first (scripts/bench does)",
@@ -829,6 +834,23 @@ fn distq_big(addr: SocketAddr, samples: usize, size: usize) -> f64 {
 /// Server RSS: idle (all, and the anonymous part: the rest is shared library and
 /// binary pages), bytes per queued small int, bytes per idle connection. A fresh
 /// distq-server for each measurement set, so nothing left by other cases counts.
+/// Idle RSS and RssAnon of the static release `distq-server` (what ships; built by
+/// scripts/bench when the nightly toolchain is there, path in `DISTQ_RELEASE_SERVER`).
+fn release_server_idle() -> Option<(f64, f64)> {
+    let path = PathBuf::from(std::env::var_os("DISTQ_RELEASE_SERVER")?);
+    if !path.exists() {
+        return None;
+    }
+    let (server, _) = start_server_binary(&path);
+    thread::sleep(Duration::from_millis(200));
+    let idle = (
+        rss_bytes(server.pid()),
+        status_bytes(server.pid(), "RssAnon:"),
+    );
+    drop(server);
+    Some(idle)
+}
+
 fn distq_memory() -> (f64, f64, f64, f64) {
     let (server, addr) = start_distq_server();
     let pid = server.pid();
@@ -1014,7 +1036,14 @@ const TARGETS: &[Target] = &[
         at_least: false,
     },
     Target {
-        name: "idle server RSS (MiB)",
+        name: "idle server RSS, static release build (MiB)",
+        num: "7 distq-server (static release build) RSS idle",
+        den: "",
+        limit: 2.0,
+        at_least: false,
+    },
+    Target {
+        name: "idle server RSS, glibc release build (MiB)",
         num: "7 distq-server RSS idle",
         den: "",
         limit: 2.0,
@@ -1358,6 +1387,18 @@ fn main() {
             }
         }
         if opts.wants("mem") {
+            if let Some((idle, anon)) = release_server_idle() {
+                r.add(
+                    "7 distq-server (static release build) RSS idle",
+                    "bytes",
+                    idle,
+                );
+                r.add(
+                    "7 distq-server (static release build) RssAnon idle",
+                    "bytes",
+                    anon,
+                );
+            }
             let (idle, idle_anon, per_item, per_conn) = distq_memory();
             r.add("7 distq-server RSS idle", "bytes", idle);
             r.add("7 distq-server RssAnon idle", "bytes", idle_anon);
