@@ -49,9 +49,11 @@ USAGE:
 By default the master hosts the server itself (like Python's manager.start()).
 
 OPTIONS:
-    --bind ADDR             where the hosted server listens [default: 0.0.0.0:5000;
-                            127.0.0.1:0 when it only serves its own local workers]
+    --bind ADDR             where the hosted server listens: HOST:PORT or a Unix socket
+                            path [default: 0.0.0.0:5000; 127.0.0.1:0 when it only serves
+                            its own local workers]
     --connect HOST:PORT     use an existing server (distq or Python) instead of hosting one
+                            (or PATH: a Unix socket)
     --tasks N               how many random int tasks to put [default: 10]
     --result-timeout SECS   give up when no result arrives for this long
                             [default: 10; with --input: never]

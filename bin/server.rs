@@ -3,7 +3,7 @@
 use std::sync::OnceLock;
 
 use distq::cli::{self, exit, CommonFlags};
-use distq::{Server, ServerConfig, ServerHandle};
+use distq::{Address, Server, ServerConfig, ServerHandle};
 use lexopt::ValueExt;
 
 #[path = "signals.rs"]
@@ -23,7 +23,8 @@ USAGE:
     distq-server [OPTIONS]
 
 OPTIONS:
-    --bind ADDR           address to listen on [default: 0.0.0.0:5000]
+    --bind ADDR           address to listen on: HOST:PORT, or a Unix socket PATH
+                          (/..., ./..., or \\0NAME abstract) [default: 0.0.0.0:5000]
     --queue NAME[:MAX]    declare a queue, optionally bounded to MAX items (repeatable);
                           other names are created unbounded on first use
     --max-frame BYTES     largest request accepted [default: 67108864]
@@ -132,8 +133,8 @@ fn main() {
         );
     }
     config.journal = journal.config();
-    let server =
-        Server::bind(bind.as_str(), config).unwrap_or_else(|e| cli::fail(e, exit::FAILURE));
+    let server = Server::bind_to(&Address::parse(&bind), config)
+        .unwrap_or_else(|e| cli::fail(e, exit::FAILURE));
     for (name, max) in &queues {
         if let Err(e) = server.queues().declare(name, *max) {
             cli::fail(e, exit::FAILURE);

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use distq::cli::{self, exit, CommonFlags};
-use distq::{text, Error, Manager, Value};
+use distq::{text, Address, ClientConfig, Error, Manager, Value};
 use lexopt::ValueExt;
 
 const HELP: &str = "\
@@ -15,7 +15,8 @@ USAGE:
     distq-stat [HOST:PORT] [OPTIONS]
 
 OPTIONS:
-    --connect HOST:PORT   server address (or give it as the argument) [default: 127.0.0.1:5000]
+    --connect HOST:PORT   server address (or give it as the argument), or a Unix socket
+                          PATH [default: 127.0.0.1:5000]
     --watch SECS          refresh every SECS seconds until interrupted
     --count N             with --watch: stop after N reports
     --json                one JSON object per report instead of a table
@@ -88,7 +89,7 @@ fn main() {
         .authkey()
         .unwrap_or_else(|e| cli::fail(e, exit::USAGE));
     common.warn_if_key_exposed(&addr);
-    let manager = Manager::connect(addr.as_str(), authkey)
+    let manager = Manager::connect_to(&Address::parse(&addr), authkey, ClientConfig::default())
         .unwrap_or_else(|e| cli::fail(&e, cli::status_for(&e)));
     // Redraw in place on a terminal; append reports otherwise (a log stays readable).
     let redraw = watch.is_some() && !json && std::io::stdout().is_terminal();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use distq::cli::{self, CommonFlags};
 use distq::exec::{self, ExecConfig};
-use distq::{text, ClientConfig, Error, Manager, QueueProxy, Value};
+use distq::{text, Address, ClientConfig, Error, Manager, QueueProxy, Value};
 use lexopt::ValueExt;
 
 #[path = "signals.rs"]
@@ -27,7 +27,7 @@ USAGE:
     distq-worker --exec 'CMD' [OPTIONS]     run CMD for each task
 
 OPTIONS:
-    --connect HOST:PORT   server address [default: 127.0.0.1:5000]
+    --connect HOST:PORT   server address, or a Unix socket PATH [default: 127.0.0.1:5000]
     --tasks N             rounds of get(timeout) to run [default: 10; with --exec: forever]
     --forever             keep taking tasks until the server goes away
     --get-timeout SECS    how long each get waits for a task [default: 1]
@@ -260,7 +260,11 @@ fn first_connect(flags: &Flags, authkey: distq::AuthKey) -> distq::Result<Manage
     let start = std::time::Instant::now();
     let mut pause = Duration::from_millis(50);
     loop {
-        match Manager::connect_with(flags.connect.as_str(), authkey.clone(), config.clone()) {
+        match Manager::connect_to(
+            &Address::parse(&flags.connect),
+            authkey.clone(),
+            config.clone(),
+        ) {
             Err(e @ Error::Io { .. })
                 if start.elapsed() < flags.reconnect_for && !STOP.requested() =>
             {

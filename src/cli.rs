@@ -128,7 +128,8 @@ impl CommonFlags {
     /// reachable from the network makes that key worth stealing. Loopback-only setups
     /// (tests, a classroom laptop) stay quiet.
     pub fn warn_if_key_exposed(&self, addr: &str) {
-        if self.authkey.is_none() {
+        // A Unix socket is not reachable from the network at all.
+        if self.authkey.is_none() || crate::net::is_unix_path(addr) {
             return;
         }
         let exposed = match addr.to_socket_addrs() {
@@ -197,17 +198,29 @@ impl CommonFlags {
     }
 }
 
-/// Parses `HOST:PORT` for `flag`: a malformed address is bad usage (exit 2), caught before
-/// anything starts; whether the host resolves is found out when it is used.
+/// Parses `HOST:PORT`, or a Unix socket path (`/...`, `./...`, or `\0name` for a Linux
+/// abstract name), for `flag`: a malformed address is bad usage (exit 2), caught before
+/// anything starts; whether the host resolves is found out when it is used. Read the
+/// result with [`crate::net::Address::parse`].
 pub fn address(flag: &str, value: OsString) -> Result<String, lexopt::Error> {
     let text = value.to_string_lossy().into_owned();
+    if crate::net::is_unix_path(&text) {
+        return match value.into_string() {
+            Ok(path) => Ok(path),
+            Err(_) => Err(format!("{flag}: the socket path {text:?} is not UTF-8").into()),
+        };
+    }
     let well_formed = text
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
     if well_formed {
         Ok(text)
     } else {
-        Err(format!("{flag} needs HOST:PORT (e.g. 127.0.0.1:5000), not {text:?}").into())
+        Err(format!(
+            "{flag} needs HOST:PORT (e.g. 127.0.0.1:5000) or a socket path (e.g. /tmp/q.sock), \
+             not {text:?}"
+        )
+        .into())
     }
 }
 

@@ -13,6 +13,7 @@
 //! one `decref` when dropped, never more.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::auth::AuthKey;
 use crate::conn::{Connection, Role};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::log::log_at;
+use crate::net::{self, Address};
 use crate::protocol::{Arg, Reply, Request};
 use crate::{Error, Result, Value};
 
@@ -28,7 +30,8 @@ use crate::{Error, Result, Value};
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// How long establishing the TCP connection may take.
+    /// How long establishing the TCP connection may take (a Unix socket connects at
+    /// once, or waits while the server's listen backlog is full).
     pub connect_timeout: Duration,
     /// How long the authentication handshake may take.
     pub handshake_timeout: Duration,
@@ -61,6 +64,14 @@ impl Default for ClientConfig {
     }
 }
 
+/// Where a [`Manager`] connects: the addresses a `HOST:PORT` resolved to, or a Unix
+/// socket.
+#[derive(Debug)]
+enum Target {
+    Tcp(Vec<SocketAddr>),
+    Unix(PathBuf),
+}
+
 /// A client of one manager server (distq's or Python's).
 ///
 /// Cheap to clone; clones share the address, key and settings.
@@ -89,7 +100,7 @@ pub struct Manager {
 
 #[derive(Debug)]
 struct Inner {
-    addrs: Vec<SocketAddr>,
+    target: Target,
     authkey: AuthKey,
     config: ClientConfig,
     /// After `shutdown` the server is gone: proxies skip their final decref, as Python's do.
@@ -123,9 +134,45 @@ impl Manager {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no address found"),
             ));
         }
+        Manager::start(Target::Tcp(addrs), authkey, config)
+    }
+
+    /// Connects to a server on a Unix-domain socket (Python's
+    /// `BaseManager(address='/run/app/queue.sock')`), or a Linux abstract name when
+    /// `path` starts with a NUL byte.
+    ///
+    /// # Errors
+    /// As [`Manager::connect`].
+    pub fn connect_unix(path: impl AsRef<Path>, authkey: AuthKey) -> Result<Manager> {
+        Manager::connect_unix_with(path, authkey, ClientConfig::default())
+    }
+
+    /// [`Manager::connect_unix`] with explicit settings.
+    pub fn connect_unix_with(
+        path: impl AsRef<Path>,
+        authkey: AuthKey,
+        config: ClientConfig,
+    ) -> Result<Manager> {
+        let target = Target::Unix(path.as_ref().to_path_buf());
+        Manager::start(target, authkey, config)
+    }
+
+    /// Connects to `addr`: [`Manager::connect_with`] for `HOST:PORT`,
+    /// [`Manager::connect_unix_with`] for a path.
+    ///
+    /// # Errors
+    /// As [`Manager::connect`].
+    pub fn connect_to(addr: &Address, authkey: AuthKey, config: ClientConfig) -> Result<Manager> {
+        match addr {
+            Address::Tcp(a) => Manager::connect_with(a.as_str(), authkey, config),
+            Address::Unix(path) => Manager::connect_unix_with(path, authkey, config),
+        }
+    }
+
+    fn start(target: Target, authkey: AuthKey, config: ClientConfig) -> Result<Manager> {
         let manager = Manager {
             inner: Arc::new(Inner {
-                addrs,
+                target,
                 authkey,
                 config,
                 shut_down: AtomicBool::new(false),
@@ -135,9 +182,21 @@ impl Manager {
         Ok(manager)
     }
 
-    /// The server's address (the first one the name resolved to).
+    /// The server's address (the first one the name resolved to; `0.0.0.0:0` for a
+    /// Unix socket, see [`Manager::address`]).
     pub fn addr(&self) -> SocketAddr {
-        self.inner.addrs[0]
+        match &self.inner.target {
+            Target::Tcp(addrs) => addrs[0],
+            Target::Unix(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+
+    /// The server's address: the first one the name resolved to, or the socket's path.
+    pub fn address(&self) -> Address {
+        match &self.inner.target {
+            Target::Tcp(addrs) => Address::from(addrs[0]),
+            Target::Unix(path) => Address::Unix(path.clone()),
+        }
     }
 
     /// Opens and authenticates a new connection.
@@ -165,8 +224,12 @@ impl Manager {
     }
 
     fn open_once(&self, cfg: &ClientConfig) -> Result<Connection> {
+        let addrs = match &self.inner.target {
+            Target::Tcp(addrs) => addrs,
+            Target::Unix(path) => return self.open_unix(path, cfg),
+        };
         let mut last = None;
-        for addr in &self.inner.addrs {
+        for addr in addrs {
             match TcpStream::connect_timeout(addr, cfg.connect_timeout) {
                 Ok(stream) => {
                     return Connection::handshake(
@@ -189,6 +252,32 @@ impl Manager {
             _ => "",
         };
         Err(Error::io(format!("cannot connect to {addr}{hint}"), e))
+    }
+
+    fn open_unix(&self, path: &Path, cfg: &ClientConfig) -> Result<Connection> {
+        match net::connect_unix(path) {
+            Ok(stream) => Connection::handshake(
+                stream,
+                Role::Client,
+                &self.inner.authkey,
+                cfg.max_frame,
+                cfg.handshake_timeout,
+            ),
+            Err(e) => {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => " (no server listens on it)",
+                    std::io::ErrorKind::NotFound => " (no such socket: is the server running?)",
+                    std::io::ErrorKind::PermissionDenied => {
+                        " (the socket file's mode or its directory's does not let this user in)"
+                    }
+                    _ => "",
+                };
+                Err(Error::io(
+                    format!("cannot connect to {}{hint}", Address::Unix(path.into())),
+                    e,
+                ))
+            }
+        }
     }
 
     /// Calls a public function on a fresh one-shot connection, as Python's `dispatch` does.
@@ -388,7 +477,7 @@ impl QueueProxy {
         // First one immediate, silent attempt: a channel can be stale only because the
         // server restarted while this proxy was idle, and another proxy may have already
         // waited out the outage (and said so). Only if that fails is this an outage.
-        let addr = self.manager.addr();
+        let addr = self.manager.address();
         let start = Instant::now();
         let mut backoff = Duration::ZERO;
         let mut announced = false;

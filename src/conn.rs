@@ -1,5 +1,6 @@
-//! One authenticated TCP connection: frames of pickles (or, for a peer that uses
-//! `serializer='xmlrpclib'`, XML-RPC documents) in and out, with deadlines.
+//! One authenticated connection (TCP or Unix-domain, see `net.rs`): frames of pickles
+//! (or, for a peer that uses `serializer='xmlrpclib'`, XML-RPC documents) in and out,
+//! with deadlines.
 //!
 //! Both the server and the client talk through a [`Connection`]. It owns the socket and
 //! two reusable buffers, so a steady request/reply loop allocates nothing per frame
@@ -20,11 +21,11 @@
 
 use std::cell::Cell;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, AuthKey};
 use crate::frame;
+use crate::net::{Peer, Stream};
 use crate::pickle::{self, Value};
 use crate::protocol::{encode_frame, encode_reply_frame, Reply, Request};
 use crate::xmlrpc;
@@ -42,8 +43,8 @@ pub enum Role {
 /// A socket plus the limits and buffers needed to speak the manager protocol on it.
 #[derive(Debug)]
 pub struct Connection {
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: Peer,
     max_frame: usize,
     read_buf: Vec<u8>,
     write_buf: Vec<u8>,
@@ -105,24 +106,27 @@ struct Inbox {
 const INBOX_CAPACITY: usize = 4096;
 
 impl Connection {
-    /// Wraps a connected socket and authenticates it within `deadline`.
+    /// Wraps a connected socket (a `TcpStream`, a `UnixStream` or a [`Stream`]) and
+    /// authenticates it within `deadline`.
     ///
     /// # Errors
     /// [`Error::AuthFailed`] for a wrong authkey, [`Error::Timeout`] if the peer did not
     /// finish the handshake in time, [`Error::Protocol`] for a malformed handshake.
     pub fn handshake(
-        stream: TcpStream,
+        stream: impl Into<Stream>,
         role: Role,
         key: &AuthKey,
         max_frame: usize,
         timeout: Duration,
     ) -> Result<Connection> {
+        let stream = stream.into();
         let peer = stream
-            .peer_addr()
+            .peer()
             .map_err(|e| Error::io("reading the peer address", e))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| Error::io("setting TCP_NODELAY", e))?;
+        if let Some(tcp) = stream.as_tcp() {
+            tcp.set_nodelay(true)
+                .map_err(|e| Error::io("setting TCP_NODELAY", e))?;
+        }
         let mut timed = Deadline {
             stream: &stream,
             deadline: Instant::now() + timeout,
@@ -149,12 +153,12 @@ impl Connection {
     }
 
     /// The peer's address, for logs.
-    pub fn peer(&self) -> SocketAddr {
+    pub fn peer(&self) -> Peer {
         self.peer
     }
 
     /// The underlying socket (e.g. to shut it down from another thread).
-    pub fn stream(&self) -> &TcpStream {
+    pub fn stream(&self) -> &Stream {
         &self.stream
     }
 
@@ -378,27 +382,24 @@ impl Connection {
 /// end-of-stream or an error means it is gone. Pending request bytes (a client that
 /// pipelines, against the protocol) count as alive. Takes a clone of the connection's
 /// socket, so a blocked call can ask while the connection itself is borrowed elsewhere.
-pub fn peer_alive(stream: &TcpStream) -> bool {
-    // MSG_PEEK on a non-blocking socket; the flag is shared by all clones of the socket,
-    // which is safe here because the connection's own thread is the one asking.
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let alive = match stream.peek(&mut [0u8; 1]) {
-        Ok(0) => false,
-        Ok(_) => true,
-        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-    };
-    stream.set_nonblocking(false).is_ok() && alive
+pub fn peer_alive(stream: &Stream) -> bool {
+    stream.peer_alive()
 }
 
 /// Asks the kernel to acknowledge received data at once rather than after its delayed-ACK
 /// timer, and to send an ACK it is holding now (Linux's `TCP_QUICKACK`; the flag lapses by
 /// itself, hence one call per place a peer may be waiting). Elsewhere this does nothing.
-/// A failure only costs the delay it was meant to save, so it is ignored.
+/// A failure only costs the delay it was meant to save, so it is ignored. A Unix socket
+/// has no delayed ACKs: nothing to do.
+fn quickack(stream: &Stream) {
+    if let Some(tcp) = stream.as_tcp() {
+        tcp_quickack(tcp);
+    }
+}
+
 #[cfg(any(target_os = "linux", target_os = "android"))]
 #[allow(unsafe_code)]
-fn quickack(stream: &TcpStream) {
+fn tcp_quickack(stream: &std::net::TcpStream) {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
     // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact size.
@@ -414,11 +415,11 @@ fn quickack(stream: &TcpStream) {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn quickack(_stream: &TcpStream) {}
+fn tcp_quickack(_stream: &std::net::TcpStream) {}
 
 /// The socket read through the connection's [`Inbox`].
 struct Buffered<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     inbox: &'a mut Inbox,
     /// The caller asked for no read timeout, but the socket may still have one (see
     /// [`Connection::set_read_timeout`]): a timed-out read is retried.
@@ -474,7 +475,7 @@ impl Read for Buffered<'_> {
 /// Reads and writes that all share one deadline: each call gets only the time left, so a
 /// peer trickling one byte at a time still cannot stretch the handshake past it.
 struct Deadline<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     deadline: Instant,
     /// Acknowledge at once before each read (the server's side of the handshake).
     quickack: bool,

@@ -38,7 +38,8 @@
 //! # Ok::<(), distq::Error>(())
 //! ```
 
-#![deny(unsafe_code)] // one audited exception: `conn::quickack` (a setsockopt std lacks)
+#![deny(unsafe_code)]
+// audited exceptions: `conn::tcp_quickack` (a setsockopt std lacks), `net::peek_unix`, `net::wake_listener`
 #![warn(missing_docs)]
 
 #[doc(hidden)]
@@ -57,6 +58,7 @@ pub mod frame;
 pub mod journal;
 mod leb128;
 pub mod log;
+pub mod net;
 pub mod pickle;
 #[doc(hidden)]
 pub mod protocol;
@@ -70,5 +72,6 @@ pub mod xmlrpc;
 pub use auth::AuthKey;
 pub use client::{ClientConfig, Manager, QueueProxy};
 pub use error::{Error, Result};
+pub use net::Address;
 pub use pickle::Value;
 pub use server::{RunningServer, Server, ServerConfig, ServerHandle};

@@ -1,4 +1,5 @@
-//! The server loop: a `TcpListener`, one thread per connection, and shutdown.
+//! The server loop: a listener (TCP or Unix-domain), one thread per connection, and
+//! shutdown.
 //!
 //! Each accepted socket gets its own thread, which authenticates the peer (with a
 //! deadline), reads one request and either answers it and closes (a one-shot public
@@ -14,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -25,6 +27,7 @@ use crate::dispatch::{self, Public};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::journal::{Journal, JournalConfig};
 use crate::log::log_at;
+use crate::net::{self, Address, Listener, Stream};
 use crate::protocol::{Reply, Request};
 use crate::queues::{Policy, QueueMap, LIVENESS_SLICE};
 use crate::{Error, Result, Value};
@@ -90,7 +93,7 @@ impl ServerConfig {
     }
 }
 
-/// A queue server bound to a TCP address.
+/// A queue server bound to a TCP address or a Unix socket.
 ///
 /// # Example
 /// ```
@@ -111,8 +114,11 @@ impl ServerConfig {
 /// ```
 #[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
+    listener: Listener,
     shared: Arc<Shared>,
+    /// The socket file this server created, removed when the server is dropped (after
+    /// [`Server::run`] returns).
+    socket_file: Option<SocketFile>,
 }
 
 #[derive(Debug)]
@@ -120,16 +126,26 @@ struct Shared {
     config: ServerConfig,
     queues: QueueMap,
     local_addr: SocketAddr,
+    /// What the server listens on: `local_addr` as text, or the Unix socket's path.
+    address: Address,
     stopping: AtomicBool,
     /// Every connection thread has been joined: the journal's last flush may run.
     drained: AtomicBool,
     next_conn: AtomicU64,
-    /// Connections accepted but not yet authenticated: id, source address and a handle
-    /// to shed it by (ids grow, so the smallest is the oldest).
-    handshaking: Mutex<std::collections::BTreeMap<u64, (std::net::IpAddr, Arc<TcpStream>)>>,
+    /// Connections accepted but not yet authenticated: id, source address (`None`: the
+    /// Unix socket, whose peers count as one source) and a handle to shed it by (ids
+    /// grow, so the smallest is the oldest).
+    handshaking: Mutex<std::collections::BTreeMap<u64, (Source, Arc<Stream>)>>,
     /// A second handle on every live socket, so shutdown can unblock their threads.
-    live: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    live: Mutex<HashMap<u64, Arc<Stream>>>,
+    /// A second handle on a Unix listener: shutdown wakes `accept` through it, since the
+    /// socket file may have been removed (or replaced) and cannot be connected to.
+    unix_listener: Option<std::os::unix::net::UnixListener>,
 }
+
+/// Where a pending handshake comes from, for shedding: the peer's IP, or `None` for the
+/// Unix socket, whose peers all count as one source.
+type Source = Option<std::net::IpAddr>;
 
 /// A cheap, cloneable handle that can stop a running server and reach its queues.
 #[derive(Clone, Debug)]
@@ -167,11 +183,97 @@ impl Server {
         Server::from_listener(listener, config)
     }
 
+    /// Binds a Unix-domain socket at `path` (Python's `address='/run/app/queue.sock'`),
+    /// or, for a path starting with a NUL byte, a Linux abstract name. Who may connect
+    /// is decided by the socket file's mode and its directory's, in addition to the
+    /// authkey. The file is removed when the server stops.
+    ///
+    /// A socket file left behind by a server that died is replaced; one that a running
+    /// server answers on is not.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the path: "address in use" when a server listens there, or
+    /// when the path exists and is not a socket.
+    ///
+    /// # Example
+    /// ```
+    /// use distq::{AuthKey, Manager, Server, ServerConfig, Value};
+    /// use std::time::Duration;
+    ///
+    /// let path = std::env::temp_dir().join(format!("distq-doc-{}.sock", std::process::id()));
+    /// let running = Server::bind_unix(&path, ServerConfig::new(AuthKey::new("abc")))?.spawn()?;
+    ///
+    /// let manager = Manager::connect_unix(&path, AuthKey::new("abc"))?;
+    /// let jobs = manager.queue("jobs")?;
+    /// jobs.put(Value::from(1))?;
+    /// assert_eq!(jobs.get(Duration::from_secs(1))?, Value::from(1));
+    /// drop(jobs);
+    ///
+    /// running.shutdown()?;
+    /// assert!(!path.exists(), "the socket file goes with its server");
+    /// # Ok::<(), distq::Error>(())
+    /// ```
+    pub fn bind_unix(path: impl AsRef<Path>, config: ServerConfig) -> Result<Server> {
+        let path = path.as_ref();
+        let address = Address::Unix(path.to_path_buf());
+        let listener = listen_unix(path).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    " (a server is listening on it, or the path is not a socket)"
+                }
+                std::io::ErrorKind::PermissionDenied => " (the directory is not writable)",
+                _ => "",
+            };
+            Error::io(format!("cannot listen on {address}{hint}"), e)
+        })?;
+        let socket_file = SocketFile::new(path);
+        let mut server = Server::from_parts(
+            Listener::Unix(listener),
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            address,
+            config,
+        )?;
+        server.socket_file = socket_file;
+        Ok(server)
+    }
+
+    /// Binds `addr`: [`Server::bind`] for `HOST:PORT`, [`Server::bind_unix`] for a path.
+    ///
+    /// # Errors
+    /// As those two.
+    pub fn bind_to(addr: &Address, config: ServerConfig) -> Result<Server> {
+        match addr {
+            Address::Tcp(a) => Server::bind(a.as_str(), config),
+            Address::Unix(path) => Server::bind_unix(path, config),
+        }
+    }
+
     /// Serves on an already-bound listener.
     pub fn from_listener(listener: TcpListener, config: ServerConfig) -> Result<Server> {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the listener's address", e))?;
+        Server::from_parts(
+            Listener::Tcp(listener),
+            local_addr,
+            Address::from(local_addr),
+            config,
+        )
+    }
+
+    fn from_parts(
+        listener: Listener,
+        local_addr: SocketAddr,
+        address: Address,
+        config: ServerConfig,
+    ) -> Result<Server> {
+        let unix_listener = match &listener {
+            Listener::Unix(l) => Some(
+                l.try_clone()
+                    .map_err(|e| Error::io("duplicating the listener", e))?,
+            ),
+            Listener::Tcp(_) => None,
+        };
         let policy = Policy {
             lease_timeout: config.lease_timeout,
             max_deliveries: config.max_deliveries,
@@ -187,22 +289,31 @@ impl Server {
         };
         Ok(Server {
             listener,
+            socket_file: None,
             shared: Arc::new(Shared {
                 config,
                 queues,
                 handshaking: Mutex::new(std::collections::BTreeMap::new()),
                 local_addr,
+                address,
                 stopping: AtomicBool::new(false),
                 drained: AtomicBool::new(false),
                 next_conn: AtomicU64::new(0),
                 live: Mutex::new(HashMap::new()),
+                unix_listener,
             }),
         })
     }
 
-    /// The bound address (with the real port when bound to port 0).
+    /// The bound address (with the real port when bound to port 0); `0.0.0.0:0` for a
+    /// Unix socket (see [`Server::address`]).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
+    }
+
+    /// What the server listens on: the bound `IP:PORT`, or the Unix socket's path.
+    pub fn address(&self) -> &Address {
+        &self.shared.address
     }
 
     /// The server's queues, e.g. to declare bounded ones before clients arrive.
@@ -230,7 +341,7 @@ impl Server {
     /// Accepts and serves connections until a client calls `shutdown` or
     /// [`ServerHandle::shutdown`] is called; then joins every connection thread.
     pub fn run(self) -> Result<()> {
-        log_at!(Info, "listening on {}", self.shared.local_addr);
+        log_at!(Info, "listening on {}", self.shared.address);
         let janitor = {
             let shared = self.shared.clone();
             thread::Builder::new()
@@ -267,7 +378,7 @@ impl Server {
                 }
                 thread::sleep(Duration::from_millis(5));
             }
-            let incoming = self.listener.accept().map(|(s, _)| s);
+            let incoming = self.listener.accept();
             if self.shared.stopping.load(Ordering::SeqCst) {
                 break;
             }
@@ -343,9 +454,9 @@ impl Server {
             None => log_at!(
                 Info,
                 "server on {} stopped: no items queued or reserved",
-                self.shared.local_addr
+                self.shared.address
             ),
-            Some(left) => log_at!(Warn, "server on {} stopped: {left}", self.shared.local_addr),
+            Some(left) => log_at!(Warn, "server on {} stopped: {left}", self.shared.address),
         }
         Ok(())
     }
@@ -363,20 +474,88 @@ fn refuse_oversized(conn: &mut Connection, len: u64, max: usize) -> Result<()> {
     conn.discard_payload(len)
 }
 
-fn peer_name(stream: &TcpStream) -> String {
+fn peer_name(stream: &Stream) -> String {
     stream
-        .peer_addr()
+        .peer()
         .map_or_else(|_| "unknown peer".to_string(), |a| a.to_string())
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file: one that exists but
+/// that nothing listens on (a server that died without removing it). Only a connect
+/// tells a stale file from a live one, and only a socket file is ever removed.
+fn listen_unix(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match net::bind_unix(path) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse && net::abstract_name(path).is_none() =>
+        {
+            let is_socket =
+                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if !is_socket {
+                return Err(e);
+            }
+            match net::connect_unix(path) {
+                Err(c) if c.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    log_at!(
+                        Info,
+                        "{}: removing a stale socket file (nothing listens on it)",
+                        path.display()
+                    );
+                    std::fs::remove_file(path)?;
+                    net::bind_unix(path)
+                }
+                _ => Err(e),
+            }
+        }
+        other => other,
+    }
+}
+
+/// The socket file a Unix server created, removed on drop if it is still that file
+/// (same device and inode): a later server that replaced it keeps its own.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> Option<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        if net::abstract_name(path).is_some() {
+            return None; // an abstract name has no file, and goes with its socket
+        }
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(SocketFile {
+            path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Shared {
     /// Records a pending handshake, shedding the oldest one from the same address past
     /// `max_handshakes_per_source`, and the oldest overall past `max_handshakes` (or at
     /// the connection limit): silent peers can delay a newcomer, never lock it out.
-    fn admit_handshake(&self, id: u64, stream: &TcpStream, handle: &Arc<TcpStream>) {
-        let ip = stream
-            .peer_addr()
-            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+    fn admit_handshake(&self, id: u64, stream: &Stream, handle: &Arc<Stream>) {
+        let ip = match stream {
+            Stream::Tcp(s) => Some(
+                s.peer_addr()
+                    .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip()),
+            ),
+            Stream::Unix(_) => None,
+        };
         let Ok(mut pending) = self.handshaking.lock() else {
             return;
         };
@@ -396,6 +575,7 @@ impl Shared {
         drop(pending);
         if let Some((addr, old)) = shed {
             let _ = old.shutdown(Shutdown::Both);
+            let addr = addr.map_or_else(|| "unix socket".to_string(), |ip| ip.to_string());
             log_at!(
                 Warn,
                 "{addr}: shed its oldest pending handshake ({count} pending; limits {} per address, {} in all)",
@@ -474,13 +654,13 @@ impl Shared {
         }
     }
 
-    fn serve(&self, stream: TcpStream, id: u64, handle: &TcpStream) {
+    fn serve(&self, stream: Stream, id: u64, handle: &Stream) {
         self.queues.connections.fetch_add(1, Ordering::Relaxed);
         self.serve_connection(stream, id, handle);
         self.queues.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn serve_connection(&self, stream: TcpStream, id: u64, handle: &TcpStream) {
+    fn serve_connection(&self, stream: Stream, id: u64, handle: &Stream) {
         let peer = peer_name(&stream);
         let handshake = Connection::handshake(
             stream,
@@ -578,7 +758,7 @@ impl Shared {
     /// The method channel: requests on queues until the peer hangs up. A malformed
     /// request is answered with a `#TRACEBACK` and the loop goes on, as in Python.
     /// However the channel ends, the leases it holds go back to their queues.
-    fn serve_methods(&self, conn: &mut Connection, id: u64, handle: &TcpStream) -> Result<()> {
+    fn serve_methods(&self, conn: &mut Connection, id: u64, handle: &Stream) -> Result<()> {
         conn.set_read_timeout(self.config.idle_timeout)?;
         let peer = conn.peer();
         let alive = || crate::conn::peer_alive(handle);
@@ -671,6 +851,14 @@ impl Shared {
             }
         }
         // Wake the accept loop: it checks the flag after each accepted connection.
+        if let Some(listener) = &self.unix_listener {
+            if net::wake_listener(listener).is_err() {
+                if let Address::Unix(path) = &self.address {
+                    let _ = net::connect_unix(path);
+                }
+            }
+            return;
+        }
         let mut wake = self.local_addr;
         if wake.ip().is_unspecified() {
             wake.set_ip(match wake {
@@ -694,9 +882,14 @@ impl ServerHandle {
         &self.shared.queues
     }
 
-    /// The bound address.
+    /// The bound address (`0.0.0.0:0` for a Unix socket).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
+    }
+
+    /// What the server listens on: the bound `IP:PORT`, or the Unix socket's path.
+    pub fn address(&self) -> &Address {
+        &self.shared.address
     }
 }
 
@@ -706,9 +899,14 @@ impl RunningServer {
         &self.handle
     }
 
-    /// The bound address.
+    /// The bound address (`0.0.0.0:0` for a Unix socket).
     pub fn local_addr(&self) -> SocketAddr {
         self.handle.local_addr()
+    }
+
+    /// What the server listens on: the bound `IP:PORT`, or the Unix socket's path.
+    pub fn address(&self) -> &Address {
+        self.handle.address()
     }
 
     /// Shuts the server down and waits until every thread has finished.

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use distq::cli::{self, exit};
-use distq::{text, AuthKey, Manager, QueueProxy, RunningServer, Server, ServerConfig, Value};
+use distq::{
+    text, Address, AuthKey, ClientConfig, Manager, QueueProxy, RunningServer, Server, ServerConfig,
+    Value,
+};
 
 use super::{bind_addr, Flags};
 
@@ -26,16 +29,25 @@ impl Session {
                 config.journal = flags.journal.clone();
                 // Nothing has started yet: "cannot listen" ends the master with README's
                 // status for it (1), not the connection status a later failure gets.
-                let server = Server::bind(bind_addr(flags).as_str(), config)
+                let server = Server::bind_to(&Address::parse(&bind_addr(flags)), config)
                     .unwrap_or_else(|e| cli::fail(&e, exit::FAILURE));
                 if announce {
-                    println!("Listening on {}", server.local_addr());
+                    println!("Listening on {}", server.address());
                 }
-                let addr = loopback(server.local_addr());
-                (Some(server.spawn()?), addr.to_string())
+                // Local workers connect to wherever the server listens: its socket path,
+                // or its TCP address (a wildcard reached through loopback).
+                let addr = match server.address() {
+                    Address::Unix(_) => server.address().to_arg(),
+                    Address::Tcp(_) => loopback(server.local_addr()).to_string(),
+                };
+                (Some(server.spawn()?), addr)
             }
         };
-        let manager = Manager::connect(addr.as_str(), authkey.clone())?;
+        let manager = Manager::connect_to(
+            &Address::parse(&addr),
+            authkey.clone(),
+            ClientConfig::default(),
+        )?;
         Ok(Session {
             hosted,
             addr,

@@ -241,9 +241,17 @@ pub fn addr_arg(addr: SocketAddr) -> String {
 pub fn server_process(
     extra: &[&str],
 ) -> (Child, String, std::io::BufReader<std::process::ChildStderr>) {
+    server_process_at("127.0.0.1:0", extra)
+}
+
+/// [`server_process`] listening on `bind` (an address or a Unix socket path).
+pub fn server_process_at(
+    bind: &str,
+    extra: &[&str],
+) -> (Child, String, std::io::BufReader<std::process::ChildStderr>) {
     use std::io::BufRead;
     let mut server = bin("distq-server")
-        .args(["--bind", "127.0.0.1:0", "--authkey", KEY])
+        .args(["--bind", bind, "--authkey", KEY])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
