@@ -3,7 +3,9 @@
 # pickles each graph at every protocol from 2 to HIGHEST (capped at 5) and puts the raw
 # pickle; 'check', in another Python process (another version), rebuilds the same graphs
 # from the seed, gets each item back and compares: equal values, the same types, the
-# same sharing and the same cycles. Exits 1 on any difference.
+# same sharing and the same cycles. Exits 1 on any difference. A mode ending in '+numpy'
+# ('put+numpy', 'check+numpy') adds numpy arrays and scalars to the graphs; numpy must be
+# importable then (.ci/run installs it in every Python).
 import collections, dataclasses, random
 
 @dataclasses.dataclass
@@ -62,6 +64,36 @@ ATOMS = [
     lambda r: r.choice([1j, complex(2, -1)]),
 ]
 
+NUMPY = sys.argv[5].endswith('+numpy')
+if NUMPY:
+    import numpy as np
+    DTYPES = ['i1', '<i4', '>i8', 'u2', '<f4', '>f8', 'c16', '?', 'U3', 'S2', 'M8[D]', 'm8[s]',
+              [('a', '<i4'), ('b', '>f8')]]
+
+    def ndarray(r):
+        dtype = np.dtype(r.choice(DTYPES))
+        shape = r.choice([(), (0,), (r.randrange(1, 6),), (2, 3), (2, 1, 2)])
+        raw = bytes(r.randrange(256) for _ in range(dtype.itemsize * int(np.prod(shape))))
+        a = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+        if dtype.kind == 'U':
+            a = np.array([''.join(chr(r.randrange(32, 0xD000)) for _ in range(r.randrange(4)))
+                          for _ in range(a.size)], dtype=dtype).reshape(shape)
+        elif dtype.kind == 'M' or dtype.kind == 'm':
+            np.remainder(a.view('i8'), 10**6, out=a.view('i8'))  # real dates and spans, no NaT
+        how = r.randrange(4)
+        if how == 1 and a.ndim >= 2:
+            a = np.asfortranarray(a)
+        elif how == 2 and a.ndim >= 1:
+            a = a[::2]  # not contiguous: pickled as a C-ordered copy
+        elif how == 3:
+            a.flags.writeable = False
+        return a
+
+    NUMPY_SCALARS = [lambda r: np.float64(r.random()), lambda r: np.int32(r.randrange(-9, 9)),
+                     lambda r: np.bool_(r.random() < 0.5), lambda r: np.complex64(1 - 2j),
+                     lambda r: np.datetime64('2021-03-04'), lambda r: np.uint8(200)]
+    ATOMS = ATOMS + [ndarray] * 6 + NUMPY_SCALARS
+
 def atom(r):
     return r.choice(ATOMS)(r)
 
@@ -77,7 +109,7 @@ def graph(r, depth=0, pool=None):
         return r.choice(pool)
     if depth >= 4 or r.random() < 0.3:
         return atom(r)
-    kind = r.randrange(17)
+    kind = r.randrange(18 if NUMPY else 17)
     n = r.randrange(4)
     sub = lambda: graph(r, depth + 1, pool)
     if kind == 0:
@@ -119,8 +151,13 @@ def graph(r, depth=0, pool=None):
         for _ in range(r.randrange(3)):
             node[key(r)] = sub()
         node.state = r.choice([None, {'s': sub()}, (sub(),)])
-    else:
+    elif kind == 16:
         node = NewArgsEx(*(sub() for _ in range(n)), kw=sub())
+    else:
+        # An object array holds references like a list: sharing and cycles through it.
+        node = np.empty(r.choice([(n,), (n, 2)]), dtype=object); pool.append(node)
+        for at in np.ndindex(node.shape):
+            node[at] = sub()
     return node
 
 def same(a, b, seen):
@@ -128,6 +165,8 @@ def same(a, b, seen):
     of container identities (so sharing and cycles match)."""
     if type(a) is not type(b):
         return False
+    if NUMPY and isinstance(a, np.generic):
+        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
     if isinstance(a, float):
         return repr(a) == repr(b)
     if isinstance(a, (type(None), bool, int, complex, str, bytes, frozenset)):
@@ -141,6 +180,14 @@ def same(a, b, seen):
     seen[id(a)] = b
     if isinstance(a, bytearray):
         return a == b
+    if NUMPY and isinstance(a, np.ndarray):
+        fortran = lambda x: x.flags.f_contiguous and not x.flags.c_contiguous
+        if (a.dtype != b.dtype or a.shape != b.shape or fortran(a) != fortran(b)
+                or a.flags.writeable != b.flags.writeable):  # bytes vs bytearray at protocol 5
+            return False
+        if a.dtype == object:
+            return all(same(a[at], b[at], seen) for at in np.ndindex(a.shape))
+        return a.tobytes() == b.tobytes()
     attrs = lambda: same(vars(a), vars(b), seen) if hasattr(a, '__dict__') else True
     if isinstance(a, set):
         return a == b and attrs()
@@ -169,7 +216,7 @@ mode, seed, count = sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
 rng = random.Random(seed)
 graphs = [graph(rng) for _ in range(count)]
 protocols = [int(p) for p in sys.argv[8].split(',')] if len(sys.argv) > 8 else range(2, HIGHEST + 1)
-if mode == 'put':
+if mode.startswith('put'):
     n = 0
     for g in graphs:
         for proto in protocols:
@@ -184,6 +231,12 @@ if mode == 'put':
 # The comparison can fail: sharing and cycles count, not just equality.
 _c = [[]]; _c.append(_c[0]); _r = []; _r.append(_r)
 assert not same([[], []], _c, {}) and not same(_r, [[]], {}) and same(_r, _r, {})
+if NUMPY:
+    _a = np.arange(4).reshape(2, 2); _b = _a.copy(); _b[1, 1] = 9
+    _o = np.empty(1, dtype=object); _o[0] = _o
+    assert (not same(_a, _b, {}) and not same([_a, _a], [_a, _a.copy()], {})
+            and not same(_a, np.asfortranarray(_a), {}) and not same(_a, _a.astype('>i8'), {})
+            and same(_o, pickle.loads(pickle.dumps(_o, 2)), {}) and not same(_o, np.array([_o]), {}))
 class _Known(pickle.Unpickler):
     """Resolves only what the corpus uses, so a mutated name cannot reach anything else."""
     def find_class(self, module, name):
@@ -263,7 +316,10 @@ failures = []
 for i, g in enumerate(graphs):
     for proto in protocols:
         got = raw_get()
-        if not same(g, got, {}):
+        # numpy's own round trip decides some details (a read-only array comes back
+        # writable below protocol 5): compare with what CPython's pickle alone gives.
+        want = pickle.loads(pickle.dumps(g, proto)) if NUMPY else g
+        if not same(want, got, {}):
             failures.append('graph %d protocol %d: want %r, got %r'
                             % (i, proto, repr(g)[:200], repr(got)[:200]))
 for f in failures[:10]:
