@@ -15,12 +15,21 @@ const VALUES: &str = include_str!("python/values.py");
 const SEMANTICS: &str = include_str!("python/semantics.py");
 const PY_SERVER: &str = include_str!("python/manager_server.py");
 const JOIN_MASTER: &str = include_str!("python/join_master.py");
-const RAW_ITEMS: &str = include_str!("python/raw_items.py");
+const RAW_ITEMS: &str = concat!(
+    include_str!("python/one_queue.py"),
+    include_str!("python/raw_items.py")
+);
 const PICKLE_SUITE: &str = include_str!("python/pickle_suite.py");
 const CORPUS: &str = include_str!("python/corpus.py");
 const REPLY_QUEUE: &str = include_str!("python/reply_queue.py");
-const OVERSIZED: &str = include_str!("python/oversized.py");
-const MEMORY: &str = include_str!("python/memory.py");
+const OVERSIZED: &str = concat!(
+    include_str!("python/one_queue.py"),
+    include_str!("python/oversized.py")
+);
+const MEMORY: &str = concat!(
+    include_str!("python/one_queue.py"),
+    include_str!("python/memory.py")
+);
 
 /// distq-master (hosting its server) with the classic Python worker, on every version.
 #[test]
@@ -512,7 +521,10 @@ fn an_oversized_item_is_refused_and_the_connection_kept() {
     let server = server_with(|c| c.max_frame = limit);
     let port = server.local_addr().port().to_string();
     for py in require_pythons() {
-        let out = py.run_ok(OVERSIZED, &["127.0.0.1", &port, KEY, &limit.to_string()]);
+        let out = py.run_ok(
+            OVERSIZED,
+            &["127.0.0.1", &port, KEY, "get_big_queue", &limit.to_string()],
+        );
         assert!(
             out.contains("refused and still connected"),
             "python {:?}: {out}",
@@ -530,7 +542,10 @@ fn the_memory_budget_is_queue_full_for_python() {
     let server = server_with(|c| c.max_memory = Some(limit));
     let port = server.local_addr().port().to_string();
     for py in require_pythons() {
-        let out = py.run_ok(MEMORY, &["127.0.0.1", &port, KEY, &limit.to_string()]);
+        let out = py.run_ok(
+            MEMORY,
+            &["127.0.0.1", &port, KEY, "get_mem_queue", &limit.to_string()],
+        );
         assert!(
             out.contains("budget kept"),
             "python {:?}: {out}",

@@ -1,17 +1,9 @@
 # Issue 16: the server's memory budget (--max-memory) as a Python client sees it:
 # queue.Full naming the limit, blocking puts time out, gets keep working and free it.
-import sys, queue
-from multiprocessing.managers import BaseManager
+# After one_queue.py; argv[5] is the server's --max-memory.
+import queue
 
-host, port, key, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
-
-class M(BaseManager):
-    pass
-
-M.register('get_mem_queue')
-m = M(address=(host, port), authkey=key)
-m.connect()
-q = m.get_mem_queue()
+limit = int(sys.argv[5])
 q.put(b'x' * (limit * 6 // 10))
 for put in (lambda: q.put_nowait(b'y' * (limit // 2)), lambda: q.put(b'y' * (limit // 2), timeout=0.2)):
     try:

@@ -1,17 +1,9 @@
 # Issue 13: an item over the server's frame limit is refused with a RemoteError naming
 # the limit, and the thread's cached connection stays usable for the next call.
-import sys
-from multiprocessing.managers import BaseManager, RemoteError
+# After one_queue.py; argv[5] is the server's --max-frame.
+from multiprocessing.managers import RemoteError
 
-host, port, key, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
-
-class M(BaseManager):
-    pass
-
-M.register('get_big_queue')
-m = M(address=(host, port), authkey=key)
-m.connect()
-q = m.get_big_queue()
+limit = int(sys.argv[5])
 q.put('small before')
 try:
     q.put(b'x' * (2 * limit))

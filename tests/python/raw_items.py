@@ -1,19 +1,10 @@
 # Raw items: put a pickle's own opcodes as the item of a hand-built request, and get
-# the item back, through the manager at argv[1]:argv[2] (queue argv[4]). Shared by the
-# pickle suite and the corpus; the test prepends it to each.
-import pickle, sys
+# the item back, through the queue `q` of one_queue.py. Shared by the pickle suite and
+# the corpus; the test prepends both to each.
+import pickle
 from multiprocessing.connection import Client
-from multiprocessing.managers import BaseManager
 
-host, port, key, qname = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
-
-class _M(BaseManager):
-    pass
-
-_M.register(qname)
-_m = _M(address=(host, port), authkey=key)
-_m.connect()
-ident = getattr(_m, qname)()._id
+ident = q._id
 conn = Client((host, port), authkey=key)
 conn.send((None, 'accept_connection', ('raw items',), {}))
 assert conn.recv() == ('#RETURN', None)
