@@ -1,23 +1,22 @@
 //! `distq-worker`: the Rust twin of the classic `task_worker.py`, and with `--exec` a
 //! worker that runs a shell command for each task.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::io::Write as _;
 use std::time::Duration;
 
 use distq::cli::{self, CommonFlags};
 use distq::exec::{self, ExecConfig};
-use distq::{text, Address, ClientConfig, Error, Manager, QueueProxy, Value};
+use distq::worker::{self, Done, Event, Handler, Stop, WorkerConfig};
+use distq::{text, Address, ClientConfig, Error, Manager, Value};
 use lexopt::ValueExt;
 
 #[path = "signals.rs"]
 pub(crate) mod signals;
 
 /// Set on SIGINT/SIGTERM: slots take no new task, running commands are stopped (see
-/// [`exec::Stop`]) and their tasks given back.
-static STOP: exec::Stop = exec::Stop::new();
+/// [`Stop`]) and their tasks given back.
+static STOP: Stop = Stop::new();
 
 const HELP: &str = "\
 distq-worker: take tasks from a distq or Python manager and put results back
@@ -183,72 +182,137 @@ pub(crate) fn main() {
     println!("Worker exit.");
 }
 
-/// What every slot shares.
-struct Shared<'a> {
-    flags: &'a Flags,
-    manager: Manager,
-    leases: bool,
-    /// Rounds of get left (`u64::MAX`: forever).
-    rounds: AtomicU64,
-    /// Set when a slot fails, so the others stop at their next round.
-    stop: AtomicBool,
-    /// Failed attempts per task this worker released for a retry, by task key. Only
-    /// this worker's attempts are counted: with several workers a task may be tried up
-    /// to (retries + 1) times by each.
-    failures: Mutex<HashMap<String, u32>>,
-    /// Print a line per task on stdout (not with -q).
-    chatty: bool,
-    /// Whether to call `task_done()` after each result of a task taken without a lease
-    /// (the queue exposes it: Python's `queue.Queue` and `JoinableQueue` do).
-    task_done: bool,
-    /// Whether the server has `ack_put` (distq's): result and ack in one round trip.
-    ack_put: bool,
-    /// Instant tasks taken and completed in batches (see [`prefetch_loop`]).
-    prefetch: bool,
-}
-
-const RESULT_QUEUE: &str = "get_result_queue";
-
 fn run(flags: &Flags, authkey: distq::AuthKey, chatty: bool) -> distq::Result<()> {
     println!("Connecting to server {}...", flags.connect);
     let manager = first_connect(flags, authkey)?;
-    let task_queue = manager.queue("get_task_queue")?;
-    let leases = flags.leases && task_queue.exposes("reserve");
-    let task_done = task_queue.exposes("task_done");
-    let ack_put = task_queue.exposes("ack_put");
-    let batches = task_queue.exposes("reserve_many") && task_queue.exposes("ack_put_many");
-    drop(task_queue);
-    if flags.leases && !leases {
-        eprintln!(
+    let default_rounds = if flags.exec.is_some() { None } else { Some(10) };
+    let config = WorkerConfig {
+        rounds: flags.rounds.unwrap_or(default_rounds),
+        get_timeout: flags.get_timeout,
+        leases: flags.leases,
+        concurrency: flags.concurrency,
+        retries: flags.retries,
+        retry_delay: flags.retry_delay,
+        ..WorkerConfig::default()
+    };
+    let classic = flags.exec.is_none();
+    let square = Square { sleep: flags.sleep };
+    let shell;
+    let handler: &dyn Handler = match &flags.exec {
+        None => &square,
+        Some(exec) => {
+            shell = Shell {
+                exec,
+                sleep: flags.sleep,
+            };
+            &shell
+        }
+    };
+    worker::run(&manager, &config, handler, &STOP, &|event| {
+        report(&event, classic, chatty)
+    })
+}
+
+/// The classic demo's work: `"n * n = n²"`, after `--sleep`.
+struct Square {
+    sleep: Duration,
+}
+
+impl Handler for Square {
+    fn run(&self, task: &Value, _attempt: u32, _stop: &Stop) -> Done {
+        std::thread::sleep(self.sleep);
+        Done::Result {
+            value: square(task),
+            succeeded: true,
+            summary: String::new(),
+        }
+    }
+
+    fn instant(&self) -> bool {
+        self.sleep.is_zero()
+    }
+}
+
+/// `--exec`: the command, with the task as `$1` and on stdin; the result is its record.
+struct Shell<'a> {
+    exec: &'a ExecConfig,
+    sleep: Duration,
+}
+
+impl Handler for Shell<'_> {
+    fn run(&self, item: &Value, attempt: u32, stop: &Stop) -> Done {
+        std::thread::sleep(self.sleep);
+        let envelope = text::open_envelope(item);
+        let arg = text::arg_form(envelope.task);
+        let mut stdin = arg.clone();
+        stdin.push(b'\n');
+        let outcome = exec::run(self.exec, &arg, &stdin, stop);
+        if outcome.status == exec::Status::Stopped {
+            return Done::Stopped;
+        }
+        Done::Result {
+            value: outcome.record(&envelope, attempt),
+            succeeded: outcome.succeeded(),
+            summary: outcome.summary(),
+        }
+    }
+}
+
+/// The worker's lines: what the loop reports, as the classic `task_worker.py` and the
+/// command worker say it.
+fn report(event: &Event, classic: bool, chatty: bool) {
+    match event {
+        Event::NoLeases => eprintln!(
             "note: the server has no leases (reserve/ack; e.g. Python's BaseManager): \
              using get/put, so a task this worker is running is lost if it dies"
-        );
+        ),
+        Event::Empty if classic && chatty => println!("Task queue is empty."),
+        Event::Running(tasks) if classic => {
+            // One write per batch: stdout is line-buffered even into a file.
+            let mut lines = String::new();
+            for task in tasks.iter() {
+                let _ = writeln!(lines, "Running task {task} * {task}...");
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(lines.as_bytes()).and_then(|()| out.flush());
+        }
+        Event::Attempted {
+            task,
+            summary,
+            will_retry,
+        } if chatty => {
+            let arg = text::arg_form(text::open_envelope(task).task);
+            let then = if *will_retry { "; will retry" } else { "" };
+            println!(
+                "Task {}: {summary}{then}",
+                shorten(&String::from_utf8_lossy(&arg))
+            );
+        }
+        Event::ResultRefused { task, message } if message.starts_with("unknown lease") => {
+            eprintln!(
+                "warning: dropped the result of task {}: {message}; the task goes to \
+                 another worker (if this call reached the server before the connection \
+                 broke, the result was stored once)",
+                shorten(&text::text_form(task))
+            )
+        }
+        Event::ResultRefused { task, message } => {
+            eprintln!(
+                "warning: task {}: {message}",
+                shorten(&text::text_form(task))
+            )
+        }
+        // The connection was lost and the task requeued: another worker may run it
+        // again (at-least-once), which is safe to continue from.
+        Event::AckFailed { task, error } => {
+            eprintln!("warning: could not ack task {task}: {error}")
+        }
+        Event::GaveBack(task) => eprintln!(
+            "Task {}: stopped; given back to the queue",
+            shorten(&text::text_form(text::open_envelope(task).task))
+        ),
+        _ => {}
     }
-    let default_rounds = if flags.exec.is_some() { None } else { Some(10) };
-    let shared = Shared {
-        flags,
-        manager,
-        leases,
-        rounds: AtomicU64::new(flags.rounds.unwrap_or(default_rounds).unwrap_or(u64::MAX)),
-        stop: AtomicBool::new(false),
-        failures: Mutex::new(HashMap::new()),
-        chatty,
-        task_done,
-        ack_put,
-        prefetch: leases && batches && flags.exec.is_none() && flags.sleep.is_zero(),
-    };
-    std::thread::scope(|s| {
-        let slots: Vec<_> = (0..flags.concurrency)
-            .map(|_| s.spawn(|| slot(&shared)))
-            .collect();
-        slots
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Internal("a worker slot panicked".into())))
-            })
-            .fold(Ok(()), Result::and)
-    })
 }
 
 /// Connects, waiting up to `--reconnect-for` for a server that is not up yet (workers
@@ -280,323 +344,6 @@ fn first_connect(flags: &Flags, authkey: distq::AuthKey) -> distq::Result<Manage
             other => return other,
         }
     }
-}
-
-/// One task at a time, on its own connections: leases belong to the connection that
-/// took them, and a blocked reserve must not hold up another slot's ack.
-fn slot(shared: &Shared) -> distq::Result<()> {
-    let result = slot_loop(shared);
-    if result.is_err() {
-        shared.stop.store(true, Ordering::SeqCst);
-    }
-    result
-}
-
-fn slot_loop(shared: &Shared) -> distq::Result<()> {
-    let tasks = shared.manager.queue("get_task_queue")?;
-    let results = shared.manager.queue(RESULT_QUEUE)?;
-    if shared.prefetch {
-        return prefetch_loop(shared, &tasks, &results);
-    }
-    let take_round = || take_rounds(shared, 1) == 1;
-    while !shared.stop.load(Ordering::SeqCst) && !STOP.requested() && take_round() {
-        let flags = shared.flags;
-        let taken = if shared.leases {
-            tasks
-                .reserve(flags.get_timeout)
-                .map(|(lease, task)| (Some(lease), task))
-        } else {
-            tasks.get(flags.get_timeout).map(|task| (None, task))
-        };
-        match taken {
-            Ok((lease, task)) if STOP.requested() => give_back(shared, &tasks, lease, &task)?,
-            Ok((lease, task)) => {
-                let done = match &flags.exec {
-                    None => {
-                        println!("Running task {task} * {task}...");
-                        // Slow (`--sleep`) tasks keep their lease like commands do;
-                        // an instant one needs no toucher thread.
-                        let keep = lease.filter(|_| !flags.sleep.is_zero());
-                        Some(run_keeping_lease(&tasks, keep, || {
-                            std::thread::sleep(flags.sleep);
-                            square(&task)
-                        }))
-                    }
-                    Some(exec) => {
-                        std::thread::sleep(flags.sleep);
-                        run_command(shared, exec, &tasks, lease, &task)?
-                    }
-                };
-                if let Some(result) = done {
-                    deliver(shared, &tasks, &results, lease, &task, result)?;
-                }
-            }
-            // The master ended the job (it shut the task queue down): nothing more to take.
-            Err(Error::ShutDown) => break,
-            Err(Error::Empty) if flags.exec.is_none() && shared.chatty => {
-                println!("Task queue is empty.")
-            }
-            Err(Error::Empty) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Takes up to `want` rounds of the worker's budget (`--tasks`); returns how many.
-fn take_rounds(shared: &Shared, want: u64) -> u64 {
-    let mut got = 0;
-    let _ = shared
-        .rounds
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
-            0 => None,
-            u64::MAX => {
-                got = want;
-                Some(u64::MAX)
-            }
-            n => {
-                got = want.min(n);
-                Some(n - got)
-            }
-        });
-    got
-}
-
-/// Returns rounds taken but not used (a prefetch that got fewer tasks than it asked for).
-fn return_rounds(shared: &Shared, unused: u64) {
-    let _ = shared
-        .rounds
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
-            u64::MAX => None,
-            n => Some(n.saturating_add(unused)),
-        });
-}
-
-/// How many instant (squaring) tasks a slot takes per round trip when the server can
-/// lease several at once: the server gives at most half of what waits, so a short
-/// queue still feeds every worker.
-const PREFETCH: u64 = 16;
-
-/// The classic worker on a distq server: tasks are instant, so they are taken
-/// [`PREFETCH`] at a time under leases (`reserve_many`) and their results put and
-/// acked in one round trip (`ack_put_many`): 2 round trips per batch instead of 2 per
-/// task. Each task still counts as one round of `--tasks`, and a worker killed with
-/// prefetched leases loses nothing: its connection closes and they are requeued.
-fn prefetch_loop(shared: &Shared, tasks: &QueueProxy, results: &QueueProxy) -> distq::Result<()> {
-    let flags = shared.flags;
-    while !shared.stop.load(Ordering::SeqCst) && !STOP.requested() {
-        let rounds = take_rounds(shared, PREFETCH);
-        if rounds == 0 {
-            break;
-        }
-        let batch = match tasks.reserve_many(rounds as usize, flags.get_timeout) {
-            Ok(batch) => batch,
-            Err(Error::ShutDown) => break,
-            Err(Error::Empty) => {
-                return_rounds(shared, rounds - 1);
-                if shared.chatty {
-                    println!("Task queue is empty.");
-                }
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        return_rounds(shared, rounds - batch.len() as u64);
-        if STOP.requested() {
-            for (lease, task) in &batch {
-                give_back(shared, tasks, Some(*lease), task)?;
-            }
-            break;
-        }
-        // One write per batch: stdout is line-buffered even into a file.
-        let mut lines = String::new();
-        let squares: Vec<Value> = batch
-            .iter()
-            .map(|(_, task)| {
-                let _ = writeln!(lines, "Running task {task} * {task}...");
-                square(task)
-            })
-            .collect();
-        {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(lines.as_bytes()).and_then(|()| out.flush());
-        }
-        let leases: Vec<u64> = batch.iter().map(|(lease, _)| *lease).collect();
-        match tasks.ack_put_many(&leases, squares.clone(), RESULT_QUEUE) {
-            // One lease was gone (expired, say): nothing was stored; each result then
-            // goes on its own, so only that one is dropped.
-            Err(Error::Remote { class, .. }) if class.ends_with("ValueError") => {
-                for ((lease, task), result) in batch.iter().zip(squares) {
-                    deliver(shared, tasks, results, Some(*lease), task, result)?;
-                }
-            }
-            other => other?,
-        }
-    }
-    Ok(())
-}
-
-/// Puts a task's result and completes the task. A leased task on a distq server goes in
-/// one `ack_put`, which stores nothing if the lease is gone: a worker that lost its
-/// server mid-task (killed master, restart) and reconnected to a new one never hands
-/// the new run a result of the old one. Elsewhere: `put`, then `ack` or `task_done`.
-fn deliver(
-    shared: &Shared,
-    tasks: &QueueProxy,
-    results: &QueueProxy,
-    lease: Option<u64>,
-    task: &Value,
-    result: Value,
-) -> distq::Result<()> {
-    match lease {
-        Some(lease) if shared.ack_put => match tasks.ack_put(lease, result, RESULT_QUEUE) {
-            Err(Error::Remote { class, message }) if class.ends_with("ValueError") => {
-                let task = shorten(&text::text_form(task));
-                if message.starts_with("unknown lease") {
-                    eprintln!(
-                        "warning: dropped the result of task {task}: {message}; the task goes to \
-                         another worker (if this call reached the server before the connection \
-                         broke, the result was stored once)"
-                    );
-                } else {
-                    eprintln!("warning: task {task}: {message}");
-                }
-                Ok(())
-            }
-            other => other,
-        },
-        Some(lease) => {
-            results.put(result)?;
-            if let Err(e) = tasks.ack(lease) {
-                // The connection was lost and the task requeued: another worker may run
-                // it again (at-least-once), which is safe to continue from.
-                eprintln!("warning: could not ack task {task}: {e}");
-            }
-            Ok(())
-        }
-        None => {
-            results.put(result)?;
-            if shared.task_done {
-                // A master waiting in `task_queue.join()` counts these (an ack does the
-                // same for a leased task).
-                tasks.task_done()?;
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Runs the command for `item`. Returns the record to put, or `None` if the task was
-/// released for a retry.
-fn run_command(
-    shared: &Shared,
-    exec: &ExecConfig,
-    tasks: &QueueProxy,
-    lease: Option<u64>,
-    item: &Value,
-) -> distq::Result<Option<Value>> {
-    let flags = shared.flags;
-    let envelope = text::open_envelope(item);
-    let arg = text::arg_form(envelope.task);
-    let mut stdin = arg.clone();
-    stdin.push(b'\n');
-    let shown = shorten(&String::from_utf8_lossy(&arg));
-    let key = envelope
-        .id
-        .map_or_else(|| item.to_string(), |id| format!("#{id}"));
-    let failures = || shared.failures.lock().unwrap_or_else(|p| p.into_inner());
-    let mut attempts = failures().get(&key).copied().unwrap_or(0) + 1;
-    loop {
-        let outcome = run_keeping_lease(tasks, lease, || exec::run(exec, &arg, &stdin, &STOP));
-        if outcome.status == exec::Status::Stopped {
-            give_back(shared, tasks, lease, item)?;
-            return Ok(None);
-        }
-        let retry = !outcome.succeeded() && attempts <= flags.retries;
-        if shared.chatty {
-            let then = if retry { "; will retry" } else { "" };
-            println!("Task {shown}: {}{then}", outcome.summary());
-        }
-        if !retry {
-            failures().remove(&key);
-            return Ok(Some(outcome.record(&envelope, attempts)));
-        }
-        match lease {
-            // Given back to the queue, so that another worker (or this one, later)
-            // retries it after the delay; the lease is ended either way.
-            Some(lease) => {
-                failures().insert(key, attempts);
-                tasks.release(lease, Some(flags.retry_delay))?;
-                return Ok(None);
-            }
-            // Without leases, giving it back would mean a new put at the tail and no
-            // memory of the attempts: retry here instead.
-            None => {
-                std::thread::sleep(flags.retry_delay);
-                attempts += 1;
-            }
-        }
-    }
-}
-
-/// Returns a task this worker will not finish (it is stopping) to the queue: a leased
-/// one by ending its lease, so it keeps its place and delivery count; one taken with a
-/// plain `get` by putting it again, at the tail (the only way back without leases).
-fn give_back(
-    shared: &Shared,
-    tasks: &QueueProxy,
-    lease: Option<u64>,
-    task: &Value,
-) -> distq::Result<()> {
-    match lease {
-        Some(lease) => tasks.release(lease, None)?,
-        None => {
-            tasks.put(task.clone())?;
-            if shared.task_done {
-                // The put counted a new unfinished task: the one we took is done.
-                tasks.task_done()?;
-            }
-        }
-    }
-    eprintln!(
-        "Task {}: stopped; given back to the queue",
-        shorten(&text::text_form(text::open_envelope(task).task))
-    );
-    Ok(())
-}
-
-/// How often a running command's lease is extended: inside any `--lease-timeout` of two
-/// seconds or more, for one tiny call per second per running command.
-const TOUCH_EVERY: Duration = Duration::from_secs(1);
-
-/// Runs `work` while another thread `touch`es the task's lease every [`TOUCH_EVERY`], so
-/// a command that runs longer than the server's `--lease-timeout` is not requeued (and
-/// run twice) while it is still making progress.
-fn run_keeping_lease<T>(tasks: &QueueProxy, lease: Option<u64>, work: impl FnOnce() -> T) -> T {
-    let Some(lease) = lease else { return work() };
-    let done = std::sync::Mutex::new(false);
-    let wake = std::sync::Condvar::new();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut finished = done.lock().unwrap_or_else(|p| p.into_inner());
-            while !*finished {
-                let (guard, timeout) = wake
-                    .wait_timeout(finished, TOUCH_EVERY)
-                    .unwrap_or_else(|p| p.into_inner());
-                finished = guard;
-                if timeout.timed_out() && !*finished {
-                    // A failed touch means the lease is already gone (the connection
-                    // dropped): the ack will say so; nothing to do here.
-                    let _ = tasks.touch(lease, None);
-                }
-            }
-        });
-        let result = work();
-        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        wake.notify_all();
-        result
-    })
 }
 
 /// A task for a one-line log: at most 60 characters, on one line.

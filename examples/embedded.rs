@@ -12,7 +12,8 @@
 use std::thread;
 use std::time::Duration;
 
-use distq::{AuthKey, Error, Manager, Server, ServerConfig};
+use distq::worker::{self, Done, Handler, Stop, WorkerConfig};
+use distq::{AuthKey, Error, Manager, Server, ServerConfig, Value};
 
 const KEY: &str = "embedded-example";
 const TASKS: &str = "get_task_queue";
@@ -24,26 +25,13 @@ fn main() -> distq::Result<()> {
     let running = server.spawn()?;
     println!("serving on {addr}");
 
-    // The worker: squares each task until the master shuts the task queue down. One
-    // `Manager` (and so one set of connections) per thread.
-    let worker = thread::spawn(move || -> distq::Result<u32> {
+    // The worker: the library's worker loop squares each task until the master shuts the
+    // task queue down (leases, batches and a clean stop come with it). One `Manager`
+    // (and so one set of connections) per thread.
+    let worker = thread::spawn(move || -> distq::Result<()> {
         let manager = Manager::connect(addr, AuthKey::new(KEY))?;
-        let (tasks, results) = (manager.queue(TASKS)?, manager.queue(RESULTS)?);
-        let mut done = 0;
-        loop {
-            match tasks.get(Duration::from_secs(10)) {
-                Ok(task) => {
-                    let n = task
-                        .as_int()
-                        .ok_or_else(|| Error::Value(format!("{task} is not an int")))?;
-                    results.put(n * n)?;
-                    done += 1;
-                }
-                // A shut-down queue still hands out what it holds, then says so.
-                Err(Error::ShutDown) => return Ok(done),
-                Err(e) => return Err(e),
-            }
-        }
+        let config = WorkerConfig::default();
+        worker::run(&manager, &config, &Square, &Stop::new(), &|_| {})
     });
 
     // The master: puts the tasks, collects one result per task, ends the job.
@@ -68,10 +56,31 @@ fn main() -> distq::Result<()> {
     assert!(matches!(results.get(Duration::ZERO), Err(Error::Empty)));
 
     tasks.shutdown(false)?;
-    let done = worker.join().expect("the worker thread panicked")?;
-    println!("the worker did {done} tasks");
+    worker.join().expect("the worker thread panicked")?;
+    println!("the worker saw the job end");
     drop((tasks, results));
     running.shutdown()
+}
+
+/// The work: each task's square, at once.
+struct Square;
+
+impl Handler for Square {
+    fn run(&self, task: &Value, _attempt: u32, _stop: &Stop) -> Done {
+        let (value, succeeded) = match task.as_int().and_then(|n| n.checked_mul(n)) {
+            Some(square) => (Value::Int(square), true),
+            None => (Value::from(format!("cannot square {task}")), false),
+        };
+        Done::Result {
+            value,
+            succeeded,
+            summary: String::new(),
+        }
+    }
+
+    fn instant(&self) -> bool {
+        true
+    }
 }
 
 #[test]

@@ -31,13 +31,13 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::text;
+use crate::worker::Stop;
 use crate::Value;
 
 /// How commands are run. Start from [`ExecConfig::new`].
@@ -171,36 +171,6 @@ impl Outcome {
             (Status::Failed, None, None) => "failed".to_string(),
         };
         format!("{how} in {:.2}s", self.duration.as_secs_f64())
-    }
-}
-
-/// A request to stop running commands early, shared by everything that runs them (the
-/// worker sets it on SIGTERM): the first [`Stop::request`] stops each command as a
-/// timeout would (SIGTERM to its group, SIGKILL after the grace period), a second one
-/// SIGKILLs at once.
-#[derive(Debug, Default)]
-pub struct Stop(AtomicU8);
-
-impl Stop {
-    /// Not stopping.
-    pub const fn new() -> Stop {
-        Stop(AtomicU8::new(0))
-    }
-
-    /// Asks once more (see the type's docs).
-    pub fn request(&self) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some((n + 1).min(2)));
-    }
-
-    /// Whether a stop was requested.
-    pub fn requested(&self) -> bool {
-        self.0.load(Ordering::SeqCst) > 0
-    }
-
-    fn urgent(&self) -> bool {
-        self.0.load(Ordering::SeqCst) > 1
     }
 }
 

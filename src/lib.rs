@@ -12,6 +12,8 @@
 //!   embedded or standalone, with an optional [`journal`] ([`journal::JournalConfig`]).
 //! - [`Manager`], [`QueueProxy`], [`ClientConfig`]: talk to a distq or Python server.
 //! - [`Value`] (in [`pickle`]), [`AuthKey`], [`Error`].
+//! - [`worker`]: the worker loop (leases, batches, retries, lease renewal, a clean stop)
+//!   around a [`worker::Handler`] of your own.
 //! - For workers and tools: [`exec`] (a shell command per task), [`text`] (values as
 //!   text and JSON, the line-mode envelope) and [`log`] (silent until a level is set).
 //!
@@ -66,6 +68,7 @@ pub mod protocol;
 pub mod queues;
 pub mod server;
 pub mod text;
+pub mod worker;
 #[doc(hidden)]
 pub mod xmlrpc;
 

@@ -11,7 +11,7 @@ fn run(cmd: &str, arg: &str) -> exec::Outcome {
         &ExecConfig::new(cmd),
         arg.as_bytes(),
         format!("{arg}\n").as_bytes(),
-        &exec::Stop::new(),
+        &distq::worker::Stop::new(),
     )
 }
 
@@ -61,7 +61,7 @@ fn a_timeout_terminates_the_whole_command() {
     let mut config = ExecConfig::new("sleep 30; echo never");
     config.timeout = Some(Duration::from_millis(300));
     let start = Instant::now();
-    let out = exec::run(&config, b"x", b"", &exec::Stop::new());
+    let out = exec::run(&config, b"x", b"", &distq::worker::Stop::new());
     assert_eq!(out.status, Status::Timeout);
     assert_eq!(out.signal, Some(15), "SIGTERM was enough");
     assert!(
@@ -78,7 +78,7 @@ fn a_command_that_ignores_sigterm_gets_sigkill_after_the_grace_period() {
     config.timeout = Some(Duration::from_millis(300));
     config.grace = Duration::from_millis(400);
     let start = Instant::now();
-    let out = exec::run(&config, b"x", b"", &exec::Stop::new());
+    let out = exec::run(&config, b"x", b"", &distq::worker::Stop::new());
     let took = start.elapsed();
     assert_eq!(out.status, Status::Timeout);
     assert_eq!(out.signal, Some(9));
@@ -93,7 +93,7 @@ fn a_command_that_ignores_sigterm_gets_sigkill_after_the_grace_period() {
 fn large_output_is_truncated_but_fully_read() {
     let mut config = ExecConfig::new("head -c 3000000 /dev/zero; head -c 100000 /dev/zero >&2");
     config.max_output = 1000;
-    let out = exec::run(&config, b"x", b"", &exec::Stop::new());
+    let out = exec::run(&config, b"x", b"", &distq::worker::Stop::new());
     assert_eq!(
         out.status,
         Status::Ok,
@@ -135,7 +135,7 @@ fn a_command_that_does_not_read_a_large_stdin_still_finishes() {
         &ExecConfig::new("echo done"),
         b"x",
         &big,
-        &exec::Stop::new(),
+        &distq::worker::Stop::new(),
     );
     assert_eq!(out.status, Status::Ok);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
@@ -149,7 +149,7 @@ fn a_stop_request_ends_the_whole_command_group() {
     std::fs::create_dir_all(&dir).unwrap();
     let pidfile = dir.join("pid");
     let config = ExecConfig::new(format!("sleep 30 & echo $! > {}; wait", pidfile.display()));
-    let stop = exec::Stop::new();
+    let stop = distq::worker::Stop::new();
     let start = Instant::now();
     let out = std::thread::scope(|s| {
         let running = s.spawn(|| exec::run(&config, b"x", b"", &stop));
