@@ -18,8 +18,8 @@
 //! * [`pickle`]: `pickle::decode`; a decoded value re-encodes and decodes to itself;
 //!   a decoded value interpreted as a request or a reply (as the server and client do)
 //!   gives a bounded error message.
-//! * [`dispatch`]: a sequence of request frames through decode, `Request::from_value` and
-//!   the dispatcher with a fresh `QueueMap`, each reply encoded and decoded back as a
+//! * [`dispatch`]: a sequence of request frames through `Request::parse` and the
+//!   dispatcher with a fresh `QueueMap`, each reply encoded and decoded back as a
 //!   client would. Calls that could block are made non-blocking once bound (see [`tame`]).
 //!
 //! Sizes are checked against the input's size: a reply or an error message much larger
@@ -376,9 +376,10 @@ const DISPATCH_MAX_FRAME: usize = 1 << 20;
 /// served as a connection of the server would serve them against a fresh [`QueueMap`]
 /// holding queue `q` (unbounded, `IDENTS[0]`) and `bounded` (maxsize 2, `IDENTS[1]`).
 ///
-/// For each frame: decode; `Request::from_value`; `dispatch::public` (ident `None`) or
-/// `dispatch::method`; encode the reply as the server does; decode it and turn it into a
-/// result as the client does. A framing error ends the input, like a closed connection.
+/// For each frame: `Request::parse`; `dispatch::public` (ident `None`), or
+/// `dispatch::bind`, [`tame`] and `QueueCall::apply` (what `dispatch::method` does, tamed);
+/// encode the reply as the server does; decode it and turn it into a result as the client
+/// does. A framing error ends the input, like a closed connection.
 /// Each reply must stay proportional to the input read so far.
 pub fn dispatch(data: &[u8]) {
     let map = QueueMap::new();

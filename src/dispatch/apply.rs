@@ -134,21 +134,21 @@ impl QueueCall {
         session: &Session<'_>,
     ) -> Result<Outcome, Fault> {
         let alive = session.alive;
-        let none = Outcome::reply(Reply::Return(Value::None));
+        let none = || Outcome::reply(Reply::Return(Value::None));
         let value = |v: Value| Outcome::reply(Reply::Return(v));
         Ok(match self {
             QueueCall::Put { item, wait } => {
                 let (item, held) = item.into_stored();
                 queue.put(item, wait, alive)?;
                 hold(map, [held]);
-                none
+                none()
             }
             QueueCall::PutMany { items, wait } => {
                 let (items, held): (Vec<_>, Vec<_>) =
                     items.into_iter().map(|i| i.into_stored()).unzip();
                 queue.put_many(items, wait, alive)?;
                 hold(map, held);
-                none
+                none()
             }
             QueueCall::Get { wait } => Outcome::taken(queue, vec![queue.get(wait, alive)?]),
             QueueCall::GetMany { max, wait } => {
@@ -182,7 +182,7 @@ impl QueueCall {
             }
             QueueCall::Ack { lease } => {
                 map.delivered(&queue.ack(lease)?.item);
-                none
+                none()
             }
             QueueCall::AckPut {
                 lease,
@@ -193,7 +193,7 @@ impl QueueCall {
                 let (item, held) = item.into_stored();
                 map.ack_put(queue, lease, &queue_name, item, wait, alive)?;
                 hold(map, [held]);
-                none
+                none()
             }
             QueueCall::AckPutMany {
                 leases,
@@ -205,30 +205,30 @@ impl QueueCall {
                     items.into_iter().map(|i| i.into_stored()).unzip();
                 map.ack_put_many(queue, &leases, &queue_name, items, wait, alive)?;
                 hold(map, held);
-                none
+                none()
             }
             QueueCall::Release { lease, delay } => {
                 map.release(queue, lease, delay)?;
-                none
+                none()
             }
             QueueCall::Touch {
                 lease,
                 lease_timeout,
             } => {
                 queue.touch(lease, lease_timeout)?;
-                none
+                none()
             }
             QueueCall::Shutdown { immediate } => {
                 queue.shutdown(immediate)?;
-                none
+                none()
             }
             QueueCall::Join { wait } => {
                 queue.join(wait, alive)?;
-                none
+                none()
             }
             QueueCall::TaskDone => {
                 queue.task_done()?;
-                none
+                none()
             }
             QueueCall::Qsize => value(Value::Int(queue.len()? as i64)),
             QueueCall::Empty => value(Value::Bool(queue.is_empty()?)),
