@@ -42,11 +42,7 @@ impl<'a> Args<'a> {
         self.error("TypeError", msg)
     }
 
-    pub(super) fn optional_arg(
-        &mut self,
-        pos: usize,
-        name: &str,
-    ) -> Result<Option<&'a Arg>, Value> {
+    fn optional_arg(&mut self, pos: usize, name: &str) -> Result<Option<&'a Arg>, Value> {
         let by_pos = self.req.args.get(pos);
         let by_kw = self
             .req
@@ -85,7 +81,7 @@ impl<'a> Args<'a> {
         }
     }
 
-    pub(super) fn required(&mut self, pos: usize, name: &str) -> Result<Value, Value> {
+    fn required(&mut self, pos: usize, name: &str) -> Result<Value, Value> {
         self.optional(pos, name)?
             .ok_or_else(|| self.type_error(&format!("missing required argument {name:?}")))
     }
