@@ -18,6 +18,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use distq::dispatch::QueueCall;
+use distq::protocol::{Arg, Request};
+use distq::queues::{Policy, Wait};
+use distq::Value;
+
 /// How long one input may take. Every committed input takes well under 100 ms even in a
 /// debug build; the margin is for a loaded machine.
 const BOUND: Duration = Duration::from_secs(10);
@@ -146,46 +151,84 @@ fn every_target_is_replayed() {
     assert_eq!(dirs, targets);
 }
 
-/// The dispatch harness's filter makes every call that could wait return at once.
+/// A request as the server sees it: pickled, then parsed (so item lists are `Arg::Items`).
+fn request(method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>) -> Request {
+    let mut req = Request::new(Some(harness::IDENTS[0]), method, args);
+    req.kwargs = kwargs
+        .into_iter()
+        .map(|(k, v)| (k.into(), Arg::Value(v)))
+        .collect();
+    Request::parse(&distq::pickle::encode(&req.to_value().unwrap()).unwrap()).unwrap()
+}
+
+/// Once bound, every call that could wait waits for nothing, whichever argument (or
+/// none) asked it to wait; a call that must not wait keeps `Wait::No`.
 #[test]
 fn blocking_calls_are_tamed() {
-    use distq::protocol::{Arg, Request};
-    use distq::Value;
     let tamed = |method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>| {
-        let mut req = Request::new(Some(harness::IDENTS[0]), method, args);
-        req.kwargs = kwargs
-            .into_iter()
-            .map(|(k, v)| (k.into(), Arg::Value(v)))
-            .collect();
-        harness::tame_request(req)
+        let req = request(method, args, kwargs);
+        let mut call = QueueCall::bind(&req, &Policy::default())
+            .unwrap_or_else(|e| panic!("{method}: {e:?}"))
+            .unwrap_or_else(|| panic!("{method} is a queue method"));
+        harness::tame(&mut call);
+        call.wait_mut().copied()
     };
-    let kw = |v: Value| [("timeout".to_string(), Arg::Value(v))];
-    assert_eq!(tamed("join", vec![], vec![]), None);
-    let get = tamed("get", vec![], vec![]).unwrap();
-    assert_eq!(get.kwargs, kw(Value::Int(0)));
-    let get = tamed("get", vec![Value::Bool(true), Value::None], vec![]).unwrap();
+    let zero = Some(Wait::For(Duration::ZERO));
+    let item = || Value::from(1);
+    let items = || Value::list(vec![Value::from(1)]);
+    assert_eq!(tamed("get", vec![], vec![]), zero);
     assert_eq!(
-        get.args,
-        [Arg::Value(Value::Bool(true)), Arg::Value(Value::Int(0))]
+        tamed("get", vec![Value::Bool(true), Value::None], vec![]),
+        zero
     );
-    let put = tamed(
-        "put",
-        vec![Value::Int(1)],
-        vec![("timeout", Value::Float(1e300))],
-    )
-    .unwrap();
-    assert_eq!(put.kwargs, kw(Value::Int(0)));
-    let bad = tamed("get", vec![], vec![("timeout", Value::Float(-1.0))]).unwrap();
-    assert_eq!(bad.kwargs, kw(Value::Float(-1.0)));
-    // An empty queue with timeout 0 answers Empty at once instead of blocking.
-    let started = Instant::now();
+    assert_eq!(
+        tamed("get", vec![Value::Bool(false)], vec![]),
+        Some(Wait::No)
+    );
+    assert_eq!(tamed("get_nowait", vec![], vec![]), Some(Wait::No));
+    let long = ("timeout", Value::Float(1e300));
+    assert_eq!(tamed("put", vec![item()], vec![long.clone()]), zero);
+    assert_eq!(tamed("put_many", vec![items()], vec![]), zero);
+    assert_eq!(tamed("get_many", vec![Value::from(2)], vec![long]), zero);
+    assert_eq!(tamed("reserve", vec![], vec![]), zero);
+    assert_eq!(tamed("reserve_many", vec![], vec![]), zero);
+    assert_eq!(tamed("join", vec![], vec![]), zero);
+    assert_eq!(tamed("ack_put", vec![Value::from(1), item()], vec![]), zero);
+    let one = || Value::list(vec![Value::from(1)]);
+    assert_eq!(tamed("ack_put_many", vec![one(), one()], vec![]), zero);
+    assert_eq!(tamed("qsize", vec![], vec![]), None);
+    assert_eq!(tamed("ack", vec![Value::from(1)], vec![]), None);
+}
+
+/// Through the whole harness, each call that would wait forever (on an empty queue, a
+/// full one, unfinished items) answers at once.
+#[test]
+fn blocking_calls_return_at_once() {
+    let on = |ident: &str, method: &str, args: Vec<Value>| {
+        let req = Request::new(Some(ident), method, args);
+        distq::pickle::encode(&req.to_value().unwrap()).unwrap()
+    };
+    let (q, bounded) = (harness::IDENTS[0], harness::IDENTS[1]);
     let mut frames = Vec::new();
-    let req = Request::new(Some(harness::IDENTS[0]), "get", vec![]);
-    distq::frame::write_frame(
-        &mut frames,
-        &distq::pickle::encode(&req.to_value().unwrap()).unwrap(),
-    )
-    .unwrap();
-    harness::dispatch(&frames);
-    assert!(started.elapsed() < BOUND);
+    for req in [
+        on(q, "get", vec![]),
+        on(q, "get_many", vec![]),
+        on(q, "reserve", vec![]),
+        on(q, "reserve_many", vec![]),
+        on(q, "put", vec![Value::from(1)]),
+        on(q, "join", vec![]),
+        on(bounded, "put", vec![Value::from(1)]),
+        on(bounded, "put", vec![Value::from(2)]),
+        on(bounded, "put", vec![Value::from(3)]),
+        on(bounded, "put_many", vec![Value::list(vec![Value::from(4)])]),
+    ] {
+        distq::frame::write_frame(&mut frames, &req).unwrap();
+    }
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        harness::dispatch(&frames);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(BOUND)
+        .expect("the dispatch harness returns without blocking");
 }

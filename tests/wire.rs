@@ -75,6 +75,31 @@ fn dummy_reply_bytes_are_pinned() {
     server.shutdown().unwrap();
 }
 
+/// A public function is served once per connection, then the server closes it, as
+/// Python's does: so each anonymous queue costs its client a whole authenticated
+/// connection (`SyncManager().Queue()` opens one per `create`), and no single connection
+/// can create a second one.
+#[test]
+fn a_one_shot_connection_serves_one_create() {
+    let server = server();
+    let create = Request::new(None, "create", vec![Value::str("Queue")]);
+    let mut s = raw(server.local_addr());
+    send_value(&mut s, &create.to_value().unwrap());
+    assert!(matches!(read_reply(&mut s), Reply::Return(_)));
+    // The server may already have closed its end; the write's fate does not matter.
+    let _ = frame::write_frame(
+        &mut s,
+        &pickle::encode(&create.to_value().unwrap()).unwrap(),
+    );
+    assert_closed_by_server(&mut s);
+    let mut s = raw(server.local_addr());
+    let count = Request::new(None, "number_of_objects", vec![]);
+    send_value(&mut s, &count.to_value().unwrap());
+    assert_eq!(read_reply(&mut s), Reply::Return(Value::Int(1)));
+    still_serving(server.local_addr());
+    server.shutdown().unwrap();
+}
+
 #[test]
 fn a_silent_peer_is_dropped_at_the_handshake_deadline() {
     let server = server_with(|c| c.handshake_timeout = Duration::from_millis(300));

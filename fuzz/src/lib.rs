@@ -18,9 +18,9 @@
 //! * [`pickle`]: `pickle::decode`; a decoded value re-encodes and decodes to itself;
 //!   a decoded value interpreted as a request or a reply (as the server and client do)
 //!   gives a bounded error message.
-//! * [`dispatch`]: a sequence of request frames through decode, `Request::from_value` and
-//!   the dispatcher with a fresh `QueueMap`, each reply encoded and decoded back as a
-//!   client would. Calls that could block are made non-blocking (see [`tame_request`]).
+//! * [`dispatch`]: a sequence of request frames through `Request::parse` and the
+//!   dispatcher with a fresh `QueueMap`, each reply encoded and decoded back as a
+//!   client would. Calls that could block are made non-blocking once bound (see [`tame`]).
 //!
 //! Sizes are checked against the input's size: a reply or an error message much larger
 //! than the input that caused it is an amplification bug, reported as a panic.
@@ -30,13 +30,14 @@
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use distq::auth::{self, AuthKey};
-use distq::dispatch::{self, Public};
+use distq::dispatch::{self, Public, QueueCall};
 use distq::frame::{self, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
 use distq::pickle::{self, Value};
 use distq::protocol::{self, Reply, Request};
-use distq::queues::QueueMap;
+use distq::queues::{QueueMap, Wait};
 use distq::Error;
 
 /// A harness: runs one input, panics on a failure.
@@ -375,9 +376,10 @@ const DISPATCH_MAX_FRAME: usize = 1 << 20;
 /// served as a connection of the server would serve them against a fresh [`QueueMap`]
 /// holding queue `q` (unbounded, `IDENTS[0]`) and `bounded` (maxsize 2, `IDENTS[1]`).
 ///
-/// For each frame: decode; `Request::from_value`; `dispatch::public` (ident `None`) or
-/// `dispatch::method`; encode the reply as the server does; decode it and turn it into a
-/// result as the client does. A framing error ends the input, like a closed connection.
+/// For each frame: `Request::parse`; `dispatch::public` (ident `None`), or
+/// `dispatch::bind`, [`tame`] and `QueueCall::apply` (what `dispatch::method` does, tamed);
+/// encode the reply as the server does; decode it and turn it into a result as the client
+/// does. A framing error ends the input, like a closed connection.
 /// Each reply must stay proportional to the input read so far.
 pub fn dispatch(data: &[u8]) {
     let map = QueueMap::new();
@@ -394,17 +396,17 @@ pub fn dispatch(data: &[u8]) {
                     Public::Reply(reply) => reply,
                     Public::AcceptConnection | Public::Shutdown => Reply::Return(Value::None),
                 },
-                Some(_) => match tame_request(req) {
-                    Some(req) => {
+                Some(_) => match dispatch::bind(&map, &req) {
+                    Ok((queue, mut call)) => {
+                        tame(&mut call);
                         let alive = || true;
-                        let outcome =
-                            dispatch::method(&map, &req, &dispatch::Session::new(1, &alive));
+                        let outcome = call.apply(&map, &queue, &dispatch::Session::new(1, &alive));
                         if outcome.hang_up {
                             continue;
                         }
                         outcome.reply
                     }
-                    None => continue,
+                    Err(reply) => reply,
                 },
             },
         };
@@ -436,45 +438,18 @@ fn bounded_text_len(len: usize, input_len: usize, what: &str) {
     );
 }
 
-/// Makes a method call that could block return at once, or drops it (`None`).
+/// Makes a bound method call that could block return at once.
 ///
-/// A fuzz run cannot wait: `get()` on an empty queue with no timeout blocks forever. So:
-/// * `join` is dropped (it has no timeout and blocks while any item is unfinished);
-/// * for `get`, `reserve`, `get_many`, `put` and `put_many`, a `timeout` that would wait (`None`,
-///   a non-negative number, a big int, or no timeout at all) becomes `0`, wherever it was
-///   passed (by position or keyword). `block` is left alone, and timeouts the method
-///   rejects (negative, NaN, wrong type) are kept, so argument binding and validation are
-///   still fuzzed; a `timeout=0` wait still runs the blocking code path up to its
-///   deadline.
-///
-pub fn tame_request(mut req: Request) -> Option<Request> {
-    let timeout_pos = match req.method.as_str() {
-        "join" => return None,
-        "get" | "reserve" => 1,
-        "put" | "get_many" | "put_many" => 2,
-        _ => return Some(req),
-    };
-    let tame = |a: &mut distq::protocol::Arg| {
-        let waits = match a.value().cloned().unwrap_or(Value::Int(-1)) {
-            Value::None | Value::BigInt(_) | Value::Bool(_) => true,
-            Value::Int(n) => n >= 0,
-            Value::Float(x) => x >= 0.0,
-            _ => false,
-        };
-        if waits {
-            *a = distq::protocol::Arg::Value(Value::Int(0));
+/// A fuzz run cannot wait: `get()` on an empty queue with no timeout blocks forever. So
+/// every wait but [`Wait::No`] becomes a zero timeout, whichever argument asked for it
+/// (`block`, `timeout`, or none: `join` and `ack_put` wait forever). Binding has already
+/// run on the request as sent, so argument binding and validation (negative, NaN or
+/// wrongly typed timeouts) are fuzzed in full; a zero wait still runs the blocking code
+/// path up to its deadline.
+pub fn tame(call: &mut QueueCall) {
+    if let Some(wait) = call.wait_mut() {
+        if *wait != Wait::No {
+            *wait = Wait::For(Duration::ZERO);
         }
-    };
-    if let Some(v) = req.args.get_mut(timeout_pos) {
-        tame(v);
-    } else if req.kwargs.iter().any(|(k, _)| k == "timeout") {
-        req.kwargs
-            .iter_mut()
-            .filter(|(k, _)| k == "timeout")
-            .for_each(|(_, v)| tame(v));
-    } else {
-        req.kwargs
-            .push(("timeout".into(), distq::protocol::Arg::Value(Value::Int(0))));
     }
-    Some(req)
 }
