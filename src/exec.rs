@@ -2,8 +2,8 @@
 //!
 //! The command runs as `sh -c CMD distq TASK`, so the task's text form
 //! ([`crate::text::arg_form`]: bytes as they are) is `$1`; the same followed by a
-//! newline is written to its stdin. What comes back is an [`Outcome`], turned into the result record
-//! ([`Outcome::record`]) that is put on the result queue.
+//! newline is written to its stdin. What comes back is an [`Execution`], turned into the
+//! result record ([`Execution::record`]) that is put on the result queue.
 //!
 //! Choices, and why:
 //!
@@ -25,7 +25,7 @@
 //!   background keeps the output pipes open, that group is killed after a short wait:
 //!   a worker must not accumulate stray processes.
 //! * **Failure is data.** A nonzero exit, a signal, a timeout, even a shell that cannot
-//!   be started: each is an [`Outcome`] with a status, never an error for the worker.
+//!   be started: each is an [`Execution`] with a status, never an error for the worker.
 
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -100,7 +100,7 @@ impl Status {
 
 /// What one run of a command produced.
 #[derive(Clone, Debug)]
-pub struct Outcome {
+pub struct Execution {
     /// How it ended.
     pub status: Status,
     /// The exit code, if it exited (rather than being killed by a signal).
@@ -117,7 +117,7 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
-impl Outcome {
+impl Execution {
     /// Whether the command succeeded (exit status 0).
     pub fn succeeded(&self) -> bool {
         self.status == Status::Ok
@@ -184,7 +184,7 @@ struct Capture {
 
 /// Runs `config.command` with `arg` as `$1` and `stdin` on its standard input, until it
 /// exits, times out, or `stop` asks.
-pub fn run(config: &ExecConfig, arg: &[u8], stdin: &[u8], stop: &Stop) -> Outcome {
+pub fn run(config: &ExecConfig, arg: &[u8], stdin: &[u8], stop: &Stop) -> Execution {
     let start = Instant::now();
     let spawned = Command::new("sh")
         .arg("-c")
@@ -199,7 +199,7 @@ pub fn run(config: &ExecConfig, arg: &[u8], stdin: &[u8], stop: &Stop) -> Outcom
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            return Outcome {
+            return Execution {
                 status: Status::Error(format!("cannot run sh: {e}")),
                 exit_code: None,
                 signal: None,
@@ -269,7 +269,7 @@ pub fn run(config: &ExecConfig, arg: &[u8], stdin: &[u8], stop: &Stop) -> Outcom
             None,
         ),
     };
-    Outcome {
+    Execution {
         status,
         exit_code,
         signal,

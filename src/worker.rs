@@ -214,7 +214,7 @@ pub fn run(
     let tasks = manager.queue(&config.task_queue)?;
     let leases = config.leases && tasks.exposes("reserve");
     let batches = tasks.exposes("reserve_many") && tasks.exposes("ack_put_many");
-    let shared = Shared {
+    let shared = Slots {
         config,
         handler,
         stop,
@@ -246,8 +246,8 @@ pub fn run(
     })
 }
 
-/// What every slot shares.
-struct Shared<'a> {
+/// The worker's slots and what they share.
+struct Slots<'a> {
     config: &'a WorkerConfig,
     handler: &'a dyn Handler,
     stop: &'a Stop,
@@ -259,7 +259,7 @@ struct Shared<'a> {
     task_done: bool,
     /// Whether the server has `ack_put` (distq's): result and ack in one round trip.
     ack_put: bool,
-    /// Instant tasks taken and completed in batches (see [`Shared::prefetch_loop`]).
+    /// Instant tasks taken and completed in batches (see [`Slots::prefetch_loop`]).
     prefetch: bool,
     /// Rounds of take left (`u64::MAX`: no limit).
     rounds: AtomicU64,
@@ -271,7 +271,7 @@ struct Shared<'a> {
     failures: Mutex<HashMap<String, u32>>,
 }
 
-impl Shared<'_> {
+impl Slots<'_> {
     /// One task at a time, on its own connections: leases belong to the connection that
     /// took them, and a blocked reserve must not hold up another slot's ack.
     fn slot(&self) -> Result<()> {

@@ -6,7 +6,7 @@ use distq::exec::{self, ExecConfig, Status};
 use distq::text;
 use distq::Value;
 
-fn run(cmd: &str, arg: &str) -> exec::Outcome {
+fn run(cmd: &str, arg: &str) -> exec::Execution {
     exec::run(
         &ExecConfig::new(cmd),
         arg.as_bytes(),
