@@ -68,6 +68,20 @@ impl Seen {
     }
 }
 
+/// Runs the loop to its end on this thread; returns what it reported.
+fn run_to_end(manager: &Manager, config: &WorkerConfig, handler: &dyn Handler) -> Vec<String> {
+    let seen = Seen::default();
+    worker::run(manager, config, handler, &Stop::new(), &|e| seen.record(&e)).unwrap();
+    seen.lines()
+}
+
+/// Ints, sorted: results arrive in any order.
+fn sorted_ints(values: impl IntoIterator<Item = Value>) -> Vec<i64> {
+    let mut ints: Vec<i64> = values.into_iter().map(|v| v.as_int().unwrap()).collect();
+    ints.sort_unstable();
+    ints
+}
+
 /// Fails a task's first attempt, succeeds at the second.
 struct Flaky;
 
@@ -119,6 +133,26 @@ fn a_failed_attempt_is_retried_and_only_the_last_result_is_put() {
     server.shutdown().unwrap();
 }
 
+/// Runs the loop with [`UntilStopped`] on another thread, asks it to stop once a task is
+/// running, and returns what it reported.
+fn stopped_while_running(manager: &Manager, config: &WorkerConfig) -> Vec<String> {
+    let stop = Stop::new();
+    let seen = Seen::default();
+    std::thread::scope(|s| {
+        let worker =
+            s.spawn(|| worker::run(manager, config, &UntilStopped, &stop, &|e| seen.record(&e)));
+        let _stop = StopOnDrop(&stop);
+        wait_for("a task to be running", || {
+            seen.lines()
+                .last()
+                .is_some_and(|l| l.starts_with("running"))
+        });
+        stop.request();
+        worker.join().unwrap().unwrap();
+    });
+    seen.lines()
+}
+
 /// Runs until asked to stop, then says so.
 struct UntilStopped;
 
@@ -140,20 +174,10 @@ fn a_stopped_worker_gives_its_running_task_back() {
         get_timeout: Duration::from_millis(50),
         ..WorkerConfig::default()
     };
-    let stop = Stop::new();
-    let seen = Seen::default();
-    std::thread::scope(|s| {
-        let worker = s.spawn(|| {
-            worker::run(&manager, &config, &UntilStopped, &stop, &|e| {
-                seen.record(&e)
-            })
-        });
-        let _stop = StopOnDrop(&stop);
-        wait_for("the task to be running", || seen.lines() == ["running 1"]);
-        stop.request();
-        worker.join().unwrap().unwrap();
-    });
-    assert_eq!(seen.lines(), ["running 1", "gave back 7"]);
+    assert_eq!(
+        stopped_while_running(&manager, &config),
+        ["running 1", "gave back 7"]
+    );
     // Back at the head of the queue, no longer leased.
     assert_eq!(tasks.get(Duration::from_secs(1)).unwrap().as_int(), Some(7));
     drop(tasks);
@@ -193,20 +217,9 @@ fn instant_tasks_go_in_batches_and_each_counts_as_a_round() {
         get_timeout: Duration::from_millis(50),
         ..WorkerConfig::default()
     };
-    let seen = Seen::default();
-    worker::run(&manager, &config, &Double, &Stop::new(), &|e| {
-        seen.record(&e)
-    })
-    .unwrap();
-    let mut got: Vec<i64> = results
-        .get_many(100, Duration::from_secs(1))
-        .unwrap()
-        .iter()
-        .map(|v| v.as_int().unwrap())
-        .collect();
-    got.sort_unstable();
+    let batches = run_to_end(&manager, &config, &Double);
+    let got = sorted_ints(results.get_many(100, Duration::from_secs(1)).unwrap());
     assert_eq!(got, (0..30).map(|n| 2 * n).collect::<Vec<_>>());
-    let batches = seen.lines();
     assert!(batches.len() < 30, "one task per round trip: {batches:?}");
     assert_eq!(batches[0], "running 16", "{batches:?}");
     // Ten tasks left, none leased: the rest of the job for others.
@@ -242,22 +255,8 @@ fn on_pythons_server_the_loop_uses_get_put_and_task_done() {
         get_timeout: Duration::from_millis(100),
         ..WorkerConfig::default()
     };
-    let seen = Seen::default();
-    worker::run(&manager, &config, &Double, &Stop::new(), &|e| {
-        seen.record(&e)
-    })
-    .unwrap();
-    assert_eq!(seen.lines()[0], "no leases");
-    let mut got: Vec<i64> = (0..3)
-        .map(|_| {
-            results
-                .get(Duration::from_secs(5))
-                .unwrap()
-                .as_int()
-                .unwrap()
-        })
-        .collect();
-    got.sort_unstable();
+    assert_eq!(run_to_end(&manager, &config, &Double)[0], "no leases");
+    let got = sorted_ints((0..3).map(|_| results.get(Duration::from_secs(5)).unwrap()));
     assert_eq!(got, [2, 4, 6]);
     // Every task was marked done: join() returns at once.
     let start = Instant::now();
@@ -266,20 +265,10 @@ fn on_pythons_server_the_loop_uses_get_put_and_task_done() {
     // Without leases, a stopping worker puts its running task back itself: nothing else
     // would.
     tasks.put(9).unwrap();
-    let stop = Stop::new();
-    let seen = Seen::default();
-    std::thread::scope(|s| {
-        let worker = s.spawn(|| {
-            worker::run(&manager, &config, &UntilStopped, &stop, &|e| {
-                seen.record(&e)
-            })
-        });
-        let _stop = StopOnDrop(&stop);
-        wait_for("the task to be running", || seen.lines().len() == 2);
-        stop.request();
-        worker.join().unwrap().unwrap();
-    });
-    assert_eq!(seen.lines(), ["no leases", "running 1", "gave back 9"]);
+    assert_eq!(
+        stopped_while_running(&manager, &config),
+        ["no leases", "running 1", "gave back 9"]
+    );
     assert_eq!(tasks.get(Duration::from_secs(1)).unwrap().as_int(), Some(9));
     drop((tasks, results, manager));
     let _ = child.kill();
