@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::*;
 use distq::journal::{FileWrapper, Fsync, Journal, JournalConfig, JournalFile};
 use distq::pickle::Fragment;
-use distq::queues::{always_alive, Policy, QueueMap, Wait};
+use distq::queues::{always_alive, Event, EventSink, Policy, QueueMap, Wait};
 use distq::{AuthKey, Error, Manager, Value};
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -411,13 +411,57 @@ fn faulty_config(dir: &Path, faults: &Arc<Faults>) -> JournalConfig {
     cfg
 }
 
-fn open_map(cfg: &JournalConfig) -> QueueMap {
+/// The journal as the queues' sink, refusing puts up front while `refuse` is set: what
+/// the journal itself does once failed writes back up past its limit, which a run this
+/// short never reaches through the file.
+#[derive(Debug)]
+struct Refusing {
+    journal: Arc<Journal>,
+    refuse: Arc<AtomicBool>,
+}
+
+impl EventSink for Refusing {
+    fn declare(&self, name: &str) -> distq::Result<u32> {
+        EventSink::declare(&*self.journal, name)
+    }
+
+    fn item_id(&self) -> u64 {
+        self.journal.item_id()
+    }
+
+    fn admit(&self, items: &[Fragment]) -> distq::Result<()> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(Error::Value("the journal's backlog is full".into()));
+        }
+        EventSink::admit(&*self.journal, items)
+    }
+
+    fn emit(&self, queue: u32, event: &Event<'_>) -> u64 {
+        self.journal.emit(queue, event)
+    }
+
+    fn commit(&self, ticket: u64) -> distq::Result<()> {
+        EventSink::commit(&*self.journal, ticket)
+    }
+}
+
+/// A queue map on the journal in `cfg`'s directory, and the journal (to flush and
+/// compact it), its sink refusing puts while `refuse` is set.
+fn open_map(cfg: &JournalConfig, refuse: &Arc<AtomicBool>) -> (QueueMap, Arc<Journal>) {
     let (journal, recovered) = Journal::open(cfg.clone()).unwrap();
+    let journal = Arc::new(journal);
     let policy = Policy {
         max_deliveries: 2,
         ..Policy::default()
     };
-    QueueMap::with_journal(policy, Arc::new(journal), recovered).unwrap()
+    let sink = Arc::new(Refusing {
+        journal: journal.clone(),
+        refuse: refuse.clone(),
+    });
+    (
+        QueueMap::with_sink(policy, sink, recovered).unwrap(),
+        journal,
+    )
 }
 
 fn frag(v: i64) -> Fragment {
@@ -459,15 +503,17 @@ enum At {
     Consumed,
 }
 
-/// One seeded run of the model-based test: random puts, gets, reserves, acks, releases
-/// and killed connections against a journaled queue map whose file fails on demand,
-/// with crashes (the map dropped without a flush) and clean restarts, each restart
-/// checked against the model.
+/// One seeded run of the model-based test: random puts, gets, undelivered replies,
+/// reserves, acks, releases (some delayed) and killed connections against a journaled
+/// queue map whose file fails on demand and whose sink refuses puts on demand, with
+/// crashes (the map dropped without a flush) and clean restarts, each restart checked
+/// against the model.
 fn model_run(seed: u64, steps: usize) {
     let dir = tmpdir(&format!("model-{seed}"));
     let faults = Arc::new(Faults::default());
+    let refuse = Arc::new(AtomicBool::new(false));
     let cfg = faulty_config(&dir, &faults);
-    let mut map = open_map(&cfg);
+    let (mut map, mut journal) = open_map(&cfg, &refuse);
     let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -501,7 +547,12 @@ fn model_run(seed: u64, steps: usize) {
                         model.insert(value, At::Ready);
                     }
                     Err(e) => {
-                        assert!(e.to_string().contains("not stored"), "{}: {e}", ctx());
+                        let why = e.to_string();
+                        assert!(
+                            why.contains("not stored") || why.contains("backlog"),
+                            "{}: {e}",
+                            ctx()
+                        );
                         refused.push(value);
                     }
                 }
@@ -511,7 +562,12 @@ fn model_run(seed: u64, steps: usize) {
                     let v = int(&t.item);
                     assert!(!refused.contains(&v), "{}: got refused item {v}", ctx());
                     assert_eq!(model.get(&v), Some(&At::Ready), "{}: got {v}", ctx());
-                    model.insert(v, At::Consumed);
+                    if next(4) == 0 {
+                        // Its reply could not be delivered: back at the head.
+                        q.unget(vec![t]).unwrap();
+                    } else {
+                        model.insert(v, At::Consumed);
+                    }
                 }
                 Err(Error::Empty) => {}
                 Err(e) => panic!("{}: get: {e}", ctx()),
@@ -537,7 +593,10 @@ fn model_run(seed: u64, steps: usize) {
             }
             73..=80 if !leases.is_empty() => {
                 let (_, lease, v) = leases.swap_remove(next(leases.len() as u64) as usize);
-                map.release(&q, lease, None).unwrap();
+                // A delayed one is not handed out again in this run, but survives a
+                // restart like any waiting item.
+                let delay = (next(3) == 0).then_some(Duration::from_secs(600));
+                map.release(&q, lease, delay).unwrap();
                 model.insert(v, At::Ready);
             }
             81..=85 => {
@@ -550,22 +609,24 @@ fn model_run(seed: u64, steps: usize) {
                 leases.retain(|l| l.0 != owner);
             }
             86..=91 => {
-                // The disk changes its mind.
-                let which = next(4);
+                // The disk (or the journal's backlog) changes its mind.
+                let which = next(5);
                 faults.full.store(which == 1, Ordering::SeqCst);
                 faults.short.store(which == 2, Ordering::SeqCst);
                 faults.sync.store(which == 3, Ordering::SeqCst);
+                refuse.store(which == 4, Ordering::SeqCst);
             }
             92..=93 => {
-                let _ = map.journal().unwrap().compact();
+                let _ = journal.compact();
             }
             _ => {
                 // Restart: a crash (no flush) or a clean stop (flushed, if the disk lets it).
                 let crash = next(2) == 0;
-                let clean = !crash && map.journal().unwrap().tick().is_ok();
+                let clean = !crash && journal.tick().is_ok();
                 drop(q);
                 drop(map);
-                map = open_map(&cfg);
+                drop(journal);
+                (map, journal) = open_map(&cfg, &refuse);
                 let found = contents(&map);
                 let mut seen = std::collections::HashSet::new();
                 for v in &found {

@@ -8,9 +8,9 @@
 //!
 //! - `record.rs`: the record layout (a length, a CRC-32, a payload of LEB128 fields) and
 //!   encoding and decoding one record.
-//! - `writer.rs`: group commit. Queues buffer records under their own lock; a `put`
-//!   waits, outside every queue lock, for its record to reach the file (and, with
-//!   `--fsync always`, the disk). A failed batch is cut back off the file and retried,
+//! - `writer.rs`: group commit. Queue events are buffered as records under the queue's
+//!   own lock; a `put` waits, outside every queue lock, for its record to reach the file
+//!   (and, with `--fsync always`, the disk). A failed batch is cut back off the file and retried,
 //!   never dropped. The file goes through [`JournalFile`], so tests inject failures.
 //! - `replay.rs`: rebuilding the queues from the file. A damaged final record is a torn
 //!   write and is cut off; damage with valid records after it refuses to start unless

@@ -14,6 +14,9 @@
 //!   is handed back to the caller for dead-lettering instead of being requeued.
 //! - **Shutdown.** Python 3.13's `Queue.shutdown()`: later puts fail with `ShutDown`,
 //!   gets drain what is left and then fail the same way.
+//! - **Events.** Each change to what a named queue holds goes to the server's sink (the
+//!   journal) as one `Event`, from `Queue::emit` alone, under the queue lock; a put then
+//!   waits, unlocked, for its events to be durable before it returns (`event.rs`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
