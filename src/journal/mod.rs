@@ -10,8 +10,9 @@
 //!   encoding and decoding one record.
 //! - `writer.rs`: group commit. Queue events are buffered as records under the queue's
 //!   own lock; a `put` waits, outside every queue lock, for its record to reach the file
-//!   (and, with `--fsync always`, the disk). A failed batch is cut back off the file and retried,
-//!   never dropped. The file goes through [`JournalFile`], so tests inject failures.
+//!   (and, with `--fsync always`, the disk). A failed batch is cut back off the file and
+//!   retried, never dropped. The file goes through [`JournalFile`], so tests inject
+//!   failures.
 //! - `replay.rs`: rebuilding the queues from the file. A damaged final record is a torn
 //!   write and is cut off; damage with valid records after it refuses to start unless
 //!   `repair`.
@@ -370,7 +371,8 @@ impl Journal {
 }
 
 /// The queues' events as records. Record kinds are fewer than events: a withdrawn put
-/// is journaled as a take, and replay needs nothing more to rebuild the queue.
+/// is journaled as a take and an unget as a put at the head, since replay rebuilds the
+/// same queue from either.
 impl EventSink for Journal {
     fn declare(&self, name: &str) -> Result<u32> {
         Journal::declare(self, name)

@@ -27,7 +27,8 @@ use crate::pickle::Fragment;
 use crate::Result;
 
 /// One change to what a queue holds, in the queue's terms. `id` is the item's id from
-/// [`EventSink::item_id`]. Items are borrowed on the hot path; a sink that keeps events
+/// [`EventSink::item_id`] (0 for an item that entered without one, such as a dead letter
+/// of an anonymous queue). Items are borrowed on the hot path; a sink that keeps events
 /// (the tests' recorder) owns them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -65,7 +66,7 @@ pub enum Event<'a> {
 pub enum Durability {
     /// Before the operation's reply: what a producer was told is stored must be.
     BeforeReply,
-    /// With whatever is written next: losing it can only bring an item back.
+    /// With whatever is written next (what losing one means is in the module docs).
     GroupCommit,
 }
 
@@ -110,6 +111,7 @@ impl Event<'_> {
 }
 
 /// Where a server's named queues send their events: the journal, or a test's recorder.
+/// A queue is named to it once, by [`EventSink::declare`], before its first event.
 ///
 /// [`EventSink::emit`] is called with the emitting queue's lock held, so the sink sees
 /// each queue's events in the order they happened, and must not wait there (buffering
