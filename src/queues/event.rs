@@ -184,7 +184,7 @@ impl QueueSink {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashMap, HashSet, VecDeque};
+    use std::collections::{HashMap, HashSet};
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Mutex;
     use std::time::Duration;
@@ -547,7 +547,8 @@ mod tests {
     /// order and its reserved ones, rebuilt from the events alone.
     #[derive(Debug, Default)]
     struct Model {
-        queues: HashMap<String, (VecDeque<u64>, Vec<u64>)>,
+        /// Waiting (head first) and reserved item ids, by queue name.
+        queues: HashMap<String, (Vec<u64>, Vec<u64>)>,
         items: HashMap<u64, i64>,
         /// The kinds of event applied, so a run can tell what it tested.
         seen: HashSet<std::mem::Discriminant<Event<'static>>>,
@@ -563,36 +564,26 @@ mod tests {
             };
             match event {
                 Event::Put { id, item } => {
-                    ready.push_back(*id);
+                    ready.push(*id);
                     self.items.insert(*id, int(item));
                 }
                 Event::Unget { id, item, .. } => {
-                    ready.push_front(*id);
+                    ready.insert(0, *id);
                     self.items.insert(*id, int(item));
                 }
-                Event::Take { id } | Event::Withdraw { id } => {
-                    let mut v: Vec<u64> = ready.drain(..).collect();
-                    remove(&mut v, *id);
-                    ready.extend(v);
-                }
+                Event::Take { id } | Event::Withdraw { id } => remove(ready, *id),
                 Event::Reserve { id } => {
-                    let mut v: Vec<u64> = ready.drain(..).collect();
-                    remove(&mut v, *id);
-                    ready.extend(v);
+                    remove(ready, *id);
                     reserved.push(*id);
                 }
                 Event::Ack { id } => remove(reserved, *id),
                 Event::Requeue { id } => {
                     remove(reserved, *id);
-                    ready.push_front(*id);
+                    ready.insert(0, *id);
                 }
                 Event::DeadLetter { id, to } => {
                     remove(reserved, *id);
-                    self.queues
-                        .entry(to.to_string())
-                        .or_default()
-                        .0
-                        .push_back(*id);
+                    self.queues.entry(to.to_string()).or_default().0.push(*id);
                 }
                 Event::Clear { .. } => ready.clear(),
             }
