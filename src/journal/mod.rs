@@ -2,14 +2,17 @@
 //! acknowledged `put`.
 //!
 //! This file is the journal's public face: [`Journal`], its [`JournalConfig`] and
-//! [`Fsync`] policy, and what [`Journal::open`] recovers. The parts live beside it:
+//! [`Fsync`] policy, what [`Journal::open`] recovers, and the journal as the queues'
+//! [`EventSink`]: the one place where a queue [`Event`] becomes a [`Record`]. The parts
+//! live beside it:
 //!
 //! - `record.rs`: the record layout (a length, a CRC-32, a payload of LEB128 fields) and
 //!   encoding and decoding one record.
-//! - `writer.rs`: group commit. Queues buffer records under their own lock; a `put`
-//!   waits, outside every queue lock, for its record to reach the file (and, with
-//!   `--fsync always`, the disk). A failed batch is cut back off the file and retried,
-//!   never dropped. The file goes through [`JournalFile`], so tests inject failures.
+//! - `writer.rs`: group commit. Queue events are buffered as records under the queue's
+//!   own lock; a `put` waits, outside every queue lock, for its record to reach the file
+//!   (and, with `--fsync always`, the disk). A failed batch is cut back off the file and
+//!   retried, never dropped. The file goes through [`JournalFile`], so tests inject
+//!   failures.
 //! - `replay.rs`: rebuilding the queues from the file. A damaged final record is a torn
 //!   write and is cut off; damage with valid records after it refuses to start unless
 //!   `repair`.
@@ -31,6 +34,7 @@ use std::time::Duration;
 
 use crate::log::log_at;
 use crate::pickle::Fragment;
+use crate::queues::{Event, EventSink};
 use crate::{Error, Result};
 
 use compact::write_snapshot;
@@ -301,7 +305,7 @@ impl Journal {
     ///
     /// # Errors
     /// [`Error::Io`] naming the last write error.
-    pub fn admit(&self, bytes: usize) -> Result<()> {
+    fn admit_bytes(&self, bytes: usize) -> Result<()> {
         let p = self.lock_pending()?;
         match &p.failing {
             Some(_) if p.buf.len().saturating_add(bytes) > MAX_BACKLOG => {
@@ -316,7 +320,7 @@ impl Journal {
     ///
     /// # Errors
     /// [`Error::Value`] naming the limit.
-    pub fn check_item(&self, len: usize) -> Result<()> {
+    fn check_item(&self, len: usize) -> Result<()> {
         if len > MAX_ITEM {
             return Err(Error::Value(format!(
                 "an item of {len} bytes is larger than the journal's record limit of {MAX_ITEM} bytes; \
@@ -363,6 +367,69 @@ impl Journal {
     /// Whether the journal file is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The queues' events as records. Record kinds are fewer than events: a withdrawn put
+/// is journaled as a take and an unget as a put at the head, since replay rebuilds the
+/// same queue from either.
+impl EventSink for Journal {
+    fn declare(&self, name: &str) -> Result<u32> {
+        Journal::declare(self, name)
+    }
+
+    fn item_id(&self) -> u64 {
+        self.next_id()
+    }
+
+    fn admit(&self, items: &[Fragment]) -> Result<()> {
+        for item in items {
+            self.check_item(item.bytes().len())?;
+        }
+        self.admit_bytes(items.iter().map(|i| i.bytes().len()).sum())
+    }
+
+    fn emit(&self, qnum: u32, event: &Event<'_>) -> u64 {
+        let record = match event {
+            Event::Put { id, item } => Record::Put {
+                qnum,
+                front: false,
+                id: *id,
+                deliveries: 0,
+                item,
+            },
+            Event::Unget {
+                id,
+                deliveries,
+                item,
+            } => Record::Put {
+                qnum,
+                front: true,
+                id: *id,
+                deliveries: *deliveries,
+                item,
+            },
+            Event::Take { id } | Event::Withdraw { id } => Record::Take { qnum, id: *id },
+            Event::Reserve { id } => Record::Reserve { qnum, id: *id },
+            Event::Ack { id } => Record::Ack { qnum, id: *id },
+            Event::Requeue { id } => Record::Requeue { qnum, id: *id },
+            Event::DeadLetter { id, to } => Record::DeadLetter {
+                qnum,
+                id: *id,
+                // Only a poisoned lock fails this; replay then refuses the record as
+                // naming an undeclared queue instead of moving the item somewhere wrong.
+                to: Journal::declare(self, to).unwrap_or(u32::MAX),
+            },
+            Event::Clear { count } => Record::Clear {
+                qnum,
+                count: *count,
+            },
+        };
+        self.append(&record)
+    }
+
+    fn commit(&self, ticket: u64) -> Result<()> {
+        Journal::commit(self, ticket)
     }
 }
 

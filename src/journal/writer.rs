@@ -3,15 +3,16 @@
 //! on every `put`, with its own locking rules.
 //!
 //! # Writing without holding queue locks across I/O
-//! Queues append records to an in-memory buffer while they hold their own lock (a
-//! memcpy), so the journal's record order always matches each queue's order of events.
+//! Queues emit their events while they hold their own lock and the journal encodes them
+//! into an in-memory buffer (a memcpy), so the journal's record order always matches
+//! each queue's order of events.
 //! The bytes reach the file later, outside every queue lock: a `put` waits, after
 //! releasing its queue, until its record has been written (and, with `--fsync always`,
 //! synced) before its `#RETURN` goes out. Whoever waits first becomes the writer and
 //! takes everything buffered so far, so concurrent puts share one `write` and one fsync
 //! (group commit). Other records (gets, acks) are written by the next commit or by the
-//! background flusher within one flush interval; losing them in a crash can only make an
-//! item appear again, never disappear.
+//! background flusher within one flush interval; what losing one in a crash means is in
+//! `queues/event.rs`.
 //!
 //! # When a write fails
 //! Memory has already applied every buffered record, so none is ever dropped: a failed

@@ -2,15 +2,18 @@
 //!
 //! [`QueueMap`] finds queues by name and by ident and keeps Python's reference counts;
 //! [`Queue`] (in `queue.rs`) holds the items and the blocking semantics; `packed.rs` is
-//! the compact item store. No lock in this module is ever held while a socket is
+//! the compact item store; `event.rs` is all that queues tell durability (the journal,
+//! through the [`EventSink`] trait). No lock in this module is ever held while a socket is
 //! touched: callers get items back and encode and send them after every guard is dropped;
 //! the liveness callback a blocked waiter calls runs with the queue lock released.
 
 mod budget;
+mod event;
 mod holds;
 mod packed;
 mod queue;
 
+pub use event::{Durability, Event, EventSink};
 pub use packed::Taken;
 pub use queue::{Counts, Queue, QueueStats, Reserved, LIVENESS_SLICE};
 
@@ -79,6 +82,11 @@ pub const MAX_QUEUES: usize = 4096;
 /// named ones: filling this table never stops `create('get_task_queue')`.
 pub const MAX_ANONYMOUS_QUEUES: usize = 1024;
 
+/// The queue that items of `queue` go to once they have used up their deliveries.
+fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
 /// A queue and the number of client references Python's refcounting protocol holds on it.
 #[derive(Debug)]
 struct Entry {
@@ -125,8 +133,10 @@ pub struct QueueMap {
     /// Open client connections, kept by the server (for `stats`).
     pub connections: AtomicUsize,
     started: Option<Instant>,
-    /// Where named queues record their mutations, if the server keeps a journal.
+    /// The server's journal, if it keeps one (for its flusher and shutdown).
     journal: Option<Arc<Journal>>,
+    /// Where named queues send their events: the journal, or a test's recorder.
+    sink: Option<Arc<dyn EventSink>>,
     /// Anonymous queues kept alive by stored items that carry their proxies.
     holds: holds::ProxyHolds,
     /// The bytes of every queue's items, against `policy.max_memory`.
@@ -161,8 +171,21 @@ impl QueueMap {
         journal: Arc<Journal>,
         recovered: Vec<RecoveredQueue>,
     ) -> Result<QueueMap> {
+        Ok(QueueMap {
+            journal: Some(journal.clone()),
+            ..QueueMap::with_sink(policy, journal, recovered)?
+        })
+    }
+
+    /// An empty map whose named queues send their events to `sink`, loaded with
+    /// `recovered` (which `sink` is told are waiting again, see `Queue::restore`).
+    pub fn with_sink(
+        policy: Policy,
+        sink: Arc<dyn EventSink>,
+        recovered: Vec<RecoveredQueue>,
+    ) -> Result<QueueMap> {
         let map = QueueMap {
-            journal: Some(journal),
+            sink: Some(sink),
             ..QueueMap::with_policy(policy)
         };
         let restore = |r: Vec<Recovered>| -> Vec<Taken> {
@@ -296,9 +319,9 @@ impl QueueMap {
         let n = self.next_ident.fetch_add(1, Ordering::Relaxed);
         let ident = format!("{:x}", 0xd157_0000_0000u64 + n * 0x10);
         // Anonymous queues (`SyncManager().Queue()`) die with their proxies anyway, so
-        // only named queues are journaled.
-        let journal = match (&self.journal, anonymous) {
-            (Some(j), false) => Some((j.clone(), j.declare(name)?)),
+        // only named queues have a sink.
+        let events = match (&self.sink, anonymous) {
+            (Some(sink), false) => Some(event::QueueSink::declare(sink, name)?),
             _ => None,
         };
         let queue = Arc::new(Queue::new(
@@ -306,7 +329,7 @@ impl QueueMap {
             ident.clone(),
             maxsize,
             self.policy,
-            journal,
+            events,
             self.budget.clone(),
         ));
         reg.by_ident.insert(
@@ -449,7 +472,7 @@ impl QueueMap {
         if items.is_empty() {
             return Ok(());
         }
-        let name = format!("{}.dead", from.name());
+        let name = dead_letter_queue(from.name());
         log_at!(
             Warn,
             "{} item(s) on {:?} failed {} deliveries; moved to {name:?}",

@@ -14,16 +14,20 @@
 //!   is handed back to the caller for dead-lettering instead of being requeued.
 //! - **Shutdown.** Python 3.13's `Queue.shutdown()`: later puts fail with `ShutDown`,
 //!   gets drain what is left and then fail the same way.
+//! - **Events.** Each change to what a named queue holds goes to the server's sink (the
+//!   journal) as one `Event`, from `Queue::emit` alone, under the queue lock; a put then
+//!   waits, unlocked, for its events to be durable before it returns (`event.rs`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::budget::Budget;
+use super::event::{Event, QueueSink};
 use super::packed::{Packed, Taken};
-use super::{poisoned, Policy, Wait};
-use crate::journal::{Journal, Record};
+use super::{dead_letter_queue, poisoned, Policy, Wait};
 use crate::pickle::Fragment;
 use crate::{Error, Result};
 
@@ -50,8 +54,8 @@ pub struct Queue {
     name: String,
     ident: String,
     policy: Policy,
-    /// The server's journal and this queue's number in it (named queues only).
-    journal: Option<(Arc<Journal>, u32)>,
+    /// Where this queue's events go (named queues of a server with a journal).
+    events: Option<QueueSink>,
     /// The server-wide budget for stored items' bytes, shared by every queue.
     budget: Arc<Budget>,
     state: Mutex<State>,
@@ -135,14 +139,14 @@ impl Queue {
         ident: String,
         maxsize: usize,
         policy: Policy,
-        journal: Option<(Arc<Journal>, u32)>,
+        events: Option<QueueSink>,
         budget: Arc<Budget>,
     ) -> Queue {
         Queue {
             name: name.to_string(),
             ident,
             policy,
-            journal,
+            events,
             budget,
             state: Mutex::new(State {
                 items: Packed::default(),
@@ -188,19 +192,18 @@ impl Queue {
         self.budget.give_back(bytes);
     }
 
-    /// Buffers a journal record built from this queue's number (no I/O; called with the
-    /// queue lock held so the journal sees events in the queue's order). Returns the
-    /// record's sequence number, 0 without a journal.
-    fn journal(&self, record: impl FnOnce(u32) -> Record<'static>) -> u64 {
-        match &self.journal {
-            Some((j, qnum)) => j.append(&record(*qnum)),
-            None => 0,
-        }
+    /// The one place where a change to this queue's contents leaves the queue layer
+    /// (see `event.rs`): every mutation below calls it once per item, at the point it
+    /// changes the state. The `&State` proves the lock is held, so the sink sees the
+    /// queue's events in the order they happened. Returns the ticket to commit before
+    /// replying, for the events a reply must wait for.
+    fn emit(&self, _locked: &State, event: Event<'_>) -> Option<u64> {
+        self.events.as_ref().and_then(|sink| sink.emit(event))
     }
 
-    /// A new journal id for an item, 0 without a journal.
+    /// A new id for an item, 0 without a sink.
     fn new_id(&self) -> u64 {
-        self.journal.as_ref().map_or(0, |(j, _)| j.next_id())
+        self.events.as_ref().map_or(0, QueueSink::item_id)
     }
 
     /// Waits on `cv` until `ready` holds, the deadline passes, the queue closes, or
@@ -265,11 +268,8 @@ impl Queue {
         alive: &dyn Fn() -> bool,
     ) -> Result<()> {
         let n = items.len();
-        if let Some((j, _)) = &self.journal {
-            for item in &items {
-                j.check_item(item.bytes().len())?;
-            }
-            j.admit(items.iter().map(|i| i.bytes().len()).sum())?;
+        if let Some(sink) = &self.events {
+            sink.admit(&items)?;
         }
         let bytes: u64 = items.iter().map(|i| i.bytes().len() as u64).sum();
         if let Some(limit) = self.budget.limit().filter(|limit| bytes > *limit) {
@@ -315,22 +315,18 @@ impl Queue {
             };
         }
         guard.bytes += bytes;
-        let mut seq = 0;
+        let mut durable = None;
         let mut ids = Vec::new();
         for item in items {
             let t = Taken {
                 id: self.new_id(),
                 ..Taken::new(item)
             };
-            if let Some((j, qnum)) = &self.journal {
-                seq = j.append(&Record::Put {
-                    qnum: *qnum,
-                    front: false,
-                    id: t.id,
-                    deliveries: 0,
-                    item: &t.item,
-                });
-            }
+            let put = Event::Put {
+                id: t.id,
+                item: Cow::Borrowed(&t.item),
+            };
+            durable = self.emit(&guard, put).or(durable);
             if t.id > 0 {
                 ids.push(t.id);
             }
@@ -344,17 +340,16 @@ impl Queue {
         } else {
             self.not_empty.notify_all();
         }
-        // Acknowledge only what is written (and synced, with `--fsync always`): the wait
-        // happens here, with no queue lock held.
-        match &self.journal {
-            Some((j, _)) if seq > 0 => j.commit(seq).map_err(|e| self.withdraw(&ids, e)),
+        // Acknowledge only what is durable: the wait happens here, with no queue lock held.
+        match (&self.events, durable) {
+            (Some(sink), Some(ticket)) => sink.commit(ticket).map_err(|e| self.withdraw(&ids, e)),
             _ => Ok(()),
         }
     }
 
     /// Undoes a put whose journal write failed, so an item its producer was told "not
-    /// stored" is never delivered: the items still waiting are taken back out (and a
-    /// `Take` is journaled behind the retried `Put`, so a restart does not revive them
+    /// stored" is never delivered: the items still waiting are taken back out (and
+    /// withdrawn from the sink behind the retried put, so a restart does not revive them
     /// either). An item a consumer already got cannot be taken back; the error says so.
     fn withdraw(&self, ids: &[u64], err: Error) -> Error {
         let Ok(mut s) = self.lock() else {
@@ -365,8 +360,7 @@ impl Queue {
         let mut withdrawn_bytes = 0u64;
         while let Some(t) = s.items.pop_front() {
             if ids.contains(&t.id) {
-                let id = t.id;
-                self.journal(|qnum| Record::Take { qnum, id });
+                self.emit(&s, Event::Withdraw { id: t.id });
                 withdrawn += 1;
                 withdrawn_bytes += t.item.bytes().len() as u64;
             } else {
@@ -463,8 +457,7 @@ impl Queue {
             Some((owner, expires)) => {
                 for t in &mut items {
                     t.deliveries = t.deliveries.saturating_add(1);
-                    let id = t.id;
-                    self.journal(|qnum| Record::Reserve { qnum, id });
+                    self.emit(&guard, Event::Reserve { id: t.id });
                     let lease = next_lease();
                     guard.leases.insert(
                         lease,
@@ -479,8 +472,7 @@ impl Queue {
             }
             None => {
                 for t in &items {
-                    let id = t.id;
-                    self.journal(|qnum| Record::Take { qnum, id });
+                    self.emit(&guard, Event::Take { id: t.id });
                 }
                 let bytes = items.iter().map(|t| t.item.bytes().len() as u64).sum();
                 self.lose(&mut guard, bytes);
@@ -506,21 +498,15 @@ impl Queue {
         let mut guard = self.lock()?;
         for t in items.iter().rev() {
             guard.items.push_front(t);
+            let unget = Event::Unget {
+                id: t.id,
+                deliveries: t.deliveries,
+                item: Cow::Borrowed(&t.item),
+            };
+            self.emit(&guard, unget);
         }
         let bytes = items.iter().map(|t| t.item.bytes().len() as u64).sum();
         self.gain(&mut guard, bytes);
-        // In the journal the items were taken; put them back in the same order.
-        for t in items.iter().rev() {
-            if let Some((j, qnum)) = &self.journal {
-                j.append(&Record::Put {
-                    qnum: *qnum,
-                    front: true,
-                    id: t.id,
-                    deliveries: t.deliveries,
-                    item: &t.item,
-                });
-            }
-        }
         guard.counts.gets = guard.counts.gets.saturating_sub(items.len() as u64);
         drop(guard);
         self.not_empty.notify_all();
@@ -593,8 +579,7 @@ impl Queue {
             .leases
             .remove(&lease)
             .ok_or_else(|| self.unknown_lease(lease))?;
-        let id = done.taken.id;
-        self.journal(|qnum| Record::Ack { qnum, id });
+        self.emit(&s, Event::Ack { id: done.taken.id });
         self.lose(&mut s, done.taken.item.bytes().len() as u64);
         s.unfinished = s.unfinished.saturating_sub(1);
         s.counts.acks += 1;
@@ -650,9 +635,8 @@ impl Queue {
         let max = self.policy.max_deliveries;
         let exhausted = max > 0 && l.taken.deliveries >= max;
         if let (Some(due), false) = (due, exhausted) {
-            // The journal has no clocks: after a restart a delayed item is ready at once.
-            let id = l.taken.id;
-            self.journal(|qnum| Record::Requeue { qnum, id });
+            // Waiting again as far as the sink knows: it keeps no clocks (see `event.rs`).
+            self.emit(&s, Event::Requeue { id: l.taken.id });
             s.delayed.push((due, l.taken));
             return Ok(None);
         }
@@ -666,18 +650,9 @@ impl Queue {
     /// dead-letters it; it no longer counts as unfinished here).
     fn requeue(&self, s: &mut State, t: Taken) -> Option<Taken> {
         let max = self.policy.max_deliveries;
-        let id = t.id;
         if max > 0 && t.deliveries >= max {
-            if let Some((j, qnum)) = &self.journal {
-                let to = j
-                    .declare(&format!("{}.dead", self.name))
-                    .unwrap_or(u32::MAX);
-                j.append(&Record::DeadLetter {
-                    qnum: *qnum,
-                    id,
-                    to,
-                });
-            }
+            let to = Cow::Owned(dead_letter_queue(&self.name));
+            self.emit(s, Event::DeadLetter { id: t.id, to });
             s.counts.dead_lettered += 1;
             self.lose(s, t.item.bytes().len() as u64);
             s.unfinished = s.unfinished.saturating_sub(1);
@@ -686,7 +661,7 @@ impl Queue {
             }
             return Some(t);
         }
-        self.journal(|qnum| Record::Requeue { qnum, id });
+        self.emit(s, Event::Requeue { id: t.id });
         s.counts.requeues += 1;
         s.items.push_front(&t);
         None
@@ -751,7 +726,8 @@ impl Queue {
         Ok((dead, ids.len()))
     }
 
-    /// Appends dead-lettered items (this is a `NAME.dead` queue), ignoring `maxsize`.
+    /// Appends dead-lettered items (this is a `NAME.dead` queue), ignoring `maxsize`. No
+    /// event: the source queue's [`Event::DeadLetter`] already moved them.
     pub(super) fn push_dead(&self, items: Vec<Taken>) -> Result<()> {
         let n = items.len();
         let mut s = self.lock()?;
@@ -767,15 +743,14 @@ impl Queue {
     }
 
     /// Loads items recovered from the journal: formerly reserved ones first (they come
-    /// back ready, at the head), then the waiting ones in order. The journal learns that
+    /// back ready, at the head), then the waiting ones in order. The sink learns that
     /// the formerly reserved ones are waiting again (a `Requeue` each, newest first so
     /// the oldest ends up in front): otherwise a later get of one would not match the
     /// journal, and a restart would find it both reserved and waiting.
     pub(super) fn restore(&self, reserved: Vec<Taken>, ready: Vec<Taken>) -> Result<()> {
         let mut s = self.lock()?;
         for t in reserved.iter().rev() {
-            let id = t.id;
-            self.journal(|qnum| Record::Requeue { qnum, id });
+            self.emit(&s, Event::Requeue { id: t.id });
         }
         let n = (reserved.len() + ready.len()) as u64;
         for t in reserved.iter().chain(&ready) {
@@ -797,7 +772,7 @@ impl Queue {
         let mut s = self.lock()?;
         s.shut_down = true;
         if immediate {
-            // Delayed releases are waiting items too (the journal has them as requeued).
+            // Delayed releases are waiting items too (the sink has them as requeued).
             let delayed = s.delayed.len() as u64;
             s.delayed.clear();
             let dropped = s.items.clear() as u64 + delayed;
@@ -809,10 +784,7 @@ impl Queue {
                 .sum();
             let gone = s.bytes.saturating_sub(kept);
             self.lose(&mut s, gone);
-            self.journal(|qnum| Record::Clear {
-                qnum,
-                count: dropped,
-            });
+            self.emit(&s, Event::Clear { count: dropped });
             s.unfinished = s.unfinished.saturating_sub(dropped);
             if s.unfinished == 0 {
                 self.all_done.notify_all();
@@ -832,7 +804,7 @@ impl Queue {
     /// Whether the queue's items are kept in the server's journal (named queues of a
     /// server with one).
     pub fn is_journaled(&self) -> bool {
-        self.journal.is_some()
+        self.events.is_some()
     }
 
     /// Whether no item is waiting (`empty()`).
