@@ -16,83 +16,125 @@ use crate::Value;
 /// Where `ack_put` puts its item unless told otherwise: the classic result queue.
 const RESULT_QUEUE: &str = "get_result_queue";
 
-/// The parameters of one request, bound one at a time; [`Args::finish`] then refuses
-/// whatever no parameter took.
+/// A queue method's Python signature: positional-or-keyword parameters (`self` left
+/// out), how many of them are required, and the keyword-only ones.
+pub(super) struct Signature {
+    pub(super) params: &'static [&'static str],
+    pub(super) required: usize,
+    pub(super) keyword_only: &'static [&'static str],
+}
+
+/// The parameters of one request, checked against the method's signature as CPython's
+/// call machinery checks them, then bound one at a time.
 pub(super) struct Args<'a> {
     req: &'a Request,
-    used_pos: usize,
-    used_kw: usize,
 }
 
 impl<'a> Args<'a> {
-    pub(super) fn new(req: &'a Request) -> Args<'a> {
-        Args {
-            req,
-            used_pos: 0,
-            used_kw: 0,
+    /// Refuses what CPython refuses before the method runs, in its words (3.10 and
+    /// later) and its order: an unknown keyword or a parameter given twice (keywords in
+    /// the order sent), then too many positional arguments, then missing ones.
+    pub(super) fn bind(req: &'a Request, sig: &Signature) -> Result<Args<'a>, Value> {
+        let args = Args { req };
+        let given = req.args.len();
+        for (name, _) in &req.kwargs {
+            match sig.params.iter().position(|p| p == name) {
+                Some(at) if at < given => {
+                    return Err(
+                        args.type_error(&format!("got multiple values for argument '{name}'"))
+                    )
+                }
+                Some(_) => {}
+                None if sig.keyword_only.contains(&name.as_str()) => {}
+                None => {
+                    return Err(
+                        args.type_error(&format!("got an unexpected keyword argument '{name}'"))
+                    )
+                }
+            }
         }
+        if given > sig.params.len() {
+            let (least, most) = (sig.required + 1, sig.params.len() + 1);
+            let takes = if least == most {
+                format!("{most} positional argument{}", plural(most))
+            } else {
+                format!("from {least} to {most} positional arguments")
+            };
+            return Err(args.type_error(&format!("takes {takes} but {} were given", given + 1)));
+        }
+        let missing: Vec<String> = sig.params[..sig.required]
+            .iter()
+            .enumerate()
+            .filter(|&(at, name)| at >= given && !req.kwargs.iter().any(|(k, _)| k == name))
+            .map(|(_, name)| format!("'{name}'"))
+            .collect();
+        if !missing.is_empty() {
+            let names = match &missing[..] {
+                [one] => one.clone(),
+                [init @ .., last] => format!("{} and {last}", init.join(", ")),
+                [] => unreachable!("not empty"),
+            };
+            return Err(args.type_error(&format!(
+                "missing {} required positional argument{}: {names}",
+                missing.len(),
+                plural(missing.len())
+            )));
+        }
+        Ok(args)
     }
 
-    /// `class` raised with the method's name in front, as Python words its binding errors.
+    /// `class` raised with the method's name in front, as CPython words its binding
+    /// errors (`Queue.get() ...`).
     fn error(&self, class: &str, msg: &str) -> Value {
-        exceptions::builtin(class, &format!("{}() {msg}", self.req.method))
+        exceptions::builtin(class, &format!("Queue.{}() {msg}", self.req.method))
     }
 
     pub(super) fn type_error(&self, msg: &str) -> Value {
         self.error("TypeError", msg)
     }
 
-    fn optional_arg(&mut self, pos: usize, name: &str) -> Result<Option<&'a Arg>, Value> {
-        let by_pos = self.req.args.get(pos);
-        let by_kw = self
-            .req
-            .kwargs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v);
-        if by_pos.is_some() {
-            self.used_pos = self.used_pos.max(pos + 1);
-        }
-        if by_kw.is_some() {
-            self.used_kw += 1;
-        }
-        match (by_pos, by_kw) {
-            (Some(_), Some(_)) => {
-                Err(self.type_error(&format!("got multiple values for argument {name:?}")))
-            }
-            (v, None) | (None, v) => Ok(v),
-        }
+    /// The argument for the parameter at `pos` (`usize::MAX`: keyword-only), if given;
+    /// [`Args::bind`] has made sure it was not given twice.
+    fn optional_arg(&self, pos: usize, name: &str) -> Option<&'a Arg> {
+        self.req.args.get(pos).or_else(|| {
+            self.req
+                .kwargs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v)
+        })
     }
 
-    pub(super) fn required_arg(&mut self, pos: usize, name: &str) -> Result<&'a Arg, Value> {
-        self.optional_arg(pos, name)?
-            .ok_or_else(|| self.type_error(&format!("missing required argument {name:?}")))
+    /// A required parameter's argument; [`Args::bind`] has made sure it was given.
+    pub(super) fn required_arg(&self, pos: usize, name: &str) -> Result<&'a Arg, Value> {
+        self.optional_arg(pos, name)
+            .ok_or_else(|| self.type_error(&format!("missing required argument '{name}'")))
     }
 
     /// A parameter that is a plain value (a flag, a number), decoded if it was sent as
     /// something other than a scalar.
-    pub(super) fn optional(&mut self, pos: usize, name: &str) -> Result<Option<Value>, Value> {
-        match self.optional_arg(pos, name)? {
+    pub(super) fn optional(&self, pos: usize, name: &str) -> Result<Option<Value>, Value> {
+        match self.optional_arg(pos, name) {
             None => Ok(None),
             Some(arg) => arg
                 .to_value()
                 .map(Some)
-                .map_err(|e| self.type_error(&format!("cannot read argument {name:?}: {e}"))),
+                .map_err(|e| self.type_error(&format!("cannot read argument '{name}': {e}"))),
         }
     }
 
-    fn required(&mut self, pos: usize, name: &str) -> Result<Value, Value> {
+    fn required(&self, pos: usize, name: &str) -> Result<Value, Value> {
         self.optional(pos, name)?
-            .ok_or_else(|| self.type_error(&format!("missing required argument {name:?}")))
+            .ok_or_else(|| self.type_error(&format!("missing required argument '{name}'")))
     }
 
     /// The `item` parameter at `pos`, admitted for storage.
-    pub(super) fn item(&mut self, pos: usize, policy: &Policy) -> Result<Item, Value> {
+    pub(super) fn item(&self, pos: usize, policy: &Policy) -> Result<Item, Value> {
         Item::admit(policy, self.required_arg(pos, "item")?)
     }
 
     /// Binds `block` at `pos` and `timeout` at `pos + 1` the way `queue.Queue` reads them.
-    pub(super) fn wait(&mut self, pos: usize) -> Result<Wait, Value> {
+    pub(super) fn wait(&self, pos: usize) -> Result<Wait, Value> {
         let block = self.optional(pos, "block")?.map_or(true, |b| truthy(&b));
         let timeout = self.optional(pos + 1, "timeout")?;
         if !block {
@@ -124,7 +166,7 @@ impl<'a> Args<'a> {
     }
 
     /// Binds the lease id, the first positional argument or `lease=`.
-    pub(super) fn lease(&mut self) -> Result<u64, Value> {
+    pub(super) fn lease(&self) -> Result<u64, Value> {
         match self.required(0, "lease")? {
             Value::Int(n) => {
                 u64::try_from(n).map_err(|_| self.type_error("lease must be a lease id"))
@@ -136,7 +178,7 @@ impl<'a> Args<'a> {
     }
 
     /// Binds `leases`, the first positional argument: a list or tuple of lease ids.
-    pub(super) fn leases(&mut self) -> Result<Vec<u64>, Value> {
+    pub(super) fn leases(&self) -> Result<Vec<u64>, Value> {
         match self.required(0, "leases")? {
             Value::List(ids) | Value::Tuple(ids) => ids
                 .iter()
@@ -151,7 +193,7 @@ impl<'a> Args<'a> {
     }
 
     /// Binds an optional keyword-only duration in seconds (`delay=`, `lease_timeout=`).
-    pub(super) fn seconds(&mut self, name: &str) -> Result<Option<Duration>, Value> {
+    pub(super) fn seconds(&self, name: &str) -> Result<Option<Duration>, Value> {
         let secs = match self.optional(usize::MAX, name)? {
             None | Some(Value::None) => return Ok(None),
             Some(Value::Int(n)) => n as f64,
@@ -165,7 +207,7 @@ impl<'a> Args<'a> {
         if secs.is_nan() || secs < 0.0 {
             return Err(exceptions::builtin(
                 "ValueError",
-                &format!("{name:?} must be a non-negative number"),
+                &format!("'{name}' must be a non-negative number"),
             ));
         }
         Ok(Duration::try_from_secs_f64(secs).ok())
@@ -173,7 +215,7 @@ impl<'a> Args<'a> {
 
     /// Binds `max_items`, the first positional argument of the batch methods: at most
     /// [`MAX_BATCH`] whatever the caller asks for.
-    pub(super) fn max_items(&mut self) -> Result<usize, Value> {
+    pub(super) fn max_items(&self) -> Result<usize, Value> {
         match self.optional(0, "max_items")? {
             None => Ok(MAX_BATCH),
             Some(Value::Int(n)) if n > 0 => {
@@ -187,7 +229,7 @@ impl<'a> Args<'a> {
     }
 
     /// Binds `queue_name` at `pos`: where an `ack_put` stores its result.
-    pub(super) fn queue_name(&mut self, pos: usize) -> Result<String, Value> {
+    pub(super) fn queue_name(&self, pos: usize) -> Result<String, Value> {
         match self.optional(pos, "queue_name")? {
             None => Ok(RESULT_QUEUE.to_string()),
             Some(Value::Str(name)) => Ok(name.to_string()),
@@ -197,20 +239,13 @@ impl<'a> Args<'a> {
             ))),
         }
     }
+}
 
-    /// Refuses the arguments no parameter took.
-    pub(super) fn finish(&self) -> Result<(), Value> {
-        if self.req.args.len() > self.used_pos {
-            return Err(self.type_error(&format!(
-                "takes at most {} positional arguments ({} given)",
-                self.used_pos,
-                self.req.args.len()
-            )));
-        }
-        if self.req.kwargs.len() > self.used_kw {
-            return Err(self.type_error("got an unexpected keyword argument"));
-        }
-        Ok(())
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
     }
 }
 

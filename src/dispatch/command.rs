@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use super::args::{truthy, Args};
+use super::args::{truthy, Args, Signature};
 use super::items::Item;
 use crate::protocol::{Arg, Request};
 use crate::queues::{Policy, Wait};
@@ -130,22 +130,61 @@ pub enum QueueCall {
     Describe,
 }
 
+/// Each queue method's Python signature (`self` left out), as `queue.Queue` declares
+/// it, and distq's extensions declared the same way.
+fn signature(method: &str) -> Option<Signature> {
+    const WAIT: &[&str] = &["block", "timeout"];
+    let (params, required, keyword_only): (
+        &'static [&'static str],
+        usize,
+        &'static [&'static str],
+    ) = match method {
+        "put" => (&["item", "block", "timeout"], 1, &[]),
+        "put_nowait" => (&["item"], 1, &[]),
+        "put_many" => (&["items", "block", "timeout"], 1, &[]),
+        "get" => (WAIT, 0, &[]),
+        "get_many" => (&["max_items", "block", "timeout"], 0, &[]),
+        "reserve" => (WAIT, 0, &["lease_timeout"]),
+        "reserve_many" => (&["max_items", "block", "timeout"], 0, &["lease_timeout"]),
+        "ack" => (&["lease"], 1, &[]),
+        "ack_put" => (&["lease", "item", "queue_name"], 2, &[]),
+        "ack_put_many" => (&["leases", "items", "queue_name"], 2, &[]),
+        "release" => (&["lease"], 1, &["delay"]),
+        "touch" => (&["lease"], 1, &["lease_timeout"]),
+        "shutdown" => (&["immediate"], 0, &[]),
+        "get_nowait" | "join" | "task_done" | "qsize" | "empty" | "full" | "stats" => (&[], 0, &[]),
+        _ => return None,
+    };
+    Some(Signature {
+        params,
+        required,
+        keyword_only,
+    })
+}
+
 impl QueueCall {
-    /// Binds `req` to the method it names. Parameters are bound left to right, each
-    /// one's fault reported before the next is read, then leftovers are refused.
+    /// Binds `req` to the method it names. The arguments are first checked against the
+    /// method's signature as CPython checks a call (too many, unknown, twice, missing),
+    /// then each parameter is read, left to right, its fault reported before the next.
     ///
     /// `Ok(None)` means `req` names no method of a queue (nor `__str__`/`__repr__`),
     /// which is not the method's fault but the caller's: Python answers it with a
     /// `#TRACEBACK`, not an exception.
     ///
     /// # Errors
-    /// The exception the method raises for its arguments (`TypeError`, `ValueError`),
-    /// with the texts Python clients have always been sent.
+    /// The exception the method raises for its arguments (`TypeError`, `ValueError`);
+    /// for the signature checks, in CPython's words.
     pub fn bind(req: &Request, policy: &Policy) -> Result<Option<QueueCall>, Value> {
-        let mut args = Args::new(req);
-        let call = match req.method.as_str() {
+        let method = req.method.as_str();
+        if matches!(method, "__str__" | "__repr__") {
             // Python's fallbacks take whatever arguments come and ignore them.
-            "__str__" | "__repr__" => return Ok(Some(QueueCall::Describe)),
+            return Ok(Some(QueueCall::Describe));
+        }
+        let Some(sig) = signature(method) else {
+            return Ok(None);
+        };
+        let args = Args::bind(req, &sig)?;
+        let call = match method {
             "put" => QueueCall::Put {
                 item: args.item(0, policy)?,
                 wait: args.wait(1)?,
@@ -206,7 +245,7 @@ impl QueueCall {
                     return Err(crate::protocol::exceptions::builtin(
                         "ValueError",
                         &format!(
-                            "ack_put_many() got {} leases and {} items: one result per lease",
+                            "Queue.ack_put_many() got {} leases and {} items: one result per lease",
                             leases.len(),
                             items.len()
                         ),
@@ -238,9 +277,9 @@ impl QueueCall {
             "empty" => QueueCall::Empty,
             "full" => QueueCall::Full,
             "stats" => QueueCall::Stats,
+            // `signature` knows one more method than this match: a test catches that.
             _ => return Ok(None),
         };
-        args.finish()?;
         Ok(Some(call))
     }
 
@@ -274,9 +313,10 @@ impl QueueCall {
 #[cfg(test)]
 mod tests {
     //! Each method's forms, bound as Python would bind them. The exception classes are
-    //! the ones CPython's `queue.Queue` raises for the same call (checked with 3.11);
-    //! the texts are the ones distq clients have always been sent (Python's own words
-    //! differ: `Queue.get() takes from 1 to 3 positional arguments but 4 were given`).
+    //! the ones CPython's `queue.Queue` raises for the same call, and so are the texts of
+    //! the signature checks (CPython 3.10 and later; `tests/python/semantics.py` compares
+    //! them with a local `queue.Queue` on every Python); the comments quote CPython where
+    //! distq words an argument's own fault differently.
 
     use std::time::Duration;
 
@@ -399,12 +439,12 @@ mod tests {
         // Python: TypeError("'<' not supported between instances of 'str' and 'int'")
         assert_eq!(
             raised("get", vec![], vec![("timeout", Value::str("x"))]),
-            type_error("get() timeout must be a number, not 'x'")
+            type_error("Queue.get() timeout must be a number, not 'x'")
         );
         // Python: TypeError("Queue.get() takes from 1 to 3 positional arguments but 4 were given")
         assert_eq!(
             raised("get", vec![Value::Bool(true), int(1), int(2)], vec![]),
-            type_error("get() takes at most 2 positional arguments (3 given)")
+            type_error("Queue.get() takes from 1 to 3 positional arguments but 4 were given")
         );
         // Python: TypeError("Queue.get() got multiple values for argument 'block'")
         assert_eq!(
@@ -413,17 +453,17 @@ mod tests {
                 vec![Value::Bool(false)],
                 vec![("block", Value::Bool(false))]
             ),
-            type_error("get() got multiple values for argument \"block\"")
+            type_error("Queue.get() got multiple values for argument 'block'")
         );
         // Python: TypeError("Queue.get() got an unexpected keyword argument 'bogus'")
         assert_eq!(
             raised("get", vec![], vec![("bogus", Value::None)]),
-            type_error("get() got an unexpected keyword argument")
+            type_error("Queue.get() got an unexpected keyword argument 'bogus'")
         );
         // Python: TypeError("Queue.get_nowait() takes 1 positional argument but 2 were given")
         assert_eq!(
             raised("get_nowait", vec![Value::Bool(false)], vec![]),
-            type_error("get_nowait() takes at most 0 positional arguments (1 given)")
+            type_error("Queue.get_nowait() takes 1 positional argument but 2 were given")
         );
     }
 
@@ -453,7 +493,7 @@ mod tests {
         // Python: TypeError("Queue.put() missing 1 required positional argument: 'item'")
         assert_eq!(
             raised("put", vec![], vec![]),
-            type_error("put() missing required argument \"item\"")
+            type_error("Queue.put() missing 1 required positional argument: 'item'")
         );
         // Python: TypeError("Queue.put() takes from 2 to 4 positional arguments but 5 were given")
         assert_eq!(
@@ -462,17 +502,17 @@ mod tests {
                 vec![int(1), Value::Bool(true), int(1), int(4)],
                 vec![]
             ),
-            type_error("put() takes at most 3 positional arguments (4 given)")
+            type_error("Queue.put() takes from 2 to 4 positional arguments but 5 were given")
         );
         // Python: TypeError("Queue.put() got multiple values for argument 'item'")
         assert_eq!(
             raised("put", vec![int(1)], vec![("item", int(2))]),
-            type_error("put() got multiple values for argument \"item\"")
+            type_error("Queue.put() got multiple values for argument 'item'")
         );
         // Python: TypeError("Queue.put_nowait() takes 2 positional arguments but 3 were given")
         assert_eq!(
             raised("put_nowait", vec![int(1), Value::Bool(true)], vec![]),
-            type_error("put_nowait() takes at most 1 positional arguments (2 given)")
+            type_error("Queue.put_nowait() takes 2 positional arguments but 3 were given")
         );
     }
 
@@ -511,7 +551,7 @@ mod tests {
             assert_eq!(max(positional, vec![]), (4, secs(0.1)));
             for bad in [int(0), int(-3), Value::str("x")] {
                 let text = format!(
-                    "{method}() max_items must be a positive int, not {}",
+                    "Queue.{method}() max_items must be a positive int, not {}",
                     bad.brief(60)
                 );
                 assert_eq!(raised(method, vec![bad], vec![]), value_error(&text));
@@ -535,7 +575,7 @@ mod tests {
         assert_eq!(items(vec![tuple], vec![]), (vec![int(4)], Wait::Forever));
         assert_eq!(
             raised("put_many", vec![int(5)], vec![]),
-            type_error("put_many() takes a list or tuple of items, not 5")
+            type_error("Queue.put_many() takes a list or tuple of items, not 5")
         );
     }
 
@@ -559,16 +599,16 @@ mod tests {
         assert_eq!(reserve(vec![], kw), (Wait::Forever, None));
         assert_eq!(
             raised("reserve", vec![], vec![("lease_timeout", Value::str("x"))]),
-            type_error("reserve() lease_timeout must be a number, not 'x'")
+            type_error("Queue.reserve() lease_timeout must be a number, not 'x'")
         );
         assert_eq!(
             raised("reserve", vec![], vec![("lease_timeout", int(-1))]),
-            value_error("\"lease_timeout\" must be a non-negative number")
+            value_error("'lease_timeout' must be a non-negative number")
         );
         // Keyword-only: a third positional argument is one too many.
         assert_eq!(
             raised("reserve", vec![Value::Bool(true), int(1), int(2)], vec![]),
-            type_error("reserve() takes at most 2 positional arguments (3 given)")
+            type_error("Queue.reserve() takes from 1 to 3 positional arguments but 4 were given")
         );
         match bound("reserve_many", vec![], vec![("lease_timeout", int(2))]) {
             QueueCall::ReserveMany { lease_timeout, .. } => {
@@ -590,15 +630,15 @@ mod tests {
         ));
         assert_eq!(
             raised("ack", vec![], vec![]),
-            type_error("ack() missing required argument \"lease\"")
+            type_error("Queue.ack() missing 1 required positional argument: 'lease'")
         );
         assert_eq!(
             raised("ack", vec![int(-1)], vec![]),
-            type_error("ack() lease must be a lease id")
+            type_error("Queue.ack() lease must be a lease id")
         );
         assert_eq!(
             raised("touch", vec![Value::str("x")], vec![]),
-            type_error("touch() lease must be an int, not 'x'")
+            type_error("Queue.touch() lease must be an int, not 'x'")
         );
         match bound("release", vec![int(7)], vec![("delay", int(2))]) {
             QueueCall::Release { lease, delay } => {
@@ -615,7 +655,7 @@ mod tests {
         ));
         assert_eq!(
             raised("release", vec![int(7), int(2)], vec![]),
-            type_error("release() takes at most 1 positional arguments (2 given)")
+            type_error("Queue.release() takes 2 positional arguments but 3 were given")
         );
         match bound("touch", vec![int(7)], vec![("lease_timeout", int(3))]) {
             QueueCall::Touch {
@@ -657,7 +697,7 @@ mod tests {
         );
         assert_eq!(
             raised("ack_put", vec![int(7)], vec![]),
-            type_error("ack_put() missing required argument \"item\"")
+            type_error("Queue.ack_put() missing 1 required positional argument: 'item'")
         );
         let ack_put_many = |args, kwargs| match bound("ack_put_many", args, kwargs) {
             QueueCall::AckPutMany {
@@ -685,20 +725,20 @@ mod tests {
             };
             assert_eq!(
                 raised(method, args, vec![]),
-                type_error(&format!("{method}() queue_name must be a str, not 5"))
+                type_error(&format!("Queue.{method}() queue_name must be a str, not 5"))
             );
         }
         assert_eq!(
             raised("ack_put_many", vec![list(&[1]), list(&[3, 4])], vec![]),
-            value_error("ack_put_many() got 1 leases and 2 items: one result per lease")
+            value_error("Queue.ack_put_many() got 1 leases and 2 items: one result per lease")
         );
         assert_eq!(
             raised("ack_put_many", vec![int(5), list(&[3])], vec![]),
-            type_error("ack_put_many() leases must be a list of lease ids")
+            type_error("Queue.ack_put_many() leases must be a list of lease ids")
         );
         assert_eq!(
             raised("ack_put_many", vec![list(&[1]), int(5)], vec![]),
-            type_error("ack_put_many() items must be a list of results")
+            type_error("Queue.ack_put_many() items must be a list of results")
         );
     }
 
@@ -710,7 +750,7 @@ mod tests {
             assert_eq!(
                 raised(method, vec![Value::None], vec![]),
                 type_error(&format!(
-                    "{method}() takes at most 0 positional arguments (1 given)"
+                    "Queue.{method}() takes 1 positional argument but 2 were given"
                 ))
             );
         }

@@ -59,6 +59,39 @@ try:
     raise AssertionError('extra task_done accepted')
 except ValueError:
     pass
+# Calls of the wrong shape raise what CPython's queue.Queue raises, in its words (3.10+
+# name the class, 'Queue.get()'; 3.8 and 3.9 do not; 3.13+ add "Did you mean" hints,
+# which distq does not).
+import re
+local = queue.Queue()
+unhinted = lambda text: re.sub(r"\. Did you mean '[^']*'\?$", '', text)
+for args, kwds in [((True, 1, 2), {}), ((), {'bogus': 1}), ((True,), {'block': 2}),
+                   ((), {'timeout': 1, 'tiemout': 2})]:
+    for name in ('get', 'put', 'put_nowait', 'get_nowait', 'qsize', 'empty', 'full',
+                 'task_done', 'join'):
+        want = got = None
+        try:
+            getattr(local, name)(*args, **kwds)
+        except TypeError as e:
+            want = unhinted(str(e))
+        if want is None:
+            continue  # a valid call (put(True, 1, 2) would store an item)
+        try:
+            getattr(q, name)(*args, **kwds)
+        except TypeError as e:
+            got = str(e) if sys.version_info >= (3, 10) else str(e).replace('Queue.', '', 1)
+        assert got == want, (name, args, kwds, got, want)
+for name, args, kwds in [('put', (), {}), ('put', (1, True, 1, 2), {}), ('put', (1,), {'item': 2})]:
+    try:
+        getattr(local, name)(*args, **kwds)
+    except TypeError as e:
+        want = str(e)
+    try:
+        getattr(q, name)(*args, **kwds)
+        got = None
+    except TypeError as e:
+        got = str(e) if sys.version_info >= (3, 10) else str(e).replace('Queue.', '', 1)
+    assert got == want, (name, args, kwds, got, want)
 # distq's batching extensions, through the ordinary AutoProxy.
 q.put_many(list(range(100)))
 assert q.get_many(30) == list(range(30))
