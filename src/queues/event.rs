@@ -6,12 +6,13 @@
 //! of every operation, undo paths included, and that replaying them rebuilds the queues.
 //!
 //! # When an event must be durable
-//! Only [`Event::Put`] is waited for ([`Durability::BeforeReply`]): a put is
+//! Two events are waited for ([`Durability::BeforeReply`]). [`Event::Put`]: a put is
 //! acknowledged once its events are in the file (and on the disk, with `--fsync
-//! always`), so no acknowledged item is lost to a crash. Every other event is
-//! group-committed: written with the next put's batch or by the flusher within one
-//! interval. A crash that loses one of them brings an item back that had left (delivery
-//! is at least once), with one exception, [`Event::Unget`] (see its docs).
+//! always`), so no acknowledged item is lost to a crash. [`Event::Unget`]: it undoes a
+//! take that may already be in the file, so until it is written too a crash would lose
+//! the item. Every other event is group-committed: written with the next put's batch or
+//! by the flusher within one interval, and a crash that loses one of them can only bring
+//! back an item that had left (delivery is at least once).
 //!
 //! # What is not an event
 //! A delayed item coming due (its [`Event::Requeue`] was emitted at its release: the
@@ -36,8 +37,7 @@ pub enum Event<'a> {
     /// A put appended `item` at the tail. The one event a reply waits for.
     Put { id: u64, item: Cow<'a, Fragment> },
     /// A taken item went back to the head because its reply could not be delivered.
-    /// Group-committed like the rest, so a crash after its [`Event::Take`] was written
-    /// and before it is loses the item (a window of one flush interval).
+    /// Waited for like a put: its [`Event::Take`] may already be in the file.
     Unget {
         id: u64,
         deliveries: u32,
@@ -74,7 +74,7 @@ impl Event<'_> {
     /// The rule of the module docs, as code: the queue waits on exactly these.
     pub fn durability(&self) -> Durability {
         match self {
-            Event::Put { .. } => Durability::BeforeReply,
+            Event::Put { .. } | Event::Unget { .. } => Durability::BeforeReply,
             _ => Durability::GroupCommit,
         }
     }
@@ -380,8 +380,9 @@ mod tests {
         ];
         assert_eq!(rec.take(), on("q", want));
         assert!(q.is_empty().unwrap());
-        // Only a put waits for its events: the rest never commit.
-        q.unget(vec![crate::queues::Taken::new(item(4))]).unwrap();
+        // An unget waits for its event too (and reports a failed write, its item back
+        // in the queue all the same); the rest never commit.
+        assert!(q.unget(vec![crate::queues::Taken::new(item(4))]).is_err());
         q.get(Wait::No, ALIVE).unwrap();
         assert_eq!(
             rec.take(),

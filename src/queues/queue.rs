@@ -494,8 +494,13 @@ impl Queue {
     /// Puts taken items back at the head, in their original order, ignoring `maxsize`:
     /// used when a reply carrying them could not be delivered, so they are neither lost
     /// nor moved behind newer items.
+    ///
+    /// # Errors
+    /// A poisoned lock, or the journal could not write the unget: the items are back in
+    /// the queue either way, and the record is kept for the journal's next try.
     pub fn unget(&self, items: Vec<Taken>) -> Result<()> {
         let mut guard = self.lock()?;
+        let mut durable = None;
         for t in items.iter().rev() {
             guard.items.push_front(t);
             let unget = Event::Unget {
@@ -503,14 +508,19 @@ impl Queue {
                 deliveries: t.deliveries,
                 item: Cow::Borrowed(&t.item),
             };
-            self.emit(&guard, unget);
+            durable = self.emit(&guard, unget).or(durable);
         }
         let bytes = items.iter().map(|t| t.item.bytes().len() as u64).sum();
         self.gain(&mut guard, bytes);
         guard.counts.gets = guard.counts.gets.saturating_sub(items.len() as u64);
         drop(guard);
         self.not_empty.notify_all();
-        Ok(())
+        // The take may be in the file already: until this is too, a crash loses the items.
+        // A failed write keeps the record for a retry; the items are back either way.
+        match (&self.events, durable) {
+            (Some(sink), Some(ticket)) => sink.commit(ticket),
+            _ => Ok(()),
+        }
     }
 
     /// Takes one item under a lease owned by connection `owner`. The lease lasts
