@@ -136,7 +136,7 @@ fn main() {
     let server = Server::bind_to(&Address::parse(&bind), config)
         .unwrap_or_else(|e| cli::fail(e, exit::FAILURE));
     for (name, max) in &queues {
-        if let Err(e) = server.queues().declare(name, *max) {
+        if let Err(e) = server.declare(name, *max) {
             cli::fail(e, exit::FAILURE);
         }
     }

@@ -157,11 +157,6 @@ impl Connection {
         self.peer
     }
 
-    /// The underlying socket (e.g. to shut it down from another thread).
-    pub fn stream(&self) -> &Stream {
-        &self.stream
-    }
-
     /// Limits how long [`Connection::read_value`] waits (`None`: wait for ever).
     ///
     /// The `setsockopt` is skipped when the socket already has the right timeout, and

@@ -18,13 +18,13 @@
 //!   text and JSON, the line-mode envelope) and [`log`] (silent until a level is set).
 //!
 //! ## Internals
-//! The layers beneath, bottom up, are public for the binaries, the fuzz targets, the
-//! benches and the tests, hidden from these docs, and not a stable interface: `frame`
-//! (Python's length-prefixed frames), `auth` (the HMAC handshake), `pickle` (the codec and
-//! the server's scan), `protocol` (requests and replies), `xmlrpc` (the other
-//! serializer), `queues` (`queue.Queue` semantics, leases, holds, the memory budget),
-//! `dispatch` (what each request does), `conn` (one authenticated socket) and `cli` (the
-//! binaries' shared flags). ARCHITECTURE.md maps them.
+//! The layers beneath, bottom up, are private: `frame` (Python's length-prefixed
+//! frames), `auth` (the HMAC handshake), the scan in `pickle` (how the server reads
+//! requests without decoding items), `protocol` (requests and replies), `xmlrpc` (the
+//! other serializer), `queues` (`queue.Queue` semantics, leases, holds, the memory
+//! budget), `dispatch` (what each request does) and `conn` (one authenticated socket).
+//! The `internals` feature makes them public, undocumented and unstable, for the crate's
+//! own tests, benches and fuzz targets. ARCHITECTURE.md maps them.
 //!
 //! ```
 //! use distq::{AuthKey, Manager, Server, ServerConfig};
@@ -44,33 +44,34 @@
 // audited exceptions: `conn::tcp_quickack` (a setsockopt std lacks), `net::peek_unix`, `net::wake_listener`
 #![warn(missing_docs)]
 
-#[doc(hidden)]
-pub mod auth;
+/// The layers beneath the face are private unless the `internals` feature is on: the
+/// integration tests, benches and fuzz targets turn it on (through a dev-dependency of
+/// the crate on itself, and the fuzz crate's own dependency) to drive them directly; a
+/// program using distq sees only the face, and the binaries use nothing else.
+macro_rules! internal_modules {
+    ($($name:ident),*) => {$(
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        pub mod $name;
+        #[cfg(not(feature = "internals"))]
+        mod $name;
+    )*};
+}
+
 #[doc(hidden)]
 pub mod cli;
 pub mod client;
-#[doc(hidden)]
-pub mod conn;
-#[doc(hidden)]
-pub mod dispatch;
+internal_modules!(auth, conn, dispatch, frame, protocol, queues, xmlrpc);
 pub mod error;
 pub mod exec;
-#[doc(hidden)]
-pub mod frame;
 pub mod journal;
 mod leb128;
 pub mod log;
 pub mod net;
 pub mod pickle;
-#[doc(hidden)]
-pub mod protocol;
-#[doc(hidden)]
-pub mod queues;
 pub mod server;
 pub mod text;
 pub mod worker;
-#[doc(hidden)]
-pub mod xmlrpc;
 
 pub use auth::AuthKey;
 pub use client::{ClientConfig, Manager, QueueProxy};

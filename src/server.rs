@@ -316,7 +316,18 @@ impl Server {
         &self.shared.address
     }
 
-    /// The server's queues, e.g. to declare bounded ones before clients arrive.
+    /// Declares queue `name` with a bound (0: unbounded) before clients arrive, as
+    /// `distq-server --queue NAME:MAXSIZE` does; an existing queue gets the new bound.
+    ///
+    /// # Errors
+    /// [`Error::Value`] past the limit of named queues; [`Error::Io`] when the journal
+    /// cannot record the new queue.
+    pub fn declare(&self, name: &str, maxsize: usize) -> Result<()> {
+        self.shared.queues.declare(name, maxsize).map(drop)
+    }
+
+    /// The server's queues, for the crate's own tests and benches.
+    #[cfg(feature = "internals")]
     pub fn queues(&self) -> &QueueMap {
         &self.shared.queues
     }
@@ -877,7 +888,8 @@ impl ServerHandle {
         self.shared.shutdown();
     }
 
-    /// The server's queues.
+    /// The server's queues, for the crate's own tests and benches.
+    #[cfg(feature = "internals")]
     pub fn queues(&self) -> &QueueMap {
         &self.shared.queues
     }

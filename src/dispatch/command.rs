@@ -285,6 +285,7 @@ impl QueueCall {
 
     /// How long the call may wait, if it can wait at all: the one place a caller that
     /// must not block has to look.
+    #[cfg(feature = "internals")]
     pub fn wait_mut(&mut self) -> Option<&mut Wait> {
         match self {
             QueueCall::Put { wait, .. }

@@ -26,7 +26,6 @@ use std::sync::Arc;
 
 pub use apply::Outcome;
 pub use command::QueueCall;
-pub use items::Item;
 
 use crate::protocol::{Reply, Request};
 use crate::queues::{Queue, QueueMap};

@@ -3,7 +3,7 @@
 //!
 //! This file is the journal's public face: [`Journal`], its [`JournalConfig`] and
 //! [`Fsync`] policy, what [`Journal::open`] recovers, and the journal as the queues'
-//! [`EventSink`]: the one place where a queue [`Event`] becomes a [`Record`]. The parts
+//! `EventSink`: the one place where a queue `Event` becomes a [`Record`]. The parts
 //! live beside it:
 //!
 //! - `record.rs`: the record layout (a length, a CRC-32, a payload of LEB128 fields) and

@@ -13,9 +13,12 @@ mod holds;
 mod packed;
 mod queue;
 
-pub use event::{Durability, Event, EventSink};
+pub use event::{Event, EventSink};
 pub use packed::Taken;
-pub use queue::{Counts, Queue, QueueStats, Reserved, LIVENESS_SLICE};
+pub use queue::{Queue, LIVENESS_SLICE};
+/// What the queue's methods return, named for the crate's own tests and benches.
+#[cfg(feature = "internals")]
+pub use queue::{Counts, QueueStats, Reserved};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -49,7 +52,8 @@ impl Wait {
     }
 }
 
-/// A liveness callback for callers with no peer to lose (tests, in-process use).
+/// A liveness callback for callers with no peer to lose (tests, benches).
+#[cfg(any(test, feature = "internals"))]
 pub fn always_alive() -> bool {
     true
 }
@@ -145,6 +149,7 @@ pub struct QueueMap {
 
 impl QueueMap {
     /// An empty map with the default policy (no lease expiry, no dead-lettering).
+    #[cfg(any(test, feature = "internals"))]
     pub fn new() -> QueueMap {
         QueueMap::with_policy(Policy::default())
     }

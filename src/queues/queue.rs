@@ -829,6 +829,7 @@ impl Queue {
     }
 
     /// The number of items out under a lease.
+    #[cfg(any(test, feature = "internals"))]
     pub fn reserved(&self) -> Result<usize> {
         Ok(self.lock()?.leases.len())
     }
