@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -132,6 +132,8 @@ struct Shared {
     /// Every connection thread has been joined: the journal's last flush may run.
     drained: AtomicBool,
     next_conn: AtomicU64,
+    /// Connections being served (for `stats`).
+    connections: AtomicUsize,
     /// Connections accepted but not yet authenticated: id, source address (`None`: the
     /// Unix socket, whose peers count as one source) and a handle to shed it by (ids
     /// grow, so the smallest is the oldest).
@@ -299,6 +301,7 @@ impl Server {
                 stopping: AtomicBool::new(false),
                 drained: AtomicBool::new(false),
                 next_conn: AtomicU64::new(0),
+                connections: AtomicUsize::new(0),
                 live: Mutex::new(HashMap::new()),
                 unix_listener,
             }),
@@ -666,9 +669,9 @@ impl Shared {
     }
 
     fn serve(&self, stream: Stream, id: u64, handle: &Stream) {
-        self.queues.connections.fetch_add(1, Ordering::Relaxed);
+        self.connections.fetch_add(1, Ordering::Relaxed);
         self.serve_connection(stream, id, handle);
-        self.queues.connections.fetch_sub(1, Ordering::Relaxed);
+        self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn serve_connection(&self, stream: Stream, id: u64, handle: &Stream) {
@@ -716,7 +719,7 @@ impl Shared {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let result = match dispatch::public(&self.queues, &req) {
+        let result = match dispatch::public(&self.queues, &req, &self.connections) {
             Public::Reply(reply) => conn.write_reply(&reply),
             Public::AcceptConnection => {
                 // Bounded: the argument is the client's, and a small shared graph can
@@ -773,7 +776,7 @@ impl Shared {
         conn.set_read_timeout(self.config.idle_timeout)?;
         let peer = conn.peer();
         let alive = || crate::conn::peer_alive(handle);
-        let session = dispatch::Session::new(id, &alive);
+        let session = dispatch::Session::new(id, &alive, &self.connections);
         let result = self.method_loop(conn, &session);
         if session.has_leases.get() {
             match self.queues.release_owner(id) {
@@ -892,6 +895,12 @@ impl ServerHandle {
     #[cfg(feature = "internals")]
     pub fn queues(&self) -> &QueueMap {
         &self.shared.queues
+    }
+
+    /// Connections being served now, for the crate's own tests.
+    #[cfg(feature = "internals")]
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// The bound address (`0.0.0.0:0` for a Unix socket).

@@ -464,7 +464,7 @@ fn connection_and_handshake_limits() {
     b.put(1).unwrap();
     // A third waits in the listen backlog (no permit, no accept) until one closes.
     let third = std::thread::spawn(move || connect(addr).queue("c").map(|c| c.put(1)));
-    wait_for(|| server.handle().queues().connections.load(Ordering::SeqCst) == 2);
+    wait_for(|| server.handle().connections() == 2);
     assert!(!third.is_finished(), "a third connection is not served");
     drop(a);
     third.join().unwrap().unwrap().unwrap();
@@ -796,11 +796,14 @@ fn chaos_with_python_lease_workers() {
 /// One number of one queue, from the server's own map.
 fn queue_number(server: &distq::RunningServer, queue: &str, field: &str) -> usize {
     let stats = server.handle().queues().stats().unwrap();
-    distq::text::field(&stats, "queues")
-        .and_then(|qs| distq::text::field(qs, queue))
-        .and_then(|q| distq::text::field(q, field))
-        .and_then(Value::as_int)
-        .unwrap_or(0) as usize
+    let Some((_, q)) = stats.queues.iter().find(|(name, _)| name == queue) else {
+        return 0;
+    };
+    match field {
+        "size" => q.size,
+        "reserved" => q.reserved,
+        _ => panic!("no field {field} here"),
+    }
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

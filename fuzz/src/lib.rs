@@ -385,6 +385,7 @@ pub fn dispatch(data: &[u8]) {
     let map = QueueMap::new();
     map.create("q").expect("fresh map");
     map.declare("bounded", 2).expect("fresh map");
+    let connections = std::sync::atomic::AtomicUsize::new(1);
     let mut cur = io::Cursor::new(data);
     let mut frame_buf = Vec::new();
     let mut out = Vec::new();
@@ -392,7 +393,7 @@ pub fn dispatch(data: &[u8]) {
         let reply = match Request::parse(&frame_buf) {
             Err(e) => Reply::traceback("UnpicklingError", &e.to_string()),
             Ok(req) => match req.ident {
-                None => match dispatch::public(&map, &req) {
+                None => match dispatch::public(&map, &req, &connections) {
                     Public::Reply(reply) => reply,
                     Public::AcceptConnection | Public::Shutdown => Reply::Return(Value::None),
                 },
@@ -400,7 +401,8 @@ pub fn dispatch(data: &[u8]) {
                     Ok((queue, mut call)) => {
                         tame(&mut call);
                         let alive = || true;
-                        let outcome = call.apply(&map, &queue, &dispatch::Session::new(1, &alive));
+                        let session = dispatch::Session::new(1, &alive, &connections);
+                        let outcome = call.apply(&map, &queue, &session);
                         if outcome.hang_up {
                             continue;
                         }

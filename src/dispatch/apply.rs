@@ -233,7 +233,7 @@ impl QueueCall {
             QueueCall::Qsize => value(Value::Int(queue.len()? as i64)),
             QueueCall::Empty => value(Value::Bool(queue.is_empty()?)),
             QueueCall::Full => value(Value::Bool(queue.is_full()?)),
-            QueueCall::Stats => value(map.stats()?),
+            QueueCall::Stats => value(super::stats(map, session.connections)?),
             QueueCall::Describe => {
                 let len = queue.len().unwrap_or(0);
                 value(Value::str(&format!(

@@ -22,6 +22,7 @@ mod items;
 mod public;
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub use apply::Outcome;
@@ -76,12 +77,56 @@ pub enum Public {
     Shutdown,
 }
 
-/// Handles a request whose `ident` is `None`.
-pub fn public(map: &QueueMap, req: &Request) -> Public {
+/// Handles a request whose `ident` is `None`; `connections` is the server's count of
+/// open connections (for `stats`).
+pub fn public(map: &QueueMap, req: &Request, connections: &AtomicUsize) -> Public {
     match public::PublicCall::bind(req) {
-        Ok(call) => call.apply(map),
+        Ok(call) => call.apply(map, connections),
         Err(reply) => Public::Reply(reply),
     }
+}
+
+/// The `stats()` dict: every queue's counters by name, the memory budget, the open
+/// connections and the uptime in seconds.
+fn stats(map: &QueueMap, connections: &AtomicUsize) -> crate::Result<Value> {
+    let count = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+    let st = map.stats()?;
+    let queues = st
+        .queues
+        .into_iter()
+        .map(|(name, q)| {
+            let c = q.counts;
+            let fields = [
+                ("size", count(q.size as u64)),
+                ("reserved", count(q.reserved as u64)),
+                ("delayed", count(q.delayed as u64)),
+                ("waiting_getters", count(q.waiting_getters as u64)),
+                ("puts", count(c.puts)),
+                ("gets", count(c.gets)),
+                ("acks", count(c.acks)),
+                ("requeues", count(c.requeues)),
+                ("dead_lettered", count(c.dead_lettered)),
+            ];
+            let dict = fields.map(|(k, v)| (Value::str(k), v));
+            (Value::str(&name), Value::dict(dict.into()))
+        })
+        .collect();
+    let memory = Value::dict(vec![
+        (Value::str("used"), count(st.memory_used)),
+        (
+            Value::str("limit"),
+            st.memory_limit.map_or(Value::None, count),
+        ),
+    ]);
+    Ok(Value::dict(vec![
+        (Value::str("queues"), Value::dict(queues)),
+        (Value::str("memory"), memory),
+        (
+            Value::str("connections"),
+            count(connections.load(Ordering::Relaxed) as u64),
+        ),
+        (Value::str("uptime"), Value::Float(st.uptime.as_secs_f64())),
+    ]))
 }
 
 fn exposed() -> Value {
@@ -97,15 +142,18 @@ pub struct Session<'a> {
     /// Set once the connection has reserved something, so that closing it releases its
     /// leases (and connections that never reserve skip that scan).
     pub has_leases: Cell<bool>,
+    /// The server's count of open connections (for `stats`).
+    pub connections: &'a AtomicUsize,
 }
 
 impl<'a> Session<'a> {
-    /// A session for connection `id`.
-    pub fn new(id: u64, alive: &'a dyn Fn() -> bool) -> Session<'a> {
+    /// A session for connection `id` of a server with `connections` open.
+    pub fn new(id: u64, alive: &'a dyn Fn() -> bool, connections: &'a AtomicUsize) -> Session<'a> {
         Session {
             id,
             alive,
             has_leases: Cell::new(false),
+            connections,
         }
     }
 }
@@ -172,14 +220,16 @@ mod tests {
 
     fn call(map: &QueueMap, r: &Request) -> Reply {
         let alive = || true;
-        method(map, r, &Session::new(1, &alive)).reply
+        method(map, r, &Session::new(1, &alive, &AtomicUsize::new(1))).reply
     }
 
     fn setup() -> (QueueMap, String) {
         let map = QueueMap::new();
-        let Public::Reply(Reply::Return(v)) =
-            public(&map, &Request::new(None, "create", vec![Value::str("q")]))
-        else {
+        let Public::Reply(Reply::Return(v)) = public(
+            &map,
+            &Request::new(None, "create", vec![Value::str("q")]),
+            &AtomicUsize::new(1),
+        ) else {
             panic!("create failed")
         };
         let ident = v.as_tuple().unwrap()[0].as_str().unwrap().to_string();
@@ -270,9 +320,11 @@ mod tests {
             no_code_items: true,
             ..Default::default()
         });
-        let Public::Reply(Reply::Return(v)) =
-            public(&map, &Request::new(None, "create", vec![Value::str("q")]))
-        else {
+        let Public::Reply(Reply::Return(v)) = public(
+            &map,
+            &Request::new(None, "create", vec![Value::str("q")]),
+            &AtomicUsize::new(1),
+        ) else {
             panic!("create failed")
         };
         let id = v.as_tuple().unwrap()[0].as_str().unwrap().to_string();
@@ -352,11 +404,19 @@ mod tests {
             Reply::Traceback(_)
         ));
         assert!(matches!(
-            public(&map, &Request::new(None, "bogus", vec![])),
+            public(
+                &map,
+                &Request::new(None, "bogus", vec![]),
+                &AtomicUsize::new(1)
+            ),
             Public::Reply(Reply::Traceback(_))
         ));
         assert!(matches!(
-            public(&map, &Request::new(None, "decref", vec![Value::from(1)])),
+            public(
+                &map,
+                &Request::new(None, "decref", vec![Value::from(1)]),
+                &AtomicUsize::new(1)
+            ),
             Public::Reply(Reply::Traceback(_))
         ));
     }
@@ -364,14 +424,20 @@ mod tests {
     #[test]
     fn create_returns_the_same_ident_and_counts_references() {
         let (map, id) = setup();
-        let Public::Reply(Reply::Return(v)) =
-            public(&map, &Request::new(None, "create", vec![Value::str("q")]))
-        else {
+        let Public::Reply(Reply::Return(v)) = public(
+            &map,
+            &Request::new(None, "create", vec![Value::str("q")]),
+            &AtomicUsize::new(1),
+        ) else {
             panic!()
         };
         assert_eq!(v.as_tuple().unwrap()[0].as_str(), Some(id.as_str()));
         assert_eq!(
-            public(&map, &Request::new(None, "number_of_objects", vec![])),
+            public(
+                &map,
+                &Request::new(None, "number_of_objects", vec![]),
+                &AtomicUsize::new(1)
+            ),
             Public::Reply(Reply::Return(Value::Int(1)))
         );
     }

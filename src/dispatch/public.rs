@@ -2,6 +2,8 @@
 //! applied to the queue map. Every fault here is a `#TRACEBACK`, as in Python, where these
 //! run around the objects rather than inside one of their methods.
 
+use std::sync::atomic::AtomicUsize;
+
 use super::{exposed, Public};
 use crate::protocol::{Arg, Reply, Request};
 use crate::queues::QueueMap;
@@ -100,7 +102,7 @@ impl PublicCall {
     }
 
     /// Runs the call.
-    pub(super) fn apply(self, map: &QueueMap) -> Public {
+    pub(super) fn apply(self, map: &QueueMap, connections: &AtomicUsize) -> Public {
         let runtime_error = |e: crate::Error| Reply::traceback("RuntimeError", &e.to_string());
         let refcounted = |done: crate::Result<()>, ident: &str| match done {
             Ok(()) => Reply::Return(Value::None),
@@ -126,7 +128,9 @@ impl PublicCall {
             PublicCall::DebugInfo => map
                 .debug_info()
                 .map_or_else(runtime_error, |text| Reply::Return(Value::str(&text))),
-            PublicCall::Stats => map.stats().map_or_else(runtime_error, Reply::Return),
+            PublicCall::Stats => {
+                super::stats(map, connections).map_or_else(runtime_error, Reply::Return)
+            }
             PublicCall::NumberOfObjects => map
                 .number_of_objects()
                 .map_or_else(runtime_error, |n| Reply::Return(Value::Int(n as i64))),

@@ -15,20 +15,20 @@ mod queue;
 
 pub use event::{Event, EventSink};
 pub use packed::Taken;
-pub use queue::{Queue, LIVENESS_SLICE};
 /// What the queue's methods return, named for the crate's own tests and benches.
 #[cfg(feature = "internals")]
-pub use queue::{Counts, QueueStats, Reserved};
+pub use queue::{Counts, Reserved};
+pub use queue::{Queue, QueueStats, LIVENESS_SLICE};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::journal::{Journal, Recovered, RecoveredQueue};
 use crate::log::log_at;
-use crate::{Error, Result, Value};
+use crate::{Error, Result};
 
 /// How long a blocking queue operation may wait.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -129,13 +129,24 @@ struct Registry {
 /// assert_eq!(q.get(Wait::No, &always_alive)?.item.decode()?, Value::from(7));
 /// # Ok::<(), distq::Error>(())
 /// ```
+/// What [`QueueMap::stats`] reports (`dispatch` renders it as the `stats()` dict).
+#[derive(Debug)]
+pub struct MapStats {
+    /// Each queue's statistics, by name.
+    pub queues: Vec<(String, QueueStats)>,
+    /// The bytes stored items hold, against `memory_limit`.
+    pub memory_used: u64,
+    /// `--max-memory`, if set.
+    pub memory_limit: Option<u64>,
+    /// Since the map was created.
+    pub uptime: Duration,
+}
+
 #[derive(Debug, Default)]
 pub struct QueueMap {
     registry: Mutex<Registry>,
     next_ident: AtomicU64,
     policy: Policy,
-    /// Open client connections, kept by the server (for `stats`).
-    pub connections: AtomicUsize,
     started: Option<Instant>,
     /// The server's journal, if it keeps one (for its flusher and shutdown).
     journal: Option<Arc<Journal>>,
@@ -222,48 +233,20 @@ impl QueueMap {
         self.journal.as_ref()
     }
 
-    /// Every queue's statistics, by name, with the open connections and the time since
-    /// the map was created: what `stats()` returns to clients.
-    pub fn stats(&self) -> Result<Value> {
-        let count = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
-        let mut queues = Vec::new();
-        for q in self.queues()? {
-            let st = q.stats()?;
-            let c = st.counts;
-            let fields = [
-                ("size", count(st.size as u64)),
-                ("reserved", count(st.reserved as u64)),
-                ("delayed", count(st.delayed as u64)),
-                ("waiting_getters", count(st.waiting_getters as u64)),
-                ("puts", count(c.puts)),
-                ("gets", count(c.gets)),
-                ("acks", count(c.acks)),
-                ("requeues", count(c.requeues)),
-                ("dead_lettered", count(c.dead_lettered)),
-            ];
-            let dict = fields
-                .into_iter()
-                .map(|(k, v)| (Value::str(k), v))
-                .collect();
-            queues.push((Value::str(q.name()), Value::dict(dict)));
-        }
-        let uptime = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let memory = Value::dict(vec![
-            (Value::str("used"), count(self.budget.used())),
-            (
-                Value::str("limit"),
-                self.budget.limit().map_or(Value::None, count),
-            ),
-        ]);
-        Ok(Value::dict(vec![
-            (Value::str("queues"), Value::dict(queues)),
-            (Value::str("memory"), memory),
-            (
-                Value::str("connections"),
-                count(self.connections.load(Ordering::Relaxed) as u64),
-            ),
-            (Value::str("uptime"), Value::Float(uptime)),
-        ]))
+    /// Every queue's statistics, by name, the memory budget and the time since the map
+    /// was created.
+    pub fn stats(&self) -> Result<MapStats> {
+        let queues = self
+            .queues()?
+            .into_iter()
+            .map(|q| Ok((q.name().to_string(), q.stats()?)))
+            .collect::<Result<_>>()?;
+        Ok(MapStats {
+            queues,
+            memory_used: self.budget.used(),
+            memory_limit: self.budget.limit(),
+            uptime: self.started.map_or(Duration::ZERO, |t| t.elapsed()),
+        })
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Registry>> {
@@ -622,6 +605,7 @@ impl QueueMap {
 mod tests {
     use super::*;
     use crate::pickle::Fragment;
+    use crate::Value;
     use std::thread;
 
     fn item(v: impl Into<Value>) -> Fragment {
@@ -764,12 +748,7 @@ mod tests {
     }
 
     fn memory_used(map: &QueueMap) -> i64 {
-        let stats = map.stats().unwrap();
-        let memory = crate::text::field(&stats, "memory").unwrap();
-        crate::text::field(memory, "used")
-            .unwrap()
-            .as_int()
-            .unwrap()
+        map.stats().unwrap().memory_used as i64
     }
 
     #[test]
