@@ -10,7 +10,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::time::Duration;
 
-use distq::cli::{self, exit, CommonFlags};
+use cli::{exit, CommonFlags};
 use distq::journal::JournalConfig;
 use distq::AuthKey;
 use lexopt::ValueExt;
@@ -22,7 +22,7 @@ mod worker;
 
 #[path = "run_state.rs"]
 mod run_state;
-use worker::signals;
+use worker::{cli, signals};
 
 #[path = "journal_flags.rs"]
 mod journal_flags;

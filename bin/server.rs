@@ -2,10 +2,14 @@
 
 use std::sync::OnceLock;
 
-use distq::cli::{self, exit, CommonFlags};
+use cli::{exit, CommonFlags};
 use distq::{Address, Server, ServerConfig, ServerHandle};
 use lexopt::ValueExt;
 
+/// Shared by the binaries; each uses a part of it.
+#[path = "cli.rs"]
+#[allow(dead_code)]
+mod cli;
 #[path = "signals.rs"]
 mod signals;
 

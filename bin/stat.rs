@@ -4,7 +4,11 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use distq::cli::{self, exit, CommonFlags};
+/// Shared by the binaries; each uses a part of it.
+#[path = "cli.rs"]
+#[allow(dead_code)]
+mod cli;
+use cli::{exit, CommonFlags};
 use distq::{text, Address, ClientConfig, Error, Manager, Value};
 use lexopt::ValueExt;
 

@@ -23,8 +23,9 @@
 //! (Python's length-prefixed frames), `auth` (the HMAC handshake), `pickle` (the codec and
 //! the server's scan), `protocol` (requests and replies), `xmlrpc` (the other
 //! serializer), `queues` (`queue.Queue` semantics, leases, holds, the memory budget),
-//! `dispatch` (what each request does), `conn` (one authenticated socket) and `cli` (the
-//! binaries' shared flags). ARCHITECTURE.md maps them.
+//! `dispatch` (what each request does) and `conn` (one authenticated socket).
+//! ARCHITECTURE.md maps them. The binaries' flags, exit codes and progress line are
+//! theirs (bin/cli.rs): nothing here parses a command line or exits the process.
 //!
 //! ```
 //! use distq::{AuthKey, Manager, Server, ServerConfig};
@@ -46,8 +47,6 @@
 
 #[doc(hidden)]
 pub mod auth;
-#[doc(hidden)]
-pub mod cli;
 pub mod client;
 #[doc(hidden)]
 pub mod conn;

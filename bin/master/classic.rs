@@ -4,7 +4,7 @@
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
-use distq::cli::{self, exit};
+use super::cli::{self, exit};
 use distq::{text, AuthKey, Error, QueueProxy, Value};
 use rand::Rng;
 

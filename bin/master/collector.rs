@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 use std::io::{BufWriter, Write};
 use std::time::Instant;
 
-use distq::cli::Progress;
+use super::cli::Progress;
 use distq::{text, Error, QueueProxy, Value};
 
 use super::run_state::RunState;

@@ -4,7 +4,7 @@
 use std::io::{BufWriter, Read, Write};
 use std::time::Duration;
 
-use distq::cli::{self, exit, Progress};
+use super::cli::{self, exit, Progress};
 use distq::{text, AuthKey, Error, QueueProxy, Value};
 
 use super::collector::Collector;

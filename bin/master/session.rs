@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use distq::cli::{self, exit};
+use super::cli::{self, exit};
 use distq::{
     text, Address, AuthKey, ClientConfig, Manager, QueueProxy, RunningServer, Server, ServerConfig,
     Value,
