@@ -27,6 +27,7 @@ impl Session {
             None => {
                 let mut config = ServerConfig::new(authkey.clone());
                 config.journal = flags.journal.clone();
+                config.legacy_auth = flags.legacy_auth;
                 // Nothing has started yet: "cannot listen" ends the master with README's
                 // status for it (1), not the connection status a later failure gets.
                 let server = Server::bind_to(&Address::parse(&bind_addr(flags)), config)
@@ -43,11 +44,9 @@ impl Session {
                 (Some(server.spawn()?), addr)
             }
         };
-        let manager = Manager::connect_to(
-            &Address::parse(&addr),
-            authkey.clone(),
-            ClientConfig::default(),
-        )?;
+        let mut client = ClientConfig::default();
+        client.legacy_auth = flags.legacy_auth;
+        let manager = Manager::connect_to(&Address::parse(&addr), authkey.clone(), client)?;
         Ok(Session {
             hosted,
             addr,
