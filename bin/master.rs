@@ -3,14 +3,13 @@
 //!
 //! This file holds the flags and picks the mode; the rest is in bin/master/:
 //! `classic.rs` and `lines.rs` (the two modes), `collector.rs` (line mode's results),
-//! `session.rs` (the server, hosted or connected, and the end of a job) and `workers.rs`
+//! `backend.rs` (the server, hosted or connected, and the end of a job) and `workers.rs`
 //! (local workers and their stop).
 
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::time::Duration;
 
-use cli::{exit, CommonFlags};
 use distq::journal::JournalConfig;
 use distq::AuthKey;
 use lexopt::ValueExt;
@@ -19,23 +18,24 @@ use rand::Rng;
 /// The worker, compiled into the master too so that local workers need no second binary.
 #[path = "worker.rs"]
 mod worker;
+use cli::{exit, CommonFlags};
+use worker::{cli, signals};
 
 #[path = "run_state.rs"]
 mod run_state;
-use worker::{cli, signals};
 
 #[path = "journal_flags.rs"]
 mod journal_flags;
 use journal_flags::JournalFlags;
 
+#[path = "master/backend.rs"]
+mod backend;
 #[path = "master/classic.rs"]
 mod classic;
 #[path = "master/collector.rs"]
 mod collector;
 #[path = "master/lines.rs"]
 mod lines;
-#[path = "master/session.rs"]
-mod session;
 #[path = "master/workers.rs"]
 mod workers;
 

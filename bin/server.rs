@@ -2,7 +2,6 @@
 
 use std::sync::OnceLock;
 
-use cli::{exit, CommonFlags};
 use distq::{Address, Server, ServerConfig, ServerHandle};
 use lexopt::ValueExt;
 
@@ -10,6 +9,8 @@ use lexopt::ValueExt;
 #[path = "cli.rs"]
 #[allow(dead_code)]
 mod cli;
+use cli::{exit, CommonFlags};
+
 #[path = "signals.rs"]
 mod signals;
 

@@ -5,7 +5,6 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::Duration;
 
-use cli::CommonFlags;
 use distq::exec::{self, ExecConfig};
 use distq::worker::{self, Done, Event, Handler, Stop, WorkerConfig};
 use distq::{text, Address, ClientConfig, Error, Manager, Value};
@@ -15,6 +14,8 @@ use lexopt::ValueExt;
 #[path = "cli.rs"]
 #[allow(dead_code)]
 pub(crate) mod cli;
+use cli::CommonFlags;
+
 #[path = "signals.rs"]
 pub(crate) mod signals;
 

@@ -5,23 +5,23 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::cli::{self, exit};
 use distq::{
     text, Address, AuthKey, ClientConfig, Manager, QueueProxy, RunningServer, Server, ServerConfig,
     Value,
 };
 
+use super::cli::{self, exit};
 use super::{bind_addr, Flags};
 
 /// The server the master talks to: hosted (and shut down at the end) or `--connect`ed.
-pub(super) struct Session {
+pub(super) struct Backend {
     pub(super) hosted: Option<RunningServer>,
     pub(super) addr: String,
     pub(super) manager: Manager,
 }
 
-impl Session {
-    pub(super) fn open(flags: &Flags, authkey: &AuthKey, announce: bool) -> distq::Result<Session> {
+impl Backend {
+    pub(super) fn open(flags: &Flags, authkey: &AuthKey, announce: bool) -> distq::Result<Backend> {
         let (hosted, addr) = match &flags.connect {
             Some(addr) => (None, addr.clone()),
             None => {
@@ -47,7 +47,7 @@ impl Session {
         let mut client = ClientConfig::default();
         client.legacy_auth = flags.legacy_auth;
         let manager = Manager::connect_to(&Address::parse(&addr), authkey.clone(), client)?;
-        Ok(Session {
+        Ok(Backend {
             hosted,
             addr,
             manager,
