@@ -17,6 +17,11 @@
 //! - For workers and tools: [`exec`] (a shell command per task), [`text`] (values as
 //!   text and JSON, the line-mode envelope) and [`log`] (silent until a level is set).
 //!
+//! ## Features
+//! - `legacy-md5` (default): HMAC-MD5, the handshake of Python 3.8–3.11 peers. Without it
+//!   the `md-5` crate and all MD5 code are left out and such peers are refused, as they
+//!   are at run time with `legacy_auth: false` in [`ServerConfig`] or [`ClientConfig`].
+//!
 //! ## Internals
 //! The layers beneath, bottom up, are public for the binaries, the fuzz targets, the
 //! benches and the tests, hidden from these docs, and not a stable interface: `frame`
