@@ -3,14 +3,13 @@
 //!
 //! This file holds the flags and picks the mode; the rest is in bin/master/:
 //! `classic.rs` and `lines.rs` (the two modes), `collector.rs` (line mode's results),
-//! `session.rs` (the server, hosted or connected, and the end of a job) and `workers.rs`
+//! `backend.rs` (the server, hosted or connected, and the end of a job) and `workers.rs`
 //! (local workers and their stop).
 
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::time::Duration;
 
-use distq::cli::{self, exit, CommonFlags};
 use distq::journal::JournalConfig;
 use distq::AuthKey;
 use lexopt::ValueExt;
@@ -19,23 +18,24 @@ use rand::Rng;
 /// The worker, compiled into the master too so that local workers need no second binary.
 #[path = "worker.rs"]
 mod worker;
+use cli::{exit, CommonFlags};
+use worker::{cli, signals};
 
 #[path = "run_state.rs"]
 mod run_state;
-use worker::signals;
 
 #[path = "journal_flags.rs"]
 mod journal_flags;
 use journal_flags::JournalFlags;
 
+#[path = "master/backend.rs"]
+mod backend;
 #[path = "master/classic.rs"]
 mod classic;
 #[path = "master/collector.rs"]
 mod collector;
 #[path = "master/lines.rs"]
 mod lines;
-#[path = "master/session.rs"]
-mod session;
 #[path = "master/workers.rs"]
 mod workers;
 
@@ -65,6 +65,9 @@ OPTIONS:
                             [default: every=50ms]
     --resume                continue the run the journal holds (without it, a journal
                             that still holds tasks or results is refused)
+    --no-legacy-auth        refuse HMAC-MD5 (Python <= 3.11) in the handshake: clients of
+                            the hosted server that use it fail as with a wrong key, and a
+                            --connect server that uses it is refused
     --authkey KEY           shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH     read the shared secret from a file (or set DISTQ_AUTHKEY)
     -v, -q                  more / less logging on stderr (-q also hides the progress)
@@ -130,6 +133,8 @@ struct Flags {
     progress_every: Duration,
     journal: Option<JournalConfig>,
     resume: bool,
+    /// `false` with `--no-legacy-auth`: no MD5 in the hosted server's or our handshakes.
+    legacy_auth: bool,
 }
 
 /// The name under which this executable runs as a worker, busybox-style: the master
@@ -166,6 +171,7 @@ fn main() {
         progress_every: Duration::from_secs(5),
         journal: None,
         resume: false,
+        legacy_auth: true,
     };
     let mut journal = JournalFlags::default();
     let parsed: Result<(), lexopt::Error> = (|| {
@@ -191,6 +197,7 @@ fn main() {
                 "--output" => flags.output = Some(parser.value()?.string()?),
                 "--ordered" => flags.ordered = true,
                 "--resume" => flags.resume = true,
+                "--no-legacy-auth" => flags.legacy_auth = false,
                 "--deadline" => flags.deadline = Some(cli::seconds(parser.value()?)?),
                 "--exec" => flags.command = Some(parser.value()?.string()?),
                 "--progress-every" => flags.progress_every = cli::seconds(parser.value()?)?,

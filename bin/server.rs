@@ -2,9 +2,14 @@
 
 use std::sync::OnceLock;
 
-use distq::cli::{self, exit, CommonFlags};
 use distq::{Address, Server, ServerConfig, ServerHandle};
 use lexopt::ValueExt;
+
+/// Shared by the binaries; each uses a part of it.
+#[path = "cli.rs"]
+#[allow(dead_code)]
+mod cli;
+use cli::{exit, CommonFlags};
 
 #[path = "signals.rs"]
 mod signals;
@@ -38,6 +43,8 @@ OPTIONS:
                           past it puts wait (or fail with queue.Full) [default: no limit]
     --no-code-items       refuse items that reference classes or functions (so a client
                           holding the key cannot ship code to Python workers)
+    --no-legacy-auth      refuse clients that prove the key with HMAC-MD5 (Python <= 3.11)
+                          as if their key were wrong; Python >= 3.12 and distq use SHA-256
     --journal DIR         keep named queues in an append-only journal in DIR, so a restart
                           or crash loses no acknowledged put
     --fsync POLICY        always | every=MS | never [default: every=50ms]
@@ -107,6 +114,7 @@ fn main() {
                 }
                 "--max-deliveries" => config.max_deliveries = parser.value()?.parse()?,
                 "--no-code-items" => config.no_code_items = true,
+                "--no-legacy-auth" => config.legacy_auth = false,
                 "--max-memory" => {
                     config.max_memory =
                         Some(cli::count("--max-memory", parser.value()?)?).filter(|n| *n > 0)

@@ -4,9 +4,14 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use distq::cli::{self, exit, CommonFlags};
 use distq::{text, Address, ClientConfig, Error, Manager, Value};
 use lexopt::ValueExt;
+
+/// Shared by the binaries; each uses a part of it.
+#[path = "cli.rs"]
+#[allow(dead_code)]
+mod cli;
+use cli::{exit, CommonFlags};
 
 const HELP: &str = "\
 distq-stat: show a server's queues (size, reserved, waiting getters, counters)

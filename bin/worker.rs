@@ -5,11 +5,16 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::Duration;
 
-use distq::cli::{self, CommonFlags};
 use distq::exec::{self, ExecConfig};
 use distq::worker::{self, Done, Event, Handler, Stop, WorkerConfig};
 use distq::{text, Address, ClientConfig, Error, Manager, Value};
 use lexopt::ValueExt;
+
+/// Shared by the binaries; each uses a part of it.
+#[path = "cli.rs"]
+#[allow(dead_code)]
+pub(crate) mod cli;
+use cli::CommonFlags;
 
 #[path = "signals.rs"]
 pub(crate) mod signals;

@@ -18,6 +18,12 @@
 //! answer whichever form the peer chose. The SHA-3 digests Python also allows are refused with a
 //! clear error, since no Python sends them unless explicitly told to.
 //!
+//! MD5 can be refused, for deployments whose policy forbids it: at run time
+//! (`ServerConfig::legacy_auth`, `ClientConfig::legacy_auth`, which reach the handshake inside
+//! the key) or at build time (without the `legacy-md5` feature the `md-5` crate is left out).
+//! A refused MD5 answer gets `#FAILURE#`, as a wrong key does; a refused MD5 challenge is not
+//! answered. Either way the error says MD5 was refused, not that the key was wrong.
+//!
 //! Deadlines are the caller's job: set socket timeouts before calling in, and a stalled peer
 //! surfaces as [`Error::Timeout`], never as an authentication failure.
 
@@ -25,6 +31,7 @@ use std::fmt;
 use std::io::{Read, Write};
 
 use hmac::{Hmac, Mac};
+#[cfg(feature = "legacy-md5")]
 use md5::Md5;
 use rand::rngs::OsRng;
 use rand::RngCore;
@@ -50,24 +57,55 @@ const LEGACY_CHALLENGE_LEN: usize = 20;
 const MD5_LEN: usize = 16;
 /// Python looks for the closing `}` of a digest prefix in `message[1..10]`.
 const PREFIX_SEARCH_END: usize = 10;
+/// The hint for every failure a wrong key can cause; a refused digest does not get it.
+const SAME_KEY: &str = " (check that both sides use the same authkey)";
 
 /// The shared secret of a manager and its clients (Python's `authkey`).
 ///
 /// The bytes never appear in logs or error messages: `Debug` prints `AuthKey(<redacted>)` and
 /// there is no `Display`. An empty key is valid; Python authenticates with it as well.
 #[derive(Clone)]
-pub struct AuthKey(Vec<u8>);
+pub struct AuthKey {
+    bytes: Vec<u8>,
+    /// Whether MD5 may prove this key. It travels with the key because the handshake
+    /// (`conn::Connection::handshake`) takes only the key; the server and client set it from
+    /// their configs' `legacy_auth` ([`AuthKey::with_legacy`]).
+    legacy: bool,
+}
 
 impl AuthKey {
     /// Wraps the key bytes, e.g. `AuthKey::new(*b"abc")` or `AuthKey::new("abc")`.
     pub fn new(key: impl Into<Vec<u8>>) -> AuthKey {
-        AuthKey(key.into())
+        AuthKey {
+            bytes: key.into(),
+            legacy: true,
+        }
     }
 
     /// The raw key: for computing MACs, or for handing to a child process through its
     /// environment. Never print it.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
+    }
+
+    /// The same key, with HMAC-MD5 (Python 3.8–3.11's handshake) allowed or refused.
+    pub(crate) fn with_legacy(&self, allowed: bool) -> AuthKey {
+        AuthKey {
+            bytes: self.bytes.clone(),
+            legacy: allowed,
+        }
+    }
+
+    /// What computes `digest` for this key, or why it is refused.
+    fn hash(&self, digest: Digest) -> std::result::Result<Hash, &'static str> {
+        match digest {
+            Digest::Sha256 => Ok(Hash::Sha256),
+            Digest::Md5 if !self.legacy => Err("legacy authentication is off"),
+            #[cfg(feature = "legacy-md5")]
+            Digest::Md5 => Ok(Hash::Md5),
+            #[cfg(not(feature = "legacy-md5"))]
+            Digest::Md5 => Err("this build has no MD5 (the legacy-md5 feature is off)"),
+        }
     }
 }
 
@@ -77,7 +115,8 @@ impl fmt::Debug for AuthKey {
     }
 }
 
-/// The HMAC digests we can compute, a subset of Python's allow-list.
+/// The HMAC digests a peer may ask for that we know, a subset of Python's allow-list.
+/// Knowing MD5's name is not computing it: see [`Hash`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Digest {
     Md5,
@@ -91,7 +130,18 @@ impl Digest {
             Digest::Sha256 => b"sha256",
         }
     }
+}
 
+/// A digest this build computes, obtained only through [`AuthKey::hash`], so no MD5 is
+/// computed for a key that refuses it and none exists without the `legacy-md5` feature.
+#[derive(Clone, Copy, Debug)]
+enum Hash {
+    #[cfg(feature = "legacy-md5")]
+    Md5,
+    Sha256,
+}
+
+impl Hash {
     /// The HMAC of `msg` under `key`.
     fn mac(self, key: &AuthKey, msg: &[u8]) -> Vec<u8> {
         fn run<M: Mac + hmac::digest::KeyInit>(key: &[u8], msg: &[u8]) -> Vec<u8> {
@@ -100,8 +150,9 @@ impl Digest {
             mac.finalize().into_bytes().to_vec()
         }
         match self {
-            Digest::Md5 => run::<Hmac<Md5>>(key.as_bytes(), msg),
-            Digest::Sha256 => run::<Hmac<Sha256>>(key.as_bytes(), msg),
+            #[cfg(feature = "legacy-md5")]
+            Hash::Md5 => run::<Hmac<Md5>>(key.as_bytes(), msg),
+            Hash::Sha256 => run::<Hmac<Sha256>>(key.as_bytes(), msg),
         }
     }
 
@@ -115,8 +166,9 @@ impl Digest {
             mac.verify_slice(tag).is_ok()
         }
         match self {
-            Digest::Md5 => run::<Hmac<Md5>>(key.as_bytes(), msg, tag),
-            Digest::Sha256 => run::<Hmac<Sha256>>(key.as_bytes(), msg, tag),
+            #[cfg(feature = "legacy-md5")]
+            Hash::Md5 => run::<Hmac<Md5>>(key.as_bytes(), msg, tag),
+            Hash::Sha256 => run::<Hmac<Sha256>>(key.as_bytes(), msg, tag),
         }
     }
 }
@@ -127,8 +179,17 @@ impl Digest {
 enum Form<'a> {
     /// No prefix: raw HMAC-MD5. The slice is the whole message.
     Legacy(&'a [u8]),
-    /// `{name}` prefix with a digest we support. The slice is what follows the prefix.
+    /// `{name}` prefix with a digest we know. The slice is what follows the prefix.
     Prefixed(Digest, &'a [u8]),
+}
+
+impl Form<'_> {
+    fn digest(&self) -> Digest {
+        match self {
+            Form::Legacy(_) => Digest::Md5,
+            Form::Prefixed(digest, _) => *digest,
+        }
+    }
 }
 
 /// Splits `message` like Python does: 16 or 20 bytes is legacy whatever the content; otherwise a
@@ -197,8 +258,9 @@ fn is_tls_record_header(len: u64) -> bool {
 /// (what Python 3.8–3.11 send) or `{md5|sha256}` plus the matching HMAC of the whole
 /// body (Python 3.12+), and replies `#WELCOME#` or `#FAILURE#`.
 ///
-/// Returns [`Error::AuthFailed`] if the answer was wrong (after sending `#FAILURE#`), and
-/// propagates [`Error::Timeout`], [`Error::Closed`] and I/O errors unchanged.
+/// Returns [`Error::AuthFailed`] if the answer was wrong, or MD5 and refused by `key` (after
+/// sending `#FAILURE#`), and propagates [`Error::Timeout`], [`Error::Closed`] and I/O errors
+/// unchanged.
 pub fn deliver_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()> {
     let mut frame = Vec::with_capacity(CHALLENGE.len() + 8 + CHALLENGE_RANDOM_LEN);
     frame.extend_from_slice(CHALLENGE);
@@ -216,11 +278,21 @@ pub fn deliver_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()
     let mut response = Vec::new();
     read_handshake_frame(s, &mut response, "the answer to our challenge")?;
     let failure = match parse_form(&response) {
-        Ok(Form::Legacy(mac)) if Digest::Md5.verify(key, body, mac) => None,
-        Ok(Form::Prefixed(digest, mac)) if digest.verify(key, body, mac) => None,
-        Ok(_) => Some("the peer's answer to our challenge was wrong".to_string()),
+        Ok(form) => {
+            let (Form::Legacy(mac) | Form::Prefixed(_, mac)) = form;
+            match key.hash(form.digest()) {
+                Ok(hash) if hash.verify(key, body, mac) => None,
+                Ok(_) => Some(format!(
+                    "the peer's answer to our challenge was wrong{SAME_KEY}"
+                )),
+                Err(refused) => Some(format!(
+                    "the peer answered our challenge with HMAC-MD5 (Python <= 3.11), \
+                     refused: {refused}"
+                )),
+            }
+        }
         Err(why) => Some(format!(
-            "the peer's answer to our challenge is invalid: {why}"
+            "the peer's answer to our challenge is invalid: {why}{SAME_KEY}"
         )),
     };
     match failure {
@@ -237,8 +309,9 @@ pub fn deliver_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()
 ///
 /// A 20-byte body gets a raw 16-byte HMAC-MD5 (legacy peers); a `{name}` body gets `{name}` plus
 /// HMAC-*name* over the whole body. Returns [`Error::Protocol`] if the peer sent no challenge, a
-/// body shorter than 20 bytes or a digest we cannot compute, and [`Error::AuthFailed`] if the
-/// verdict is anything but `#WELCOME#`. Timeouts and closes propagate unchanged.
+/// body shorter than 20 bytes or a digest we do not know, and [`Error::AuthFailed`] if it asks
+/// for MD5 and `key` refuses it (sending nothing) or the verdict is anything but `#WELCOME#`.
+/// Timeouts and closes propagate unchanged.
 pub fn answer_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()> {
     let mut frame = Vec::new();
     read_handshake_frame(s, &mut frame, "the peer's challenge")?;
@@ -254,20 +327,22 @@ pub fn answer_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()>
             body.len()
         )));
     }
-    let answer = match parse_form(body) {
-        Ok(Form::Legacy(_)) => Digest::Md5.mac(key, body),
-        Ok(Form::Prefixed(digest, _)) => {
+    let form = parse_form(body)
+        .map_err(|why| Error::protocol(format!("cannot answer the peer's challenge: {why}")))?;
+    let hash = key.hash(form.digest()).map_err(|refused| {
+        Error::AuthFailed(format!(
+            "the peer's challenge asks for HMAC-MD5 (Python <= 3.11), refused: {refused}"
+        ))
+    })?;
+    let answer = match form {
+        Form::Legacy(_) => hash.mac(key, body),
+        Form::Prefixed(digest, _) => {
             let mut answer = Vec::with_capacity(64);
             answer.push(b'{');
             answer.extend_from_slice(digest.name());
             answer.push(b'}');
-            answer.extend(digest.mac(key, body));
+            answer.extend(hash.mac(key, body));
             answer
-        }
-        Err(why) => {
-            return Err(Error::protocol(format!(
-                "cannot answer the peer's challenge: {why}"
-            )))
         }
     };
     write_frame(s, &answer)?;
@@ -277,12 +352,12 @@ pub fn answer_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()>
     if verdict == WELCOME {
         Ok(())
     } else if verdict == FAILURE {
-        Err(Error::AuthFailed(
-            "the peer rejected our answer to its challenge".into(),
-        ))
+        Err(Error::AuthFailed(format!(
+            "the peer rejected our answer to its challenge{SAME_KEY}"
+        )))
     } else {
         Err(Error::AuthFailed(format!(
-            "the peer sent {} bytes instead of #WELCOME# after our answer",
+            "the peer sent {} bytes instead of #WELCOME# after our answer{SAME_KEY}",
             verdict.len()
         )))
     }
@@ -367,59 +442,115 @@ mod tests {
         }
     }
 
+    /// The HMAC `key` computes for `digest` (which it must not refuse).
+    fn mac(digest: Digest, key: &AuthKey, msg: &[u8]) -> Vec<u8> {
+        key.hash(digest).unwrap().mac(key, msg)
+    }
+
+    fn md5_body() -> Vec<u8> {
+        let mut body = b"{md5}".to_vec();
+        body.extend([1u8; 30]);
+        body
+    }
+
     #[test]
     fn python_test_vectors() {
-        let legacy_body: Vec<u8> = (0u8..20).collect();
         assert_eq!(
-            hex(&Digest::Md5.mac(&key(), &legacy_body)),
-            "1b373176a84c1b044d9ba09795b53791"
-        );
-        let body = modern_body();
-        assert_eq!(
-            hex(&Digest::Sha256.mac(&key(), &body)),
+            hex(&mac(Digest::Sha256, &key(), &modern_body())),
             "ee2b4cd766c1e0f5eb564525d250361f729d00e3948c83c5651d1cefdb97de31"
         );
+    }
+
+    #[cfg(feature = "legacy-md5")]
+    #[test]
+    fn python_legacy_test_vectors() {
+        let legacy_body: Vec<u8> = (0u8..20).collect();
         assert_eq!(
-            hex(&Digest::Md5.mac(&key(), &body)),
+            hex(&mac(Digest::Md5, &key(), &legacy_body)),
+            "1b373176a84c1b044d9ba09795b53791"
+        );
+        assert_eq!(
+            hex(&mac(Digest::Md5, &key(), &modern_body())),
             "3e4faf2fc53f133cd76571e5d3fb9fd5"
         );
     }
 
     fn answer_to(body: &[u8]) -> Result<Vec<u8>> {
+        answer_with(&key(), body)
+    }
+
+    /// What `key` answers to a challenge of `body`, followed by `#WELCOME#`.
+    fn answer_with(key: &AuthKey, body: &[u8]) -> Result<Vec<u8>> {
         let mut challenge = CHALLENGE.to_vec();
         challenge.extend_from_slice(body);
         let mut peer = Script::new(&[&challenge, WELCOME]);
-        answer_challenge(&mut peer, &key())?;
+        answer_challenge(&mut peer, key)?;
         Ok(peer.sent().remove(0))
     }
 
     #[test]
-    fn answers_legacy_and_modern_challenges() {
-        let legacy: Vec<u8> = (0u8..20).collect();
-        assert_eq!(
-            hex(&answer_to(&legacy).unwrap()),
-            "1b373176a84c1b044d9ba09795b53791"
-        );
+    fn answers_modern_challenges() {
         let answer = answer_to(&modern_body()).unwrap();
         assert_eq!(&answer[..8], b"{sha256}");
         assert_eq!(
             hex(&answer[8..]),
             "ee2b4cd766c1e0f5eb564525d250361f729d00e3948c83c5651d1cefdb97de31"
         );
-        // A 20-byte body is legacy even if it looks prefixed, as in Python.
-        let mut tricky = b"{sha256}".to_vec();
-        tricky.extend([0u8; 12]);
-        assert_eq!(answer_to(&tricky).unwrap().len(), 16);
-        let mut md5 = b"{md5}".to_vec();
-        md5.extend([1u8; 30]);
-        let answer = answer_to(&md5).unwrap();
-        assert_eq!(&answer[..5], b"{md5}");
-        assert_eq!(answer[5..], Digest::Md5.mac(&key(), &md5)[..]);
         // sha384 (and the sha3 digests) are refused: Python never offers them, and
         // SHA-512's code would cost 16 KiB of every binary.
         let mut sha384 = b"{sha384}".to_vec();
         sha384.extend([1u8; 30]);
         assert!(matches!(answer_to(&sha384), Err(Error::Protocol(_))));
+    }
+
+    #[cfg(feature = "legacy-md5")]
+    #[test]
+    fn answers_legacy_challenges() {
+        let legacy: Vec<u8> = (0u8..20).collect();
+        assert_eq!(
+            hex(&answer_to(&legacy).unwrap()),
+            "1b373176a84c1b044d9ba09795b53791"
+        );
+        // A 20-byte body is legacy even if it looks prefixed, as in Python.
+        let mut tricky = b"{sha256}".to_vec();
+        tricky.extend([0u8; 12]);
+        assert_eq!(answer_to(&tricky).unwrap().len(), 16);
+        let md5 = md5_body();
+        let answer = answer_to(&md5).unwrap();
+        assert_eq!(&answer[..5], b"{md5}");
+        assert_eq!(answer[5..], mac(Digest::Md5, &key(), &md5)[..]);
+    }
+
+    /// Keys that refuse MD5, each with the reason it gives: one with legacy authentication
+    /// off and, in a build without the `legacy-md5` feature, the default one too.
+    fn refusing_md5() -> Vec<(AuthKey, &'static str)> {
+        let strict = (key().with_legacy(false), "legacy authentication is off");
+        if cfg!(feature = "legacy-md5") {
+            vec![strict]
+        } else {
+            vec![strict, (key(), "the legacy-md5 feature is off")]
+        }
+    }
+
+    /// A key refusing MD5 answers no MD5 challenge, raw or `{md5}`: nothing is sent and the
+    /// error says why. A SHA-256 challenge is still answered.
+    #[test]
+    fn md5_challenges_are_not_answered_when_refused() {
+        for (key, reason) in &refusing_md5() {
+            for body in [(0u8..20).collect(), md5_body()] {
+                let mut challenge = CHALLENGE.to_vec();
+                challenge.extend_from_slice(&body);
+                let mut peer = Script::new(&[&challenge, WELCOME]);
+                match answer_challenge(&mut peer, key) {
+                    Err(Error::AuthFailed(why)) => {
+                        assert!(why.contains("HMAC-MD5") && why.contains(reason), "{why}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+                assert!(peer.sent().is_empty(), "answered {:?}", peer.sent());
+            }
+            assert_eq!(answer_with(key, &modern_body()).unwrap()[..8], *b"{sha256}");
+        }
     }
 
     #[test]
@@ -457,7 +588,7 @@ mod tests {
     #[test]
     fn answer_reports_rejection() {
         let mut challenge = CHALLENGE.to_vec();
-        challenge.extend(0u8..20);
+        challenge.extend(modern_body());
         for verdict in [FAILURE, b"#WELCOME", b""] {
             let mut peer = Script::new(&[&challenge, verdict]);
             assert!(matches!(
@@ -473,6 +604,11 @@ mod tests {
     /// Runs `deliver_challenge` against a peer that answers with `respond(body)`, returning the
     /// outcome and the verdict frame sent.
     fn deliver_with(respond: Responder) -> (Result<()>, Vec<u8>) {
+        deliver_as(&key(), respond)
+    }
+
+    /// [`deliver_with`], challenging with `key`.
+    fn deliver_as(key: &AuthKey, respond: Responder) -> (Result<()>, Vec<u8>) {
         let (mut ours, mut theirs) = UnixStream::pair().unwrap();
         let peer = thread::spawn(move || {
             let mut buf = Vec::new();
@@ -483,7 +619,7 @@ mod tests {
             read_frame(&mut theirs, 256, &mut buf).unwrap();
             buf
         });
-        let result = deliver_challenge(&mut ours, &key());
+        let result = deliver_challenge(&mut ours, key);
         (result, peer.join().unwrap())
     }
 
@@ -491,16 +627,23 @@ mod tests {
         let mut out = vec![b'{'];
         out.extend_from_slice(digest.name());
         out.push(b'}');
-        out.extend(digest.mac(&key(), body));
+        out.extend(mac(digest, &key(), body));
         out
     }
 
     #[test]
-    fn deliver_accepts_every_supported_answer() {
-        let answers: [Responder; 3] = [
-            |b| Digest::Md5.mac(&key(), b),
+    fn deliver_accepts_sha256_answers() {
+        let (result, verdict) = deliver_with(|b| prefixed(Digest::Sha256, b));
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(verdict, WELCOME);
+    }
+
+    #[cfg(feature = "legacy-md5")]
+    #[test]
+    fn deliver_accepts_md5_answers() {
+        let answers: [Responder; 2] = [
+            |b| mac(Digest::Md5, &key(), b),
             |b| prefixed(Digest::Md5, b),
-            |b| prefixed(Digest::Sha256, b),
         ];
         for respond in answers {
             let (result, verdict) = deliver_with(respond);
@@ -509,10 +652,48 @@ mod tests {
         }
     }
 
+    /// A key refusing MD5 refuses an MD5 answer, raw or `{md5}`, as it refuses a wrong one
+    /// (`#FAILURE#`), even when its MAC is right, and the error says why; a SHA-256 answer
+    /// still passes.
+    #[test]
+    fn md5_answers_are_refused_like_wrong_ones() {
+        // Right MACs where this build can compute them, else any bytes of an MD5 answer's form.
+        #[cfg(feature = "legacy-md5")]
+        let md5_answers: [Responder; 2] = [
+            |b| mac(Digest::Md5, &key(), b),
+            |b| prefixed(Digest::Md5, b),
+        ];
+        #[cfg(not(feature = "legacy-md5"))]
+        let md5_answers: [Responder; 2] = [
+            |_| vec![7u8; 16],
+            |_| {
+                let mut a = b"{md5}".to_vec();
+                a.extend([7u8; 16]);
+                a
+            },
+        ];
+        for (key, reason) in &refusing_md5() {
+            for respond in md5_answers {
+                let (result, verdict) = deliver_as(key, respond);
+                match result {
+                    Err(Error::AuthFailed(why)) => {
+                        assert!(why.contains("HMAC-MD5") && why.contains(reason), "{why}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+                assert_eq!(verdict, FAILURE);
+            }
+            let (result, verdict) = deliver_as(key, |b| prefixed(Digest::Sha256, b));
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(verdict, WELCOME);
+        }
+    }
+
     #[test]
     fn deliver_rejects_wrong_answers() {
         let answers: [Responder; 10] = [
-            |b| Digest::Md5.mac(&AuthKey::new("wrong"), b),
+            // A MAC of MD5's length, so read as one.
+            |b| mac(Digest::Sha256, &key(), b)[..16].to_vec(),
             |b| prefixed(Digest::Sha256, &b[1..]),
             |b| {
                 let mut a = prefixed(Digest::Sha256, b);
@@ -520,7 +701,7 @@ mod tests {
                 a
             },
             |b| prefixed(Digest::Sha256, b)[..20].to_vec(),
-            |b| Digest::Sha256.mac(&key(), b)[..20].to_vec(),
+            |b| mac(Digest::Sha256, &key(), b)[..20].to_vec(),
             |_| {
                 let mut a = b"{sha512}".to_vec();
                 a.extend([0u8; 64]);
@@ -574,6 +755,15 @@ mod tests {
         assert!(client.is_ok(), "{client:?}");
         let (server, client) = handshake(AuthKey::new(""), AuthKey::new(Vec::new()));
         assert!(server.is_ok() && client.is_ok());
+    }
+
+    /// A server refusing MD5 and a client that allows it agree on SHA-256 both ways.
+    #[test]
+    fn a_strict_side_and_a_lenient_one_speak_sha256() {
+        let (server, client) = handshake(key().with_legacy(false), key());
+        assert!(server.is_ok() && client.is_ok(), "{server:?} {client:?}");
+        let (server, client) = handshake(key(), key().with_legacy(false));
+        assert!(server.is_ok() && client.is_ok(), "{server:?} {client:?}");
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long the authentication handshake may take.
     pub handshake_timeout: Duration,
+    /// Whether to speak HMAC-MD5 with a server that asks for it or answers with it, as
+    /// Python 3.8–3.11 do (default `true`). `false` refuses such a server with
+    /// [`Error::AuthFailed`] saying why. Without the `legacy-md5` feature MD5 is refused
+    /// either way.
+    pub legacy_auth: bool,
     /// How long to wait for a reply, on top of any time the call itself may block
     /// (a `get` with a 10 s timeout waits up to 10 s + this).
     pub call_timeout: Duration,
@@ -56,6 +61,7 @@ impl Default for ClientConfig {
         ClientConfig {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            legacy_auth: true,
             call_timeout: Duration::from_secs(30),
             max_frame: DEFAULT_MAX_FRAME,
             reconnect_for: Duration::ZERO,
@@ -235,7 +241,7 @@ impl Manager {
                     return Connection::handshake(
                         stream,
                         Role::Client,
-                        &self.inner.authkey,
+                        &self.inner.authkey.with_legacy(cfg.legacy_auth),
                         cfg.max_frame,
                         cfg.handshake_timeout,
                     )
@@ -259,7 +265,7 @@ impl Manager {
             Ok(stream) => Connection::handshake(
                 stream,
                 Role::Client,
-                &self.inner.authkey,
+                &self.inner.authkey.with_legacy(cfg.legacy_auth),
                 cfg.max_frame,
                 cfg.handshake_timeout,
             ),

@@ -31,7 +31,8 @@ pub enum Error {
     },
     /// A network deadline passed: connecting, the handshake, or waiting for a reply.
     Timeout(&'static str),
-    /// The peer's authkey differs from ours (one side sent or received `#FAILURE#`).
+    /// The peer's authkey differs from ours (one side sent or received `#FAILURE#`), or
+    /// its handshake uses a digest we refuse (MD5, with legacy authentication off).
     AuthFailed(String),
     /// The peer sent bytes that do not follow Python's wire protocol.
     Protocol(String),
@@ -93,10 +94,7 @@ impl fmt::Display for Error {
                 "the server's memory for items is full ({limit} bytes, --max-memory): try again once consumers catch up"
             ),
             Error::Timeout(what) => write!(f, "timed out while {what}"),
-            Error::AuthFailed(why) => write!(
-                f,
-                "authentication failed: {why} (check that both sides use the same authkey)"
-            ),
+            Error::AuthFailed(why) => write!(f, "authentication failed: {why}"),
             Error::Protocol(msg) => write!(f, "protocol error: {msg}"),
             Error::FrameTooLarge { len, max } => write!(
                 f,

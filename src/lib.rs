@@ -17,6 +17,11 @@
 //! - For workers and tools: [`exec`] (a shell command per task), [`text`] (values as
 //!   text and JSON, the line-mode envelope) and [`log`] (silent until a level is set).
 //!
+//! ## Features
+//! - `legacy-md5` (default): HMAC-MD5, the handshake of Python 3.8–3.11 peers. Without it
+//!   the `md-5` crate and all MD5 code are left out and such peers are refused, as they
+//!   are at run time with `legacy_auth: false` in [`ServerConfig`] or [`ClientConfig`].
+//!
 //! ## Internals
 //! The layers beneath, bottom up, are private: `frame` (Python's length-prefixed
 //! frames), `auth` (the HMAC handshake), the scan in `pickle` (how the server reads
@@ -24,7 +29,9 @@
 //! other serializer), `queues` (`queue.Queue` semantics, leases, holds, the memory
 //! budget), `dispatch` (what each request does) and `conn` (one authenticated socket).
 //! The `internals` feature makes them public, undocumented and unstable, for the crate's
-//! own tests, benches and fuzz targets. ARCHITECTURE.md maps them.
+//! own tests, benches and fuzz targets. ARCHITECTURE.md maps them. The binaries' flags,
+//! exit codes and progress line are theirs (bin/cli.rs): nothing here parses a command
+//! line or exits the process.
 //!
 //! ```
 //! use distq::{AuthKey, Manager, Server, ServerConfig};
@@ -58,8 +65,6 @@ macro_rules! internal_modules {
     )*};
 }
 
-#[doc(hidden)]
-pub mod cli;
 pub mod client;
 internal_modules!(auth, conn, dispatch, frame, protocol, queues, xmlrpc);
 pub mod error;

@@ -25,7 +25,7 @@ pub enum Address {
 
 impl Address {
     /// Reads `text` as a Unix socket path if it starts with `/`, `./` or `\0` (abstract,
-    /// Linux), else as `HOST:PORT` (not checked here: see `cli::address`). Since a
+    /// Linux), else as `HOST:PORT` (not checked here: the binaries' `cli::address` refuses a malformed one). Since a
     /// command-line argument cannot hold a NUL byte, the two characters `\0` typed at
     /// the start (`--bind '\0distq'`) mean it too.
     pub fn parse(text: &str) -> Address {

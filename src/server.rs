@@ -38,6 +38,12 @@ use crate::{Error, Result, Value};
 pub struct ServerConfig {
     /// The shared secret every client must prove it knows.
     pub authkey: AuthKey,
+    /// Whether a client may prove it with HMAC-MD5, as Python 3.8–3.11 do (default `true`).
+    /// `false` (`--no-legacy-auth`) admits only SHA-256 (Python 3.12+, distq), for
+    /// deployments whose policy forbids MD5: an MD5 answer gets `#FAILURE#`, as a wrong key
+    /// does, and a log line saying why. Without the `legacy-md5` feature MD5 is refused
+    /// either way.
+    pub legacy_auth: bool,
     /// The largest request frame accepted after authentication (Python has no limit).
     pub max_frame: usize,
     /// How long a new connection may take to authenticate.
@@ -73,10 +79,12 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Defaults: 64 MiB frames, a 10 s handshake deadline, a 30 s write timeout, 1024
     /// connections of which 640 may be authenticating (256 from one address), no idle timeout, leases that
-    /// expire only with their connection, no dead-lettering, any item accepted.
+    /// expire only with their connection, no dead-lettering, any item accepted, MD5 (legacy
+    /// clients) admitted.
     pub fn new(authkey: AuthKey) -> ServerConfig {
         ServerConfig {
             authkey,
+            legacy_auth: true,
             max_frame: DEFAULT_MAX_FRAME,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
@@ -679,7 +687,7 @@ impl Shared {
         let handshake = Connection::handshake(
             stream,
             Role::Server,
-            &self.config.authkey,
+            &self.config.authkey.with_legacy(self.config.legacy_auth),
             self.config.max_frame,
             self.config.handshake_timeout,
         );

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use distq::{AuthKey, Error, Manager, Value};
+use distq::{AuthKey, ClientConfig, Error, Manager, Value};
 
 const WORKER: &str = include_str!("python/task_worker.py");
 const MASTER: &str = include_str!("python/task_master.py");
@@ -288,20 +288,23 @@ fn queue_semantics_seen_from_python() {
     }
 }
 
+/// `BaseManager.connect()` to 127.0.0.1:PORT with KEY: prints `CONNECTED`, or `AUTHFAIL`,
+/// the seconds it took and the error.
+const CONNECT: &str = "import sys, time, multiprocessing\n\
+    from multiprocessing.managers import BaseManager\n\
+    m = BaseManager(address=('127.0.0.1', int(sys.argv[1])), authkey=sys.argv[2].encode())\n\
+    t = time.monotonic()\n\
+    try:\n    m.connect()\n    print('CONNECTED')\n\
+    except multiprocessing.AuthenticationError as e:\n    print('AUTHFAIL %.3f %s' % (time.monotonic() - t, e))\n";
+
 /// Wrong key from Python: an AuthenticationError within a second; the server keeps serving.
 #[test]
 fn wrong_authkey_from_python_is_refused_quickly() {
     let (legacy, modern) = legacy_and_modern();
     let server = server();
     let port = server.local_addr().port().to_string();
-    let script = "import sys, time, multiprocessing\n\
-        from multiprocessing.managers import BaseManager\n\
-        m = BaseManager(address=('127.0.0.1', int(sys.argv[1])), authkey=sys.argv[2].encode())\n\
-        t = time.monotonic()\n\
-        try:\n    m.connect()\n    print('CONNECTED')\n\
-        except multiprocessing.AuthenticationError as e:\n    print('AUTHFAIL %.3f %s' % (time.monotonic() - t, e))\n";
     for py in legacy.iter().chain(modern.iter()) {
-        let out = py.run_ok(script, &[&port, "wrong"]);
+        let out = py.run_ok(CONNECT, &[&port, "wrong"]);
         let secs: f64 = out
             .strip_prefix("AUTHFAIL ")
             .unwrap_or_else(|| panic!("{:?}: {out}", py.version))
@@ -311,9 +314,102 @@ fn wrong_authkey_from_python_is_refused_quickly() {
             .parse()
             .unwrap();
         assert!(secs < 1.0, "took {secs} s");
-        assert_eq!(py.run_ok(script, &[&port, KEY]).trim(), "CONNECTED");
+        assert_eq!(py.run_ok(CONNECT, &[&port, KEY]).trim(), "CONNECTED");
     }
     server.shutdown().unwrap();
+}
+
+/// `distq-server --no-legacy-auth`, with every Python: one that proves the key with HMAC-MD5
+/// (<= 3.11) gets the `AuthenticationError` a wrong key gets, and the server logs why;
+/// one that uses SHA-256 (>= 3.12) is served.
+#[test]
+fn a_server_without_legacy_auth_refuses_md5_clients() {
+    use std::io::Read;
+    let _ = legacy_and_modern(); // with CI set, both kinds must be there
+    let (mut server, addr, mut log) = server_process(&["--no-legacy-auth"]);
+    let port = addr.rsplit_once(':').unwrap().1;
+    let mut refused = 0;
+    for py in require_pythons() {
+        let out = py.run_ok(CONNECT, &[port, KEY]);
+        if py.version <= (3, 11) {
+            assert!(
+                out.starts_with("AUTHFAIL "),
+                "python {:?}: {out}",
+                py.version
+            );
+            refused += 1;
+        } else {
+            assert_eq!(out.trim(), "CONNECTED", "python {:?}", py.version);
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let mut rest = String::new();
+    log.read_to_string(&mut rest).unwrap();
+    let why = "answered our challenge with HMAC-MD5 (Python <= 3.11), refused: legacy authentication is off";
+    assert_eq!(rest.matches(why).count(), refused, "{rest}");
+}
+
+/// A Rust client with `legacy_auth: false`, against Python's own server on every version:
+/// one whose challenge asks for HMAC-MD5 (<= 3.11) is refused with an authentication error
+/// saying so; one that speaks SHA-256 (>= 3.12) is served.
+#[test]
+fn a_client_without_legacy_auth_refuses_md5_servers() {
+    let _ = legacy_and_modern(); // with CI set, both kinds must be there
+    let mut strict = ClientConfig::default();
+    strict.legacy_auth = false;
+    for py in require_pythons() {
+        let mut server = py.spawn(PY_SERVER, &[KEY]);
+        let addr = read_line_starting(&mut server, "ADDRESS ").replace(' ', ":");
+        let connected = Manager::connect_with(addr.as_str(), AuthKey::new(KEY), strict.clone())
+            .and_then(|manager| {
+                let tasks = manager.queue("get_task_queue")?;
+                tasks.put(7)?;
+                tasks.get(Duration::from_secs(5))
+            });
+        let _ = (server.kill(), server.wait());
+        match connected {
+            Err(Error::AuthFailed(why)) if py.version <= (3, 11) => assert!(
+                why.contains("asks for HMAC-MD5") && why.contains("legacy authentication is off"),
+                "{why}"
+            ),
+            Ok(item) if py.version >= (3, 12) => assert_eq!(item, Value::from(7)),
+            other => panic!("python {:?}: {other:?}", py.version),
+        }
+    }
+}
+
+/// `distq-master --no-legacy-auth` with a Python <= 3.11 (HMAC-MD5): the server it hosts
+/// refuses that Python's client, and with `--connect` the master refuses that Python's
+/// server (exit 3, saying why).
+#[test]
+fn a_master_without_legacy_auth_refuses_md5_peers() {
+    let (Some(py), _) = legacy_and_modern() else {
+        return;
+    };
+    let mut master = bin("distq-master")
+        .args(["--bind", "127.0.0.1:0", "--tasks", "1", "--authkey", KEY])
+        .arg("--no-legacy-auth")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = read_line_starting(&mut master, "Listening on ");
+    let out = py.run_ok(CONNECT, &[addr.rsplit_once(':').unwrap().1, KEY]);
+    let _ = (master.kill(), master.wait());
+    assert!(out.starts_with("AUTHFAIL "), "{out}");
+
+    let mut server = py.spawn(PY_SERVER, &[KEY]);
+    let addr = read_line_starting(&mut server, "ADDRESS ").replace(' ', ":");
+    let out = bin("distq-master")
+        .args(["--connect", &addr, "--tasks", "1", "--authkey", KEY])
+        .arg("--no-legacy-auth")
+        .output()
+        .unwrap();
+    let _ = (server.kill(), server.wait());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("asks for HMAC-MD5"), "{stderr}");
 }
 
 /// distq's client against Python's own BaseManager server, on every version: queue calls,

@@ -4,13 +4,13 @@
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
-use distq::cli::{self, exit};
 use distq::{text, AuthKey, Error, QueueProxy, Value};
 use rand::Rng;
 
-use super::session::{
-    end_of_job, is_failure, Session, FOREIGN_BACKOFF, RESULTS, STOP_CHECK, TASKS,
+use super::backend::{
+    end_of_job, is_failure, Backend, FOREIGN_BACKOFF, RESULTS, STOP_CHECK, TASKS,
 };
+use super::cli::{self, exit};
 use super::signals;
 use super::workers::Workers;
 use super::Flags;
@@ -18,13 +18,13 @@ use super::Flags;
 /// Runs the classic master; returns its exit status.
 pub(super) fn run(flags: &Flags, authkey: AuthKey) -> i32 {
     let result = (|| {
-        let session = Session::open(flags, &authkey, true).map_err(failed)?;
-        let (left_tasks, left_results) = session.check_leftovers(flags);
-        let tasks = session.manager.queue(TASKS).map_err(failed)?;
-        let results = session.manager.queue(RESULTS).map_err(failed)?;
+        let backend = Backend::open(flags, &authkey, true).map_err(failed)?;
+        let (left_tasks, left_results) = backend.check_leftovers(flags);
+        let tasks = backend.manager.queue(TASKS).map_err(failed)?;
+        let results = backend.manager.queue(RESULTS).map_err(failed)?;
         let workers = Workers::spawn(
             flags.local_workers.unwrap_or(0),
-            &session.addr,
+            &backend.addr,
             &authkey,
             &[],
         )
@@ -40,11 +40,11 @@ pub(super) fn run(flags: &Flags, authkey: AuthKey) -> i32 {
             Ok(()) => true,
             Err((_, status)) => *status == exit::TASKS_FAILED,
         };
-        if finished && session.hosted.is_some() {
-            end_of_job(&session.manager, &tasks);
+        if finished && backend.hosted.is_some() {
+            end_of_job(&backend.manager, &tasks);
         }
         drop((workers, tasks, results));
-        session.close().map_err(failed)?;
+        backend.close().map_err(failed)?;
         outcome
     })();
     match result {

@@ -6,11 +6,11 @@ use std::hash::{Hash, Hasher};
 use std::io::{BufWriter, Write};
 use std::time::Instant;
 
-use distq::cli::Progress;
 use distq::{text, Error, QueueProxy, Value};
 
+use super::backend::{is_failure, FOREIGN_BACKOFF, STOP_CHECK};
+use super::cli::Progress;
 use super::run_state::RunState;
-use super::session::{is_failure, FOREIGN_BACKOFF, STOP_CHECK};
 use super::signals;
 use super::workers::Workers;
 use super::Flags;
@@ -142,9 +142,9 @@ impl Collector {
         let mut theirs = Vec::new();
         for item in items {
             match self.take(&item) {
-                Taken::Ours(id) => written.extend(id),
-                Taken::Duplicate => {}
-                Taken::Theirs => theirs.push(item),
+                Verdict::Ours(id) => written.extend(id),
+                Verdict::Duplicate => {}
+                Verdict::Theirs => theirs.push(item),
             }
         }
         self.out
@@ -169,12 +169,12 @@ impl Collector {
     }
 
     /// Counts and writes one result if it is ours (it carries our run id).
-    fn take(&mut self, item: &Value) -> Taken {
+    fn take(&mut self, item: &Value) -> Verdict {
         if text::field(item, text::RUN).and_then(Value::as_str) != Some(self.run.as_str()) {
             let mut hash = std::collections::hash_map::DefaultHasher::new();
             text::text_form(item).hash(&mut hash);
             self.foreign.insert(hash.finish());
-            return Taken::Theirs;
+            return Verdict::Theirs;
         }
         let id = text::field(item, text::ID)
             .and_then(Value::as_int)
@@ -182,7 +182,7 @@ impl Collector {
             .filter(|id| *id < self.total);
         if let Some(id) = id {
             if std::mem::replace(&mut self.seen[id], true) {
-                return Taken::Duplicate; // after a redelivery: the first result stands
+                return Verdict::Duplicate; // after a redelivery: the first result stands
             }
         }
         let failure = is_failure(item);
@@ -200,7 +200,7 @@ impl Collector {
             }
             _ => self.write(&line),
         }
-        Taken::Ours(id.map(|id| (id, !failure)))
+        Verdict::Ours(id.map(|id| (id, !failure)))
     }
 
     /// Writes `--ordered` results whose predecessors all have theirs (or had them in
@@ -231,7 +231,7 @@ impl Collector {
 }
 
 /// What [`Collector::take`] made of a result.
-enum Taken {
+enum Verdict {
     /// Ours, counted and written (with its line and whether it succeeded, if it has an id).
     Ours(Option<(usize, bool)>),
     /// Ours, but that line already has a result.

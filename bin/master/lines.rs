@@ -4,12 +4,12 @@
 use std::io::{BufWriter, Read, Write};
 use std::time::Duration;
 
-use distq::cli::{self, exit, Progress};
 use distq::{text, AuthKey, Error, QueueProxy, Value};
 
+use super::backend::{end_of_job, Backend, RESULTS, TASKS};
+use super::cli::{self, exit, Progress};
 use super::collector::Collector;
 use super::run_state::RunState;
-use super::session::{end_of_job, Session, RESULTS, TASKS};
 use super::signals;
 use super::workers::Workers;
 use super::Flags;
@@ -22,10 +22,10 @@ pub(super) fn run(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
         Err(e) => cli::fail(format!("cannot read {input}: {e}"), exit::FAILURE),
     };
     let result = (|| {
-        let session = Session::open(flags, &authkey, false)?;
-        session.check_leftovers(flags);
-        let tasks = session.manager.queue(TASKS)?;
-        let results = session.manager.queue(RESULTS)?;
+        let backend = Backend::open(flags, &authkey, false)?;
+        backend.check_leftovers(flags);
+        let tasks = backend.manager.queue(TASKS)?;
+        let results = backend.manager.queue(RESULTS)?;
         let journal_dir = flags.journal.as_ref().map(|j| j.dir.as_path());
         let mut run = match journal_dir.filter(|_| flags.resume) {
             Some(dir) => {
@@ -64,9 +64,9 @@ pub(super) fn run(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
                 });
                 let mut args = vec!["--exec".to_string(), command.clone()];
                 args.extend(flags.worker_flags.iter().cloned());
-                Workers::spawn(k, &session.addr, &authkey, &args)?
+                Workers::spawn(k, &backend.addr, &authkey, &args)?
             }
-            None => Workers::spawn(0, &session.addr, &authkey, &[])?,
+            None => Workers::spawn(0, &backend.addr, &authkey, &[])?,
         };
         // Batches keep the round trips few; put_many on an unbounded queue never blocks.
         // Python's own server has no batch methods: one task (and result) per round trip.
@@ -105,11 +105,11 @@ pub(super) fn run(flags: &Flags, authkey: AuthKey, verbosity: i8) -> i32 {
         );
         progress.finish();
         collector.finish();
-        if matches!(stopped, Ok(None)) && session.hosted.is_some() {
-            end_of_job(&session.manager, &tasks);
+        if matches!(stopped, Ok(None)) && backend.hosted.is_some() {
+            end_of_job(&backend.manager, &tasks);
         }
         drop((workers, tasks, results));
-        session.close()?;
+        backend.close()?;
         stopped.map(|why| (collector, why))
     })();
     let (collector, why) = match result {

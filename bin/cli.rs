@@ -2,7 +2,9 @@
 //! exit codes, the warning about a key on the command line, the progress line, and
 //! turning errors into one clear line on stderr.
 //!
-//! Kept in the library so each binary stays a flag parser plus a few library calls.
+//! It exits the process and parses flags, which no library caller wants, so it lives
+//! with the binaries: each includes this file as its `cli` module (`distq-master`
+//! through the worker it compiles in) and uses the part it needs.
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
@@ -10,9 +12,8 @@ use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::auth::AuthKey;
-use crate::log::{self, Level};
-use crate::Error;
+use distq::log::{self, Level};
+use distq::{AuthKey, Error};
 
 /// The exit statuses of every binary, so scripts can tell failures apart without
 /// parsing messages. Documented in the README ("Exit codes").
@@ -129,7 +130,7 @@ impl CommonFlags {
     /// (tests, a classroom laptop) stay quiet.
     pub fn warn_if_key_exposed(&self, addr: &str) {
         // A Unix socket is not reachable from the network at all.
-        if self.authkey.is_none() || crate::net::is_unix_path(addr) {
+        if self.authkey.is_none() || distq::net::is_unix_path(addr) {
             return;
         }
         let exposed = match addr.to_socket_addrs() {
@@ -201,10 +202,10 @@ impl CommonFlags {
 /// Parses `HOST:PORT`, or a Unix socket path (`/...`, `./...`, or `\0name` for a Linux
 /// abstract name), for `flag`: a malformed address is bad usage (exit 2), caught before
 /// anything starts; whether the host resolves is found out when it is used. Read the
-/// result with [`crate::net::Address::parse`].
+/// result with [`distq::net::Address::parse`].
 pub fn address(flag: &str, value: OsString) -> Result<String, lexopt::Error> {
     let text = value.to_string_lossy().into_owned();
-    if crate::net::is_unix_path(&text) {
+    if distq::net::is_unix_path(&text) {
         return match value.into_string() {
             Ok(path) => Ok(path),
             Err(_) => Err(format!("{flag}: the socket path {text:?} is not UTF-8").into()),

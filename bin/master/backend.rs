@@ -5,28 +5,29 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use distq::cli::{self, exit};
 use distq::{
     text, Address, AuthKey, ClientConfig, Manager, QueueProxy, RunningServer, Server, ServerConfig,
     Value,
 };
 
+use super::cli::{self, exit};
 use super::{bind_addr, Flags};
 
 /// The server the master talks to: hosted (and shut down at the end) or `--connect`ed.
-pub(super) struct Session {
+pub(super) struct Backend {
     pub(super) hosted: Option<RunningServer>,
     pub(super) addr: String,
     pub(super) manager: Manager,
 }
 
-impl Session {
-    pub(super) fn open(flags: &Flags, authkey: &AuthKey, announce: bool) -> distq::Result<Session> {
+impl Backend {
+    pub(super) fn open(flags: &Flags, authkey: &AuthKey, announce: bool) -> distq::Result<Backend> {
         let (hosted, addr) = match &flags.connect {
             Some(addr) => (None, addr.clone()),
             None => {
                 let mut config = ServerConfig::new(authkey.clone());
                 config.journal = flags.journal.clone();
+                config.legacy_auth = flags.legacy_auth;
                 // Nothing has started yet: "cannot listen" ends the master with README's
                 // status for it (1), not the connection status a later failure gets.
                 let server = Server::bind_to(&Address::parse(&bind_addr(flags)), config)
@@ -43,12 +44,10 @@ impl Session {
                 (Some(server.spawn()?), addr)
             }
         };
-        let manager = Manager::connect_to(
-            &Address::parse(&addr),
-            authkey.clone(),
-            ClientConfig::default(),
-        )?;
-        Ok(Session {
+        let mut client = ClientConfig::default();
+        client.legacy_auth = flags.legacy_auth;
+        let manager = Manager::connect_to(&Address::parse(&addr), authkey.clone(), client)?;
+        Ok(Backend {
             hosted,
             addr,
             manager,
