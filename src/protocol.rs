@@ -118,58 +118,7 @@ impl Request {
     /// `(None|str, str, tuple, dict[str, ...])`; [`Error::Value`] for the few pickles
     /// distq cannot forward faithfully.
     pub fn parse(bytes: &[u8]) -> Result<Request> {
-        let scan = Scan::new(bytes)?;
-        let root = scan.root();
-        let parts = match root.kind {
-            Kind::Tuple { .. } => scan.children(&root)?.filter(|c| c.len() == 4),
-            _ => None,
-        }
-        .ok_or_else(|| {
-            Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)")
-        })?;
-        let ident = match parts[0].kind {
-            Kind::None => None,
-            _ => Some(
-                scan.str(&parts[0])
-                    .ok_or_else(|| Error::protocol("request ident must be None or a str"))?
-                    .to_string(),
-            ),
-        };
-        let method = scan
-            .str(&parts[1])
-            .ok_or_else(|| Error::protocol("request method name must be a str"))?
-            .to_string();
-        let args = match parts[2].kind {
-            Kind::Tuple { .. } => scan.children(&parts[2])?,
-            _ => None,
-        }
-        .ok_or_else(|| Error::protocol("request args must be a tuple"))?;
-        let args = args
-            .iter()
-            .enumerate()
-            .map(|(i, r)| arg(&scan, r, is_items(&method, Some(i), None)))
-            .collect::<Result<Vec<_>>>()?;
-        let kwds = match parts[3].kind {
-            Kind::Dict => scan.children(&parts[3])?,
-            _ => None,
-        }
-        .ok_or_else(|| Error::protocol("request kwds must be a dict"))?;
-        let kwargs = kwds
-            .chunks_exact(2)
-            .map(|pair| {
-                let name = scan
-                    .str(&pair[0])
-                    .ok_or_else(|| Error::protocol("keyword argument names must be str"))?;
-                let items = is_items(&method, None, Some(name));
-                Ok((name.to_string(), arg(&scan, &pair[1], items)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Request {
-            ident,
-            method,
-            args,
-            kwargs,
-        })
+        Scan::with(bytes, parse_scanned)
     }
 
     /// The request as the 4-tuple Python expects.
@@ -191,9 +140,62 @@ impl Request {
     }
 }
 
+/// [`Request::parse`] on the scanned pickle.
+fn parse_scanned(scan: &Scan<'_>) -> Result<Request> {
+    let root = scan.root();
+    let parts = match scan.kind(&root) {
+        Kind::Tuple { .. } => scan.children(&root)?.filter(|c| c.len() == 4),
+        _ => None,
+    }
+    .ok_or_else(|| Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)"))?;
+    let ident = match scan.kind(&parts[0]) {
+        Kind::None => None,
+        _ => Some(
+            scan.str(&parts[0])
+                .ok_or_else(|| Error::protocol("request ident must be None or a str"))?
+                .to_string(),
+        ),
+    };
+    let method = scan
+        .str(&parts[1])
+        .ok_or_else(|| Error::protocol("request method name must be a str"))?
+        .to_string();
+    let args = match scan.kind(&parts[2]) {
+        Kind::Tuple { .. } => scan.children(&parts[2])?,
+        _ => None,
+    }
+    .ok_or_else(|| Error::protocol("request args must be a tuple"))?;
+    let args = args
+        .iter()
+        .enumerate()
+        .map(|(i, r)| arg(scan, r, is_items(&method, Some(i), None)))
+        .collect::<Result<Vec<_>>>()?;
+    let kwds = match scan.kind(&parts[3]) {
+        Kind::Dict => scan.children(&parts[3])?,
+        _ => None,
+    }
+    .ok_or_else(|| Error::protocol("request kwds must be a dict"))?;
+    let kwargs = kwds
+        .chunks_exact(2)
+        .map(|pair| {
+            let name = scan
+                .str(&pair[0])
+                .ok_or_else(|| Error::protocol("keyword argument names must be str"))?;
+            let items = is_items(&method, None, Some(name));
+            Ok((name.to_string(), arg(scan, &pair[1], items)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Request {
+        ident,
+        method,
+        args,
+        kwargs,
+    })
+}
+
 /// One argument: a scalar as a value, anything else cut out of the request.
 fn arg(scan: &Scan<'_>, r: &Region, items: bool) -> Result<Arg> {
-    Ok(match r.kind {
+    Ok(match scan.kind(r) {
         Kind::None => Arg::Value(Value::None),
         Kind::Bool(b) => Arg::Value(Value::Bool(b)),
         Kind::Int(n) => Arg::Value(Value::Int(n)),
