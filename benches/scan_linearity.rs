@@ -8,8 +8,11 @@
 
 use distq::protocol::Request;
 
-/// The cases: a name and a builder of a request of size ~n.
-const CASES: &[(&str, fn(usize) -> Vec<u8>)] = &[
+/// Builds a request of size ~n.
+type Build = fn(usize) -> Vec<u8>;
+
+/// The cases, by name.
+const CASES: &[(&str, Build)] = &[
     ("memo rebinds", rebinds),
     ("outside references", outside),
     ("FRAME-heavy shared region", frames),
