@@ -338,14 +338,11 @@ impl<'b> Scan<'b> {
 
     /// The UTF-8 of a str entry, if it is valid Rust UTF-8.
     pub fn str(&self, r: &Region) -> Option<&'b str> {
-        match self.kind(r) {
-            Kind::Str {
-                at,
-                len,
-                utf8: true,
-            } => std::str::from_utf8(self.bytes.get(at as usize..(at + len) as usize)?).ok(),
-            _ => None,
+        if r.tag != Tag::Str {
+            return None;
         }
+        let (at, len) = payload(self.bytes, r.at as usize);
+        std::str::from_utf8(self.bytes.get(at as usize..(at + len) as usize)?).ok()
     }
 
     /// The protocol CPython's unpickler has in effect at `pos`, as far as it matters:
@@ -941,47 +938,14 @@ fn python_utf8(mut b: &[u8]) -> (bool, bool) {
 
 /// Reads a value's kind back from its opcode at `at` (which the scan has checked).
 fn decode_kind(b: &[u8], tag: Tag, at: u32) -> Kind {
-    let at = at as usize;
-    let op = b.get(at).copied().unwrap_or(0);
-    // `(start of the payload, its length)` of a counted opcode.
-    let counted = |w: usize| {
-        let n = le(b, at + 1, w);
-        ((at + 1 + w) as u32, n as u32)
-    };
     match tag {
         Tag::None => Kind::None,
         Tag::True => Kind::Bool(true),
         Tag::False => Kind::Bool(false),
-        Tag::Int => match op {
-            BININT1 => Kind::Int(le(b, at + 1, 1) as i64),
-            BININT2 => Kind::Int(le(b, at + 1, 2) as i64),
-            BININT => Kind::Int(i64::from(le(b, at + 1, 4) as u32 as i32)),
-            _ => {
-                let (from, n) = counted(if op == LONG1 { 1 } else { 4 });
-                let payload = b
-                    .get(from as usize..from as usize + n as usize)
-                    .unwrap_or_default();
-                if payload.len() > 8 {
-                    return Kind::BigInt;
-                }
-                let fill = if payload.last().is_some_and(|&x| x >= 0x80) {
-                    0xff
-                } else {
-                    0
-                };
-                let mut buf = [fill; 8];
-                buf[..payload.len()].copy_from_slice(payload);
-                Kind::Int(i64::from_le_bytes(buf))
-            }
-        },
-        Tag::Float => Kind::Float(f64::from_bits(le(b, at + 1, 8).swap_bytes())),
+        Tag::Int => int_at(b, at as usize),
+        Tag::Float => Kind::Float(f64::from_bits(le(b, at as usize + 1, 8).swap_bytes())),
         Tag::Str | Tag::StrSurrogates => {
-            let w = match op {
-                SHORT_BINUNICODE => 1,
-                BINUNICODE => 4,
-                _ => 8,
-            };
-            let (at, len) = counted(w);
+            let (at, len) = payload(b, at as usize);
             Kind::Str {
                 at,
                 len,
@@ -989,7 +953,7 @@ fn decode_kind(b: &[u8], tag: Tag, at: u32) -> Kind {
             }
         }
         Tag::OldStr => {
-            let (at, len) = counted(if op == SHORT_BINSTRING { 1 } else { 4 });
+            let (at, len) = payload(b, at as usize);
             Kind::OldStr { at, len }
         }
         Tag::Bytes => Kind::Bytes,
@@ -1001,6 +965,39 @@ fn decode_kind(b: &[u8], tag: Tag, at: u32) -> Kind {
         Tag::Set => Kind::Set,
         Tag::FrozenSet => Kind::FrozenSet,
         Tag::Object => Kind::Object,
+    }
+}
+
+/// `(start, length)` of the payload of the counted opcode at `at`.
+fn payload(b: &[u8], at: usize) -> (u32, u32) {
+    let op = b.get(at).copied().unwrap_or(0);
+    let w = usize::from(ARGS[usize::from(op)] & 0x0f);
+    ((at + 1 + w) as u32, le(b, at + 1, w) as u32)
+}
+
+/// The int pushed by the opcode at `at`.
+fn int_at(b: &[u8], at: usize) -> Kind {
+    match b.get(at).copied().unwrap_or(0) {
+        BININT1 => Kind::Int(le(b, at + 1, 1) as i64),
+        BININT2 => Kind::Int(le(b, at + 1, 2) as i64),
+        BININT => Kind::Int(i64::from(le(b, at + 1, 4) as u32 as i32)),
+        _ => {
+            let (from, n) = payload(b, at);
+            let bytes = b
+                .get(from as usize..from as usize + n as usize)
+                .unwrap_or_default();
+            if bytes.len() > 8 {
+                return Kind::BigInt;
+            }
+            let fill = if bytes.last().is_some_and(|&x| x >= 0x80) {
+                0xff
+            } else {
+                0
+            };
+            let mut buf = [fill; 8];
+            buf[..bytes.len()].copy_from_slice(bytes);
+            Kind::Int(i64::from_le_bytes(buf))
+        }
     }
 }
 
