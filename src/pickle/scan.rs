@@ -2,7 +2,8 @@
 //!
 //! A queue server never needs to know what an item *is*, only where it is. So a request
 //! is not decoded into a tree: [`Scan`] runs the pickle's stack machine over *shapes*
-//! (a stack of [`Kind`]s and the byte offset where each entry began), checks every
+//! (a stack of one-byte kinds and the byte offset where each entry began; a scalar's
+//! value is read back from its opcode when asked for, as a [`Kind`]), checks every
 //! opcode the way CPython's unpickler would, and remembers three things: the region of
 //! bytes that built each stack entry, what each memo index was bound to, and the children
 //! of the few containers near the bottom of the stack (the request's 4-tuple, its
@@ -15,6 +16,14 @@
 //! that was APPENDed to, a dict that contains itself, a `__getnewargs_ex__` class, a
 //! protocol-2 pickle with Python 2 names all come back exactly as they were sent,
 //! because the server never had to represent them.
+//!
+//! # Memory
+//! A request's scan holds at most [`SCAN_MEMORY_FACTOR`] times its pickle (plus
+//! [`SCAN_MEMORY_SLACK`]): every buffer grows through one function that checks the
+//! limit before allocating, and never past what the rest of the pickle could fill. A
+//! stack entry is 12 bytes and a memo binding 16 (plus 4 for its memo slot once indices
+//! come out of order, and 8 while its value is on the stack), so the pickles CPython
+//! writes stay within 20 bytes per byte.
 //!
 //! # The region rule
 //! Each stack entry starts where its first opcode is, and ends where the next entry
