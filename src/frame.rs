@@ -43,8 +43,9 @@ const SHORT_FORM_MAX: usize = 0x7fff_ffff;
 const COPY_WRITE_MAX: usize = 64 * 1024;
 
 /// Capacity a reused read buffer may keep between frames; a larger one left over by a huge frame
-/// is released once a smaller frame arrives.
-const KEEP_CAPACITY: usize = 1024 * 1024;
+/// is released once a smaller frame arrives (and on the server once its request is parsed,
+/// `Connection::parse_request`).
+pub(crate) const KEEP_CAPACITY: usize = 1024 * 1024;
 
 /// Length of the escaped header: `ff ff ff ff` plus an 8-byte length.
 const LONG_HEADER_LEN: usize = 12;
