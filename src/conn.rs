@@ -75,6 +75,10 @@ enum Serializer {
     Xml,
 }
 
+/// Frames above this size are written under one deadline for the whole frame (on the
+/// server), and a stored item above it is written from where it is, not copied.
+const LARGE_FRAME: usize = 64 * 1024;
+
 /// How many times the frame limit an oversized frame may be and still be read and
 /// dropped to keep its connection (see [`Connection::discard_payload`]); a larger one
 /// closes it at once.
@@ -343,6 +347,15 @@ impl Connection {
         // a request could carry.
         let xml_limit = self.max_frame.saturating_mul(2);
         let xml = self.serializer.get() == Some(Serializer::Xml);
+        if let Some(parts) = reply
+            .item_parts()
+            .filter(|p| !xml && p[1].len() > LARGE_FRAME)
+        {
+            let limit = self.write_timeout.get().filter(|_| self.server);
+            return send_within(&self.stream, limit, |mut w| {
+                frame::write_parts(&mut w, parts)
+            });
+        }
         let encode = |reply: &Reply, buf: &mut Vec<u8>| {
             if xml {
                 xmlrpc::encode_reply_frame(reply, buf, xml_limit)
@@ -363,20 +376,14 @@ impl Connection {
     /// hold a reply (and the item in it) for longer than the timeout in all. A small one
     /// is one `send`, bounded by the socket's own timeout, with no extra syscall.
     fn send_frame(&mut self) -> Result<()> {
-        match self.write_timeout.get() {
-            Some(limit) if self.server && self.write_buf.len() > 64 * 1024 => {
-                let mut out = Deadline {
-                    stream: &self.stream,
-                    deadline: Instant::now() + limit,
-                    quickack: false,
-                };
-                let sent = frame::finish_and_write(&mut out, &mut self.write_buf);
-                // The next small frame relies on the socket's timeout again.
-                let _ = self.stream.set_write_timeout(Some(limit));
-                sent
-            }
-            _ => frame::finish_and_write(&mut self.stream, &mut self.write_buf),
+        if self.write_buf.len() > LARGE_FRAME {
+            let buf = &mut self.write_buf;
+            let limit = self.write_timeout.get().filter(|_| self.server);
+            return send_within(&self.stream, limit, |mut w| {
+                frame::finish_and_write(&mut w, buf)
+            });
         }
+        frame::finish_and_write(&mut self.stream, &mut self.write_buf)
     }
 
     /// Encodes `value` and sends it as one frame.
@@ -384,6 +391,27 @@ impl Connection {
         encode_frame(value, &mut self.write_buf)?;
         self.send_frame()
     }
+}
+
+/// Sends a large frame with `write`, within `limit` in all if there is one (the server's
+/// write timeout; a client's large put is bounded per `send` only).
+fn send_within(
+    stream: &Stream,
+    limit: Option<Duration>,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let Some(limit) = limit else {
+        return write(&mut &*stream);
+    };
+    let mut out = Deadline {
+        stream,
+        deadline: Instant::now() + limit,
+        quickack: false,
+    };
+    let sent = write(&mut out);
+    // The next small frame relies on the socket's timeout again.
+    let _ = stream.set_write_timeout(Some(limit));
+    sent
 }
 
 /// Whether the peer still has the connection open, without blocking: a peek that sees
@@ -566,5 +594,34 @@ mod tests {
         assert_eq!(req.method, "put");
         assert_eq!(conn.read_buf.capacity(), 0);
         drop(client.join().unwrap());
+    }
+
+    #[test]
+    fn a_large_item_is_sent_from_where_it_is() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let timeout = Duration::from_secs(10);
+        let item = Value::list(vec![Value::str("x"); 100_000]);
+        let want = item.clone();
+        let client = std::thread::spawn(move || {
+            let stream = TcpStream::connect(addr).unwrap();
+            let mut c =
+                Connection::handshake(stream, Role::Client, &AuthKey::new("k"), 1 << 26, timeout)
+                    .unwrap();
+            Reply::from_value(&c.read_value().unwrap()).unwrap()
+        });
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn =
+            Connection::handshake(stream, Role::Server, &AuthKey::new("k"), 1 << 26, timeout)
+                .unwrap();
+        conn.set_write_timeout(Some(timeout)).unwrap();
+        let reply = Reply::Item(crate::pickle::Fragment::encode(&item).unwrap());
+        conn.write_reply(&reply).unwrap();
+        assert_eq!(
+            conn.write_buf.capacity(),
+            0,
+            "not copied into the frame buffer"
+        );
+        assert_eq!(client.join().unwrap(), Reply::Return(want));
     }
 }

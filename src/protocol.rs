@@ -83,6 +83,9 @@ impl Arg {
     }
 }
 
+/// The start of every `#RETURN` reply's pickle: the protocol and the kind string.
+const RETURN_HEAD: &[u8] = b"\x80\x04\x8c\x07#RETURN";
+
 /// The longest str argument read as a value; longer ones stay pickled.
 const SCALAR_STR_MAX: u32 = 256;
 
@@ -448,6 +451,16 @@ impl Reply {
         }
     }
 
+    /// For a `#RETURN` of one stored item, the reply's pickle as the opcodes before the
+    /// item, the item, and the opcodes after it: a large item is then written from where
+    /// it is instead of copied into the frame ([`frame::write_parts`]).
+    pub fn item_parts(&self) -> Option<[&[u8]; 3]> {
+        match self {
+            Reply::Item(item) => Some([RETURN_HEAD, item.bytes(), &[TUPLE2, STOP]]),
+            _ => None,
+        }
+    }
+
     /// Appends the reply's pickle, the 2-tuple `(kind, result)`, to `out`.
     ///
     /// Written by hand rather than by building a tuple `Value`: the kind string is never
@@ -733,6 +746,16 @@ mod tests {
             Reply::from_value(&pickle::decode(&out).unwrap()).unwrap(),
             tb
         );
+    }
+
+    #[test]
+    fn an_item_reply_in_parts_is_the_reply() {
+        let item = Fragment::encode(&Value::list(vec![Value::from(1), Value::str("x")])).unwrap();
+        let reply = Reply::Item(item);
+        let mut whole = Vec::new();
+        reply.encode_into(&mut whole).unwrap();
+        assert_eq!(reply.item_parts().unwrap().concat(), whole);
+        assert!(Reply::Return(Value::None).item_parts().is_none());
     }
 
     #[test]
