@@ -43,8 +43,9 @@ const SHORT_FORM_MAX: usize = 0x7fff_ffff;
 const COPY_WRITE_MAX: usize = 64 * 1024;
 
 /// Capacity a reused read buffer may keep between frames; a larger one left over by a huge frame
-/// is released once a smaller frame arrives.
-const KEEP_CAPACITY: usize = 1024 * 1024;
+/// is released once a smaller frame arrives (and on the server once its request is parsed,
+/// `Connection::parse_request`).
+pub(crate) const KEEP_CAPACITY: usize = 1024 * 1024;
 
 /// Length of the escaped header: `ff ff ff ff` plus an 8-byte length.
 const LONG_HEADER_LEN: usize = 12;
@@ -202,6 +203,51 @@ pub fn finish_and_write<W: Write>(w: &mut W, buf: &mut [u8]) -> Result<()> {
         write_two(w, &head[..head_len], &buf[HEADER_RESERVE..])
     };
     sent.and_then(|()| w.flush()).map_err(write_error)
+}
+
+/// Writes one frame whose payload is `parts` back to back, each from where it is, then
+/// flushes `w`: for a reply carrying a large stored item, which would otherwise be copied
+/// into a frame buffer first (and keep that buffer's size for the connection's life).
+/// Header and parts go out in vectored writes, resumed after partial writes.
+///
+/// Errors as for [`write_frame`].
+pub fn write_parts<W: Write>(w: &mut W, parts: [&[u8]; 3]) -> Result<()> {
+    let (head, head_len) = encode_header(parts.iter().map(|p| p.len()).sum());
+    let mut bufs = [&head[..head_len], parts[0], parts[1], parts[2]];
+    write_all_vectored(w, &mut bufs)
+        .and_then(|()| w.flush())
+        .map_err(write_error)
+}
+
+fn write_all_vectored<W: Write>(w: &mut W, bufs: &mut [&[u8]; 4]) -> io::Result<()> {
+    loop {
+        let first = bufs
+            .iter()
+            .position(|b| !b.is_empty())
+            .unwrap_or(bufs.len());
+        let rest = &bufs[first..];
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let io: Vec<IoSlice<'_>> = rest.iter().map(|b| IoSlice::new(b)).collect();
+        match w.write_vectored(&io) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "failed to write the whole frame",
+                ))
+            }
+            Ok(mut n) => {
+                for b in bufs[first..].iter_mut() {
+                    let k = n.min(b.len());
+                    *b = &b[k..];
+                    n -= k;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Writes `head` then `body` with vectored writes, resuming correctly after partial writes.

@@ -14,7 +14,7 @@
 //! ```
 
 use crate::frame;
-use crate::pickle::op::{PROTO, SHORT_BINUNICODE, STOP, TUPLE2};
+use crate::pickle::op::*;
 use crate::pickle::{self, Fragment, Kind, Pickled, Region, Scan, Value};
 use crate::{Error, Result};
 
@@ -83,6 +83,9 @@ impl Arg {
     }
 }
 
+/// The start of every `#RETURN` reply's pickle: the protocol and the kind string.
+const RETURN_HEAD: &[u8] = b"\x80\x04\x8c\x07#RETURN";
+
 /// The longest str argument read as a value; longer ones stay pickled.
 const SCALAR_STR_MAX: u32 = 256;
 
@@ -118,58 +121,10 @@ impl Request {
     /// `(None|str, str, tuple, dict[str, ...])`; [`Error::Value`] for the few pickles
     /// distq cannot forward faithfully.
     pub fn parse(bytes: &[u8]) -> Result<Request> {
-        let scan = Scan::new(bytes)?;
-        let root = scan.root();
-        let parts = match root.kind {
-            Kind::Tuple { .. } => scan.children(&root)?.filter(|c| c.len() == 4),
-            _ => None,
+        if let Some(req) = parse_common(bytes) {
+            return Ok(req);
         }
-        .ok_or_else(|| {
-            Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)")
-        })?;
-        let ident = match parts[0].kind {
-            Kind::None => None,
-            _ => Some(
-                scan.str(&parts[0])
-                    .ok_or_else(|| Error::protocol("request ident must be None or a str"))?
-                    .to_string(),
-            ),
-        };
-        let method = scan
-            .str(&parts[1])
-            .ok_or_else(|| Error::protocol("request method name must be a str"))?
-            .to_string();
-        let args = match parts[2].kind {
-            Kind::Tuple { .. } => scan.children(&parts[2])?,
-            _ => None,
-        }
-        .ok_or_else(|| Error::protocol("request args must be a tuple"))?;
-        let args = args
-            .iter()
-            .enumerate()
-            .map(|(i, r)| arg(&scan, r, is_items(&method, Some(i), None)))
-            .collect::<Result<Vec<_>>>()?;
-        let kwds = match parts[3].kind {
-            Kind::Dict => scan.children(&parts[3])?,
-            _ => None,
-        }
-        .ok_or_else(|| Error::protocol("request kwds must be a dict"))?;
-        let kwargs = kwds
-            .chunks_exact(2)
-            .map(|pair| {
-                let name = scan
-                    .str(&pair[0])
-                    .ok_or_else(|| Error::protocol("keyword argument names must be str"))?;
-                let items = is_items(&method, None, Some(name));
-                Ok((name.to_string(), arg(&scan, &pair[1], items)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Request {
-            ident,
-            method,
-            args,
-            kwargs,
-        })
+        Scan::with(bytes, parse_scanned)
     }
 
     /// The request as the 4-tuple Python expects.
@@ -191,9 +146,249 @@ impl Request {
     }
 }
 
+/// The requests Python's manager clients send most, read straight off their bytes.
+///
+/// A queue call from Python (protocol 4 or 5) is a few opcodes in a fixed order:
+/// `PROTO FRAME MARK ident method args kwds TUPLE STOP`, the ident `None` or a str, args
+/// an empty tuple or one to three scalars, strs or bytes, kwds an empty dict or str keys
+/// with such values, each str and container followed by its MEMOIZE. Every pickle of that
+/// shape is one CPython loads, so this reads it without the scanner's bookkeeping and
+/// returns what [`parse_scanned`] would (`tests` compares the two on generated and
+/// mutated requests); anything else, or anything unsure (a str that is not Rust UTF-8,
+/// bytes after STOP), is `None` and goes to the scanner.
+fn parse_common(b: &[u8]) -> Option<Request> {
+    let mut c = Cursor { b, pos: 0 };
+    if c.byte()? != PROTO || !matches!(c.byte()?, 4 | 5) {
+        return None;
+    }
+    if c.peek()? == FRAME {
+        c.take(8 + 1)?;
+    }
+    if c.byte()? != MARK {
+        return None;
+    }
+    let ident = match c.peek()? {
+        NONE => {
+            c.pos += 1;
+            None
+        }
+        _ => Some(c.short_str()?.to_string()),
+    };
+    c.memoize();
+    let method = c.short_str()?.to_string();
+    c.memoize();
+    let mut args = Vec::new();
+    if c.peek()? == EMPTY_TUPLE {
+        c.pos += 1;
+    } else {
+        while !matches!(c.peek()?, TUPLE1 | TUPLE2 | TUPLE3) {
+            if args.len() == 3 {
+                return None;
+            }
+            let i = args.len();
+            args.push(c.value(is_items(&method, Some(i), None))?);
+        }
+        if usize::from(c.byte()? - TUPLE1) + 1 != args.len() {
+            return None;
+        }
+    }
+    c.memoize();
+    if c.byte()? != EMPTY_DICT {
+        return None;
+    }
+    c.memoize();
+    let mut kwargs = Vec::new();
+    let mut pair = |c: &mut Cursor<'_>| -> Option<()> {
+        let name = c.short_str()?.to_string();
+        c.memoize();
+        let items = is_items(&method, None, Some(&name));
+        kwargs.push((name, c.value(items)?));
+        Some(())
+    };
+    loop {
+        match c.peek()? {
+            TUPLE => break,
+            MARK => {
+                c.pos += 1;
+                while c.peek()? != SETITEMS {
+                    pair(&mut c)?;
+                }
+                c.pos += 1;
+            }
+            _ => {
+                pair(&mut c)?;
+                if c.byte()? != SETITEM {
+                    return None;
+                }
+            }
+        }
+    }
+    c.pos += 1;
+    c.memoize();
+    if c.byte()? != STOP || c.pos != b.len() {
+        return None;
+    }
+    Some(Request {
+        ident,
+        method,
+        args,
+        kwargs,
+    })
+}
+
+/// A position in a request [`parse_common`] is reading.
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.pos).copied()
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.pos += 1;
+        Some(c)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let raw = self.b.get(self.pos..end)?;
+        self.pos = end;
+        Some(raw)
+    }
+
+    fn memoize(&mut self) {
+        if self.peek() == Some(MEMOIZE) {
+            self.pos += 1;
+        }
+    }
+
+    fn short_str(&mut self) -> Option<&'a str> {
+        if self.byte()? != SHORT_BINUNICODE {
+            return None;
+        }
+        let n = usize::from(self.byte()?);
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+
+    /// The payload of a counted opcode whose `w`-byte length is next.
+    fn counted(&mut self, w: usize) -> Option<&'a [u8]> {
+        let mut len = [0u8; 4];
+        len[..w].copy_from_slice(self.take(w)?);
+        self.take(u32::from_le_bytes(len) as usize)
+    }
+
+    /// One argument value and its MEMOIZE, as [`arg`] would make it.
+    fn value(&mut self, items: bool) -> Option<Arg> {
+        let start = self.pos;
+        let value = match self.byte()? {
+            NONE => Value::None,
+            NEWTRUE => Value::Bool(true),
+            NEWFALSE => Value::Bool(false),
+            BININT1 => Value::Int(i64::from(self.byte()?)),
+            BININT2 => {
+                let raw = self.take(2)?;
+                Value::Int(i64::from(u16::from_le_bytes([raw[0], raw[1]])))
+            }
+            BININT => {
+                let raw = self.take(4)?;
+                Value::Int(i64::from(i32::from_le_bytes([
+                    raw[0], raw[1], raw[2], raw[3],
+                ])))
+            }
+            BINFLOAT => {
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(self.take(8)?);
+                Value::Float(f64::from_be_bytes(raw))
+            }
+            op @ (SHORT_BINUNICODE | BINUNICODE) => {
+                let s = std::str::from_utf8(self.counted(if op == BINUNICODE { 4 } else { 1 })?)
+                    .ok()?;
+                if items || s.len() > SCALAR_STR_MAX as usize {
+                    return Some(self.pickled(start));
+                }
+                Value::str(s)
+            }
+            op @ (SHORT_BINBYTES | BINBYTES) => {
+                self.counted(if op == BINBYTES { 4 } else { 1 })?;
+                return Some(self.pickled(start));
+            }
+            _ => return None,
+        };
+        self.memoize();
+        Some(Arg::Value(value))
+    }
+
+    /// The opcodes from `start` as an item, its MEMOIZE dropped (nothing reads it).
+    fn pickled(&mut self, start: usize) -> Arg {
+        let fragment = Fragment::from_parts(self.b[start..self.pos].to_vec(), false);
+        self.memoize();
+        Arg::Pickled(Pickled {
+            fragment,
+            names: None,
+        })
+    }
+}
+
+/// [`Request::parse`] on the scanned pickle.
+fn parse_scanned(scan: &Scan<'_>) -> Result<Request> {
+    let root = scan.root();
+    let parts = match scan.kind(&root) {
+        Kind::Tuple { .. } => scan.children(&root)?.filter(|c| c.len() == 4),
+        _ => None,
+    }
+    .ok_or_else(|| Error::protocol("a request must be a 4-tuple (ident, method, args, kwds)"))?;
+    let ident = match scan.kind(&parts[0]) {
+        Kind::None => None,
+        _ => Some(
+            scan.str(&parts[0])
+                .ok_or_else(|| Error::protocol("request ident must be None or a str"))?
+                .to_string(),
+        ),
+    };
+    let method = scan
+        .str(&parts[1])
+        .ok_or_else(|| Error::protocol("request method name must be a str"))?
+        .to_string();
+    let args = match scan.kind(&parts[2]) {
+        Kind::Tuple { .. } => scan.children(&parts[2])?,
+        _ => None,
+    }
+    .ok_or_else(|| Error::protocol("request args must be a tuple"))?;
+    let args = args
+        .iter()
+        .enumerate()
+        .map(|(i, r)| arg(scan, r, is_items(&method, Some(i), None)))
+        .collect::<Result<Vec<_>>>()?;
+    let kwds = match scan.kind(&parts[3]) {
+        Kind::Dict => scan.children(&parts[3])?,
+        _ => None,
+    }
+    .ok_or_else(|| Error::protocol("request kwds must be a dict"))?;
+    let kwargs = kwds
+        .chunks_exact(2)
+        .map(|pair| {
+            let name = scan
+                .str(&pair[0])
+                .ok_or_else(|| Error::protocol("keyword argument names must be str"))?;
+            let items = is_items(&method, None, Some(name));
+            Ok((name.to_string(), arg(scan, &pair[1], items)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Request {
+        ident,
+        method,
+        args,
+        kwargs,
+    })
+}
+
 /// One argument: a scalar as a value, anything else cut out of the request.
 fn arg(scan: &Scan<'_>, r: &Region, items: bool) -> Result<Arg> {
-    Ok(match r.kind {
+    Ok(match scan.kind(r) {
         Kind::None => Arg::Value(Value::None),
         Kind::Bool(b) => Arg::Value(Value::Bool(b)),
         Kind::Int(n) => Arg::Value(Value::Int(n)),
@@ -253,6 +448,16 @@ impl Reply {
             Reply::Traceback(_) => "#TRACEBACK",
             Reply::Unserializable(_) => "#UNSERIALIZABLE",
             Reply::Proxy(_) => "#PROXY",
+        }
+    }
+
+    /// For a `#RETURN` of one stored item, the reply's pickle as the opcodes before the
+    /// item, the item, and the opcodes after it: a large item is then written from where
+    /// it is instead of copied into the frame ([`frame::write_parts`]).
+    pub fn item_parts(&self) -> Option<[&[u8]; 3]> {
+        match self {
+            Reply::Item(item) => Some([RETURN_HEAD, item.bytes(), &[TUPLE2, STOP]]),
+            _ => None,
         }
     }
 
@@ -544,6 +749,16 @@ mod tests {
     }
 
     #[test]
+    fn an_item_reply_in_parts_is_the_reply() {
+        let item = Fragment::encode(&Value::list(vec![Value::from(1), Value::str("x")])).unwrap();
+        let reply = Reply::Item(item);
+        let mut whole = Vec::new();
+        reply.encode_into(&mut whole).unwrap();
+        assert_eq!(reply.item_parts().unwrap().concat(), whole);
+        assert!(Reply::Return(Value::None).item_parts().is_none());
+    }
+
+    #[test]
     fn stored_items_are_spliced_into_replies() {
         let shared = Value::list(vec![Value::from(1)]);
         let items = vec![
@@ -562,6 +777,156 @@ mod tests {
             reply.encode_into(&mut out).unwrap();
             let decoded = Reply::from_value(&pickle::decode(&out).unwrap()).unwrap();
             assert_eq!(decoded, Reply::Return(want));
+        }
+    }
+
+    /// A small deterministic generator for the differential test below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// A request in the shapes Python writes (and some it does not), as bytes.
+    fn generated(rng: &mut Rng) -> Vec<u8> {
+        let strs: [&[u8]; 6] = [
+            b"",
+            b"put",
+            b"put_many",
+            b"items",
+            b"timeout",
+            b"\xed\xa0\x80",
+        ];
+        let mut p = vec![PROTO, [2, 4, 5][rng.below(3)]];
+        if rng.below(4) > 0 {
+            p.extend_from_slice(&[FRAME, 30, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        p.push(MARK);
+        let short = |p: &mut Vec<u8>, s: &[u8]| {
+            p.extend_from_slice(&[SHORT_BINUNICODE, s.len() as u8]);
+            p.extend_from_slice(s);
+        };
+        let memo = |p: &mut Vec<u8>, rng: &mut Rng| {
+            if rng.below(3) > 0 {
+                p.push(MEMOIZE);
+            }
+        };
+        let value = |p: &mut Vec<u8>, rng: &mut Rng| {
+            match rng.below(9) {
+                0 => p.push(NONE),
+                1 => p.push([NEWTRUE, NEWFALSE][rng.below(2)]),
+                2 => p.extend_from_slice(&[BININT1, rng.below(256) as u8]),
+                3 => p.extend_from_slice(&[BININT2, 1, 0x80]),
+                4 => p.extend_from_slice(&[BININT, 0xff, 0xff, 0xff, 0xff]),
+                5 => {
+                    p.push(BINFLOAT);
+                    p.extend_from_slice(&1.5f64.to_be_bytes());
+                }
+                6 => short(p, strs[rng.below(strs.len())]),
+                7 => {
+                    let n = [3usize, 300][rng.below(2)];
+                    p.push(BINUNICODE);
+                    p.extend_from_slice(&(n as u32).to_le_bytes());
+                    p.extend(std::iter::repeat(b'x').take(n));
+                }
+                _ => p.extend_from_slice(&[SHORT_BINBYTES, 2, 0, 1]),
+            }
+            memo(p, rng);
+        };
+        match rng.below(3) {
+            0 => p.push(NONE),
+            _ => {
+                short(&mut p, b"7f2a3c4b5d60");
+                memo(&mut p, rng);
+            }
+        }
+        short(&mut p, strs[rng.below(4)]);
+        memo(&mut p, rng);
+        match rng.below(5) {
+            0 => p.push(EMPTY_TUPLE),
+            4 => {
+                p.push(MARK);
+                (0..4).for_each(|_| value(&mut p, rng));
+                p.push(TUPLE);
+            }
+            n => {
+                (0..n).for_each(|_| value(&mut p, rng));
+                p.push(TUPLE1 + n as u8 - 1);
+            }
+        }
+        memo(&mut p, rng);
+        p.push(EMPTY_DICT);
+        memo(&mut p, rng);
+        match rng.below(3) {
+            0 => {}
+            1 => {
+                short(&mut p, strs[rng.below(strs.len())]);
+                memo(&mut p, rng);
+                value(&mut p, rng);
+                p.push(SETITEM);
+            }
+            _ => {
+                p.push(MARK);
+                for _ in 0..rng.below(4) {
+                    short(&mut p, strs[rng.below(strs.len())]);
+                    memo(&mut p, rng);
+                    value(&mut p, rng);
+                }
+                p.push(SETITEMS);
+            }
+        }
+        p.push(TUPLE);
+        memo(&mut p, rng);
+        p.push(STOP);
+        p
+    }
+
+    #[test]
+    fn the_common_shapes_read_directly_are_what_the_scanner_reads() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut direct = 0;
+        for round in 0..20_000 {
+            let mut p = generated(&mut rng);
+            if round % 2 == 1 {
+                // A mutation: a byte changed, dropped or added, or the end cut off.
+                let i = rng.below(p.len());
+                match rng.below(4) {
+                    0 => p[i] = rng.next() as u8,
+                    1 => drop(p.remove(i)),
+                    2 => p.insert(i, rng.next() as u8),
+                    _ => p.truncate(i),
+                }
+            }
+            if let Some(fast) = parse_common(&p) {
+                direct += 1;
+                let scanned = Scan::with(&p, parse_scanned);
+                assert_eq!(scanned.as_ref().ok(), Some(&fast), "{p:02x?}: {scanned:?}");
+            }
+        }
+        assert!(direct > 5_000, "only {direct} requests read directly");
+    }
+
+    #[test]
+    fn python_requests_are_read_directly() {
+        // Python 3.11's ForkingPickler: put(7), get(), create('cpu'), get(timeout=1.5).
+        for pickle in [
+            "8004951f00000000000000288c0c376632613363346235643630948c03707574944b0785947d9474942e",
+            "8004951c00000000000000288c0c376632613363346235643630948c0367657494297d9474942e",
+            "8004951800000000000000284e8c06637265617465948c036370759485947d9474942e",
+            "8004953000000000000000288c0c376632613363346235643630948c0367657494297d948c0774696d656f757494473ff80000000000007374942e",
+        ] {
+            let bytes = hex(pickle);
+            let fast = parse_common(&bytes).unwrap_or_else(|| panic!("{pickle}"));
+            assert_eq!(Scan::with(&bytes, parse_scanned).unwrap(), fast);
         }
     }
 }

@@ -17,8 +17,8 @@ mod value;
 pub use decode::decode;
 pub use encode::{encode, encode_fragment, encode_into};
 pub use fragment::{write_list, Fragment};
-pub use scan::Pickled;
 pub(crate) use scan::{Kind, Region, Scan};
+pub use scan::{Pickled, SCAN_MEMORY_FACTOR, SCAN_MEMORY_SLACK};
 pub use value::{Construct, Global, Object, Value};
 
 /// The deepest nesting of containers the codec accepts. Python's own pickler gives up

@@ -2,7 +2,8 @@
 //!
 //! A queue server never needs to know what an item *is*, only where it is. So a request
 //! is not decoded into a tree: [`Scan`] runs the pickle's stack machine over *shapes*
-//! (a stack of [`Kind`]s and the byte offset where each entry began), checks every
+//! (a stack of one-byte kinds and the byte offset where each entry began; a scalar's
+//! value is read back from its opcode when asked for, as a [`Kind`]), checks every
 //! opcode the way CPython's unpickler would, and remembers three things: the region of
 //! bytes that built each stack entry, what each memo index was bound to, and the children
 //! of the few containers near the bottom of the stack (the request's 4-tuple, its
@@ -15,6 +16,14 @@
 //! that was APPENDed to, a dict that contains itself, a `__getnewargs_ex__` class, a
 //! protocol-2 pickle with Python 2 names all come back exactly as they were sent,
 //! because the server never had to represent them.
+//!
+//! # Memory
+//! A request's scan holds at most [`SCAN_MEMORY_FACTOR`] times its pickle (plus
+//! [`SCAN_MEMORY_SLACK`]): every buffer grows through one function that checks the
+//! limit before allocating, and never past what the rest of the pickle could fill. A
+//! stack entry is 12 bytes and a memo binding 16 (plus 4 for its memo slot once indices
+//! come out of order, and 8 while its value is on the stack), so the pickles CPython
+//! writes stay within 20 bytes per byte.
 //!
 //! # The region rule
 //! Each stack entry starts where its first opcode is, and ends where the next entry
@@ -37,8 +46,8 @@ use crate::{Error, Result};
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// What the scanner knows about a stack entry: enough to refuse what CPython would refuse
-/// and to read the request's own scalars. Positions are byte offsets into the pickle.
+/// What the scanner knows about a value, decoded (see [`Scan::kind`]): enough to read the
+/// request's own scalars. Positions are byte offsets into the pickle.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Kind {
     None,
@@ -72,72 +81,112 @@ pub(crate) enum Kind {
     Object,
 }
 
-impl Kind {
+/// A value's kind while scanning: one byte. A scalar's value is not kept but read again
+/// from its opcode when asked for ([`Scan::kind`]), so a stack entry or a memo binding
+/// stays a few `u32`s whatever it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tag {
+    None,
+    True,
+    False,
+    /// An int of any size; its opcode tells which.
+    Int,
+    Float,
+    Str,
+    /// A str with lone surrogates (valid for Python, not for Rust).
+    StrSurrogates,
+    OldStr,
+    Bytes,
+    ByteArray,
+    Tuple,
+    TupleUnhashable,
+    List,
+    Dict,
+    Set,
+    FrozenSet,
+    Object,
+}
+
+impl Tag {
     fn unhashable(self) -> bool {
         matches!(
             self,
-            Kind::List | Kind::Dict | Kind::Set | Kind::ByteArray | Kind::Tuple { hashable: false }
+            Tag::List | Tag::Dict | Tag::Set | Tag::ByteArray | Tag::TupleUnhashable
         )
     }
 
     /// A str, as Python's `str` would be for STACK_GLOBAL's operands.
     fn str_like(self) -> bool {
-        matches!(self, Kind::Str { .. } | Kind::OldStr { .. } | Kind::Object)
+        matches!(
+            self,
+            Tag::Str | Tag::StrSurrogates | Tag::OldStr | Tag::Object
+        )
+    }
+
+    /// Whether the value is read from its opcode (so the opcode's position is kept).
+    fn scalar(self) -> bool {
+        matches!(
+            self,
+            Tag::Int | Tag::Float | Tag::Str | Tag::StrSurrogates | Tag::OldStr
+        )
     }
 
     fn name(self) -> &'static str {
         match self {
-            Kind::None => "None",
-            Kind::Bool(_) => "a bool",
-            Kind::Int(_) | Kind::BigInt => "an int",
-            Kind::Float(_) => "a float",
-            Kind::Str { .. } | Kind::OldStr { .. } => "a str",
-            Kind::Bytes => "bytes",
-            Kind::ByteArray => "a bytearray",
-            Kind::Tuple { .. } => "a tuple",
-            Kind::List => "a list",
-            Kind::Dict => "a dict",
-            Kind::Set => "a set",
-            Kind::FrozenSet => "a frozenset",
-            Kind::Object => "an object",
+            Tag::None => "None",
+            Tag::True | Tag::False => "a bool",
+            Tag::Int => "an int",
+            Tag::Float => "a float",
+            Tag::Str | Tag::StrSurrogates | Tag::OldStr => "a str",
+            Tag::Bytes => "bytes",
+            Tag::ByteArray => "a bytearray",
+            Tag::Tuple | Tag::TupleUnhashable => "a tuple",
+            Tag::List => "a list",
+            Tag::Dict => "a dict",
+            Tag::Set => "a set",
+            Tag::FrozenSet => "a frozenset",
+            Tag::Object => "an object",
         }
     }
 }
 
-/// One value in the pickle: the bytes that build it, `[start, end)`, and its kind.
+/// One value in the pickle: the bytes that build it, `[start, end)`, and its kind
+/// ([`Scan::kind`] decodes it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Region {
     pub start: u32,
     pub end: u32,
-    pub kind: Kind,
+    tag: Tag,
+    /// Where a scalar's opcode is.
+    at: u32,
+    /// Which children record belongs to it (0: none).
     serial: u32,
 }
 
-/// A stack entry while scanning.
+/// A stack entry while scanning (12 bytes: a pickle of N one-byte values on the stack
+/// takes 12N here).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     start: u32,
-    kind: Kind,
-    /// Unique per push, so a children record can tell whether it belongs to this entry.
-    serial: u32,
-    /// The latest memo binding of this very entry (1-based into `defs`; 0 for none).
-    def: u32,
-    /// For an entry pushed by a memo GET: the binding it refers to (1-based; 0 otherwise).
-    alias: u32,
+    /// For a memo reference (`alias`), the binding it refers to (1-based into `defs`);
+    /// otherwise where its opcode is.
+    aux: u32,
+    tag: Tag,
+    alias: bool,
 }
 
-/// One memo binding: a PUT/MEMOIZE opcode and the entry it memoized.
+/// One memo binding: a PUT/MEMOIZE opcode and the value it memoized (16 bytes). A PUT of
+/// a memo reference adds no binding: its index is bound to the referenced one.
 #[derive(Clone, Copy, Debug)]
 struct Def {
     put_pos: u32,
     start: u32,
-    /// `u32::MAX` until the entry is consumed.
+    /// `u32::MAX` until the value is consumed.
     end: u32,
-    kind: Kind,
-    /// The previous binding of the same entry (1-based; 0 for none).
-    prev: u32,
-    /// If the memoized entry was itself a memo reference: the binding it refers to.
-    alias: u32,
+    tag: Tag,
+    /// A scalar whose opcode is not at `start` (bytes popped before it were handed to
+    /// it): its opcode's position is in `Buffers::carried`.
+    carried: bool,
 }
 
 /// A name the item's unpickler will resolve (GLOBAL, STACK_GLOBAL, EXT1/2/4).
@@ -160,26 +209,27 @@ struct Record {
 
 /// Records kept per stack position; 4 covers the request tuple and its fields.
 const RECORDED: usize = 4;
-/// Children kept for containers above the bottom (`args` and `kwds` are small; a large
-/// container there is an item, whose children nobody asks for).
+/// Children kept for a container in the first scan (a request's tuple has 4, `args` and
+/// `kwds` are small; a large container there is an item, whose children are asked for
+/// only by `put_many`, which re-scans it).
 const RECORD_CAP: usize = 8;
 /// How deeply copies of outside memo entries may nest inside one item.
 const MAX_INLINE_DEPTH: usize = 64;
 
+/// The most working memory a scan may allocate, per byte of its pickle, on top of
+/// [`SCAN_MEMORY_SLACK`]. The shapes CPython's pickler writes need at most 20 (a tuple of
+/// memoized empty lists: 2 bytes each for a 12-byte stack entry, a 16-byte binding, its
+/// 4-byte memo slot and its 8-byte open binding; buffers never grow past what the rest
+/// of the pickle could fill); the worst a hand-written pickle could ask for is about 28
+/// (one value memoized at every byte).
+pub const SCAN_MEMORY_FACTOR: usize = 24;
+/// Working memory every scan may allocate whatever the pickle's size.
+pub const SCAN_MEMORY_SLACK: usize = 1 << 20;
+
 /// A scanned pickle: valid as far as CPython's unpickler can tell without running code.
 pub(crate) struct Scan<'b> {
     bytes: &'b [u8],
-    b: Buffers,
-    sparse: HashMap<u32, u32>,
-    /// `(index, position, previous binding)` for PUTs that rebound an index, sorted.
-    rebinds: Vec<(u32, u32, u32)>,
-    lookups: Vec<Lookup>,
-    /// `(position, protocol)` of each PROTO opcode.
-    protos: Vec<(u32, u8)>,
-    /// `(position of the object's PUT, position of the mutation)` for mutations applied
-    /// through a memo reference, by mutation position and by PUT position.
-    mutations_by_pos: Vec<(u32, u32)>,
-    mutations_by_put: Vec<(u32, u32)>,
+    b: &'b Buffers,
     root: Region,
     /// Bytes extractions may still write: copies of shared entries are bounded by it.
     budget: std::cell::Cell<usize>,
@@ -199,16 +249,33 @@ pub struct Pickled {
 }
 
 impl<'b> Scan<'b> {
-    /// Scans one whole pickle up to its STOP.
+    /// Scans one whole pickle up to its STOP and hands the scan to `f`.
+    ///
+    /// The scan's buffers are kept per thread between calls (a connection's thread scans
+    /// one request after another), so that scanning a request allocates nothing.
     ///
     /// # Errors
     /// [`Error::Protocol`] naming the opcode and offset for anything CPython's unpickler
-    /// would refuse, and for the few opcodes distq cannot forward (see the module docs).
-    pub fn new(bytes: &'b [u8]) -> Result<Scan<'b>> {
+    /// would refuse, and for the few opcodes distq cannot forward (see the module docs);
+    /// [`Error::Value`] for a pickle whose scan would need more working memory than
+    /// [`SCAN_MEMORY_FACTOR`] times its size (plus [`SCAN_MEMORY_SLACK`]); whatever `f`
+    /// returns.
+    pub fn with<T>(bytes: &[u8], f: impl FnOnce(&Scan<'_>) -> Result<T>) -> Result<T> {
+        let mut b = SPARE.with(|s| s.take()).unwrap_or_default();
+        let result = Scan::new(bytes, &mut b).and_then(|scan| f(&scan));
+        if b.recycle() {
+            SPARE.with(|s| s.set(Some(b)));
+        }
+        result
+    }
+
+    fn new(bytes: &'b [u8], b: &'b mut Buffers) -> Result<Scan<'b>> {
         if u32::try_from(bytes.len()).is_err() {
             return Err(Error::protocol("pickle: larger than 4 GiB"));
         }
-        let mut s = Scanner::new(bytes, 0, None);
+        b.mem.limit = memory_limit(bytes.len());
+        b.identity = true;
+        let mut s = Scanner::new(bytes, 0, None, b);
         let stop = s.run(None)?;
         let [root] = s.b.stack[..] else {
             return Err(Error::protocol(format!(
@@ -216,35 +283,26 @@ impl<'b> Scan<'b> {
                 s.b.stack.len()
             )));
         };
-        let mut scan = Scan {
+        s.close_open(0, stop);
+        let root = s.region(root, stop, s.bottom[0]);
+        let b = s.b;
+        b.rebinds.sort_unstable();
+        let n = b.alias_mutations.len();
+        room(&mut b.mutations_by_pos, n, 0, &mut b.mem)?;
+        room(&mut b.mutations_by_put, n, 0, &mut b.mem)?;
+        for &(def, m) in &b.alias_mutations {
+            let put = b.defs[def as usize - 1].put_pos;
+            b.mutations_by_pos.push((m, put));
+            b.mutations_by_put.push((put, m));
+        }
+        b.mutations_by_put.sort_unstable();
+        Ok(Scan {
             bytes,
-            b: std::mem::take(&mut s.b),
-            sparse: std::mem::take(&mut s.sparse),
-            rebinds: std::mem::take(&mut s.rebinds),
-            lookups: std::mem::take(&mut s.lookups),
-            protos: std::mem::take(&mut s.protos),
-            mutations_by_pos: Vec::new(),
-            mutations_by_put: Vec::new(),
-            root: Region {
-                start: root.start,
-                end: stop,
-                kind: root.kind,
-                serial: root.serial,
-            },
+            b,
+            root,
             budget: std::cell::Cell::new(bytes.len().saturating_mul(4).saturating_add(1 << 20)),
             work: std::cell::Cell::new(bytes.len().saturating_mul(8).saturating_add(1 << 20)),
-        };
-        scan.rebinds.sort_unstable();
-        let mutations: Vec<(u32, u32)> = s
-            .alias_mutations
-            .iter()
-            .map(|&(def, m)| (scan.original(def).put_pos, m))
-            .collect();
-        scan.mutations_by_pos = mutations.iter().map(|&(put, m)| (m, put)).collect();
-        scan.mutations_by_put = mutations;
-        scan.mutations_by_put.sort_unstable();
-        close_defs(&mut scan.b.defs, &root, stop);
-        Ok(scan)
+        })
     }
 
     /// The whole pickle's value.
@@ -252,48 +310,56 @@ impl<'b> Scan<'b> {
         self.root
     }
 
+    /// What `r` is, its scalar value read from its opcode.
+    pub fn kind(&self, r: &Region) -> Kind {
+        decode_kind(self.bytes, r.tag, r.at)
+    }
+
     /// The children of `r` if it is a tuple, list or dict (dicts: keys and values
     /// alternating) built directly by its own opcodes; `None` otherwise (a memo reference,
     /// an object built by a call).
     ///
     /// # Errors
-    /// Only if `r` does not scan on its own (which the whole scan has ruled out).
+    /// Only if `r` does not scan on its own (which the whole scan has ruled out), or if
+    /// re-scanning it would take more memory than a scan may.
     pub fn children(&self, r: &Region) -> Result<Option<Cow<'_, [Region]>>> {
-        if let Some(rec) = self
-            .b
-            .records
-            .iter()
-            .find(|rec| rec.serial == r.serial && !rec.full)
-        {
-            return Ok(Some(Cow::Borrowed(&rec.children)));
+        if r.serial != 0 {
+            if let Some(rec) = self
+                .b
+                .records
+                .iter()
+                .find(|rec| rec.serial == r.serial && !rec.full)
+            {
+                return Ok(Some(Cow::Borrowed(&rec.children)));
+            }
         }
-        let mut s = Scanner::new(self.bytes, r.start, Some(self));
+        let mut local = Buffers::default();
+        // The children found are the re-scan's result, one per byte at most.
+        let len = (r.end - r.start) as usize;
+        local.mem.limit =
+            memory_limit(len).saturating_add(len.saturating_mul(std::mem::size_of::<Region>()));
+        let mut s = Scanner::new(self.bytes, r.start, Some(self), &mut local);
         s.run(Some(r.end))?;
-        match s.b.stack[..] {
-            [only] if s.b.records[0].serial == only.serial && !s.b.records[0].full => Ok(Some(
-                Cow::Owned(std::mem::take(&mut s.b.records[0].children)),
-            )),
-            _ => Ok(None),
-        }
+        let whole =
+            s.b.stack.len() == 1 && s.b.records[0].serial == s.bottom[0] && !s.b.records[0].full;
+        Ok(whole.then(|| Cow::Owned(std::mem::take(&mut local.records[0].children))))
     }
 
     /// The UTF-8 of a str entry, if it is valid Rust UTF-8.
     pub fn str(&self, r: &Region) -> Option<&'b str> {
-        match r.kind {
-            Kind::Str {
-                at,
-                len,
-                utf8: true,
-            } => std::str::from_utf8(&self.bytes[at as usize..(at + len) as usize]).ok(),
-            _ => None,
+        if r.tag != Tag::Str {
+            return None;
         }
+        let (at, len) = payload(self.bytes, r.at as usize);
+        std::str::from_utf8(self.bytes.get(at as usize..(at + len) as usize)?).ok()
     }
 
     /// The protocol CPython's unpickler has in effect at `pos`, as far as it matters:
     /// below 3 it maps Python 2 names (`fix_imports`), from 3 on it does not.
     fn proto_at(&self, pos: u32) -> u8 {
-        let i = self.protos.partition_point(|&(p, _)| p < pos);
-        let p = i.checked_sub(1).map_or(0, |i| self.protos[i].1);
+        let protos = &self.b.protos;
+        let i = protos.partition_point(|&(p, _)| p < pos);
+        let p = i.checked_sub(1).map_or(0, |i| protos[i].1);
         if p >= 3 {
             4
         } else {
@@ -305,30 +371,20 @@ impl<'b> Scan<'b> {
     fn binding_at(&self, idx: u32, pos: u32) -> Option<u32> {
         // `rebinds` is sorted by (index, position): the first rebinding of `idx` after
         // `pos` holds the binding that was current at `pos`.
-        let later = self
-            .rebinds
-            .partition_point(|&(i, p, _)| (i, p) <= (idx, pos));
-        if let Some(&(i, _, old)) = self.rebinds.get(later) {
+        let rebinds = &self.b.rebinds;
+        let later = rebinds.partition_point(|&(i, p, _)| (i, p) <= (idx, pos));
+        if let Some(&(i, _, old)) = rebinds.get(later) {
             if i == idx {
                 return Some(old);
             }
         }
-        let now = match self.b.memo.get(idx as usize) {
-            Some(&d) => d,
-            None => self.sparse.get(&idx).copied().unwrap_or(0),
-        };
+        let now = self.b.memo(idx);
         (now != 0).then_some(now)
     }
 
-    /// Follows memo references to the binding of the entry that was built.
-    fn original(&self, mut def: u32) -> &Def {
-        loop {
-            let d = &self.b.defs[def as usize - 1];
-            if d.alias == 0 {
-                return d;
-            }
-            def = d.alias;
-        }
+    /// The binding `def` (1-based).
+    fn def(&self, def: u32) -> &Def {
+        &self.b.defs[def as usize - 1]
     }
 
     /// Cuts `r` out as a standalone fragment.
@@ -387,7 +443,7 @@ impl<'b> Scan<'b> {
             let to = v.partition_point(|&(k, _)| k < end);
             v[from..to].iter().any(|&(_, other)| !inside(other))
         };
-        if in_range(&self.mutations_by_pos) || in_range(&self.mutations_by_put) {
+        if in_range(&self.b.mutations_by_pos) || in_range(&self.b.mutations_by_put) {
             return Err(unforwardable(
                 "the pickle changes a memoized object from outside the value that built it \
                  (Python's pickler never writes that); distq cannot cut the item out faithfully",
@@ -421,7 +477,7 @@ impl<'b> Scan<'b> {
                     let def = self
                         .binding_at(idx, p)
                         .ok_or_else(|| fail_at(op, pos, "memo value not found"))?;
-                    let d = self.original(def);
+                    let d = self.def(def);
                     if (start..end).contains(&d.put_pos) {
                         needed.push(d.put_pos);
                     } else {
@@ -485,8 +541,9 @@ impl<'b> Scan<'b> {
             ));
         }
         if state.names.is_none() {
-            let i = self.lookups.partition_point(|l| l.pos < start);
-            if let Some(l) = self.lookups.get(i).filter(|l| l.pos < end) {
+            let lookups = &self.b.lookups;
+            let i = lookups.partition_point(|l| l.pos < start);
+            if let Some(l) = lookups.get(i).filter(|l| l.pos < end) {
                 state.names = Some(*l);
             }
         }
@@ -527,7 +584,7 @@ impl<'b> Scan<'b> {
                     let def = self
                         .binding_at(idx, p)
                         .ok_or_else(|| fail_at(op, pos, "memo value not found"))?;
-                    let d = *self.original(def);
+                    let d = *self.def(def);
                     if (start..end).contains(&d.put_pos) {
                         let i = renamed
                             .binary_search_by_key(&d.put_pos, |&(pp, _)| pp)
@@ -676,13 +733,115 @@ fn effect(op: u8) -> (Pops, usize) {
     }
 }
 
+/// How each opcode's argument is laid out: `0..=8` a fixed number of bytes, else one of
+/// the classes below. One table lookup replaces a `match` over 60 opcodes per opcode read.
+static ARGS: [u8; 256] = arg_table();
+/// A length of 1, 4 or 8 bytes (`COUNTED | width`), then that many bytes.
+const COUNTED: u8 = 0x80;
+/// Like `COUNTED`, the 4-byte length signed (LONG4, BINSTRING).
+const SIGNED: u8 = 0x40;
+/// Two lines (GLOBAL).
+const LINES: u8 = 0x20;
+/// Refused or unknown.
+const BAD: u8 = 0xff;
+
+const fn arg_table() -> [u8; 256] {
+    let mut t = [BAD; 256];
+    let none = [
+        MARK,
+        STOP,
+        POP,
+        POP_MARK,
+        DUP,
+        EMPTY_TUPLE,
+        TUPLE,
+        TUPLE1,
+        TUPLE2,
+        TUPLE3,
+        EMPTY_LIST,
+        APPEND,
+        APPENDS,
+        EMPTY_DICT,
+        SETITEM,
+        SETITEMS,
+        EMPTY_SET,
+        ADDITEMS,
+        FROZENSET,
+        NONE,
+        NEWTRUE,
+        NEWFALSE,
+        REDUCE,
+        NEWOBJ,
+        NEWOBJ_EX,
+        BUILD,
+        STACK_GLOBAL,
+        MEMOIZE,
+    ];
+    let mut i = 0;
+    while i < none.len() {
+        t[none[i] as usize] = 0;
+        i += 1;
+    }
+    let fixed = [
+        (PROTO, 1),
+        (BININT1, 1),
+        (BINGET, 1),
+        (BINPUT, 1),
+        (EXT1, 1),
+        (BININT2, 2),
+        (EXT2, 2),
+        (BININT, 4),
+        (LONG_BINGET, 4),
+        (LONG_BINPUT, 4),
+        (EXT4, 4),
+        (BINFLOAT, 8),
+        (FRAME, 8),
+        (LONG1, COUNTED | 1),
+        (SHORT_BINUNICODE, COUNTED | 1),
+        (SHORT_BINBYTES, COUNTED | 1),
+        (SHORT_BINSTRING, COUNTED | 1),
+        (LONG4, COUNTED | SIGNED | 4),
+        (BINSTRING, COUNTED | SIGNED | 4),
+        (BINUNICODE, COUNTED | 4),
+        (BINBYTES, COUNTED | 4),
+        (BINUNICODE8, COUNTED | 8),
+        (BINBYTES8, COUNTED | 8),
+        (BYTEARRAY8, COUNTED | 8),
+        (GLOBAL, LINES),
+    ];
+    let mut i = 0;
+    while i < fixed.len() {
+        t[fixed[i].0 as usize] = fixed[i].1;
+        i += 1;
+    }
+    t
+}
+
 /// Reads the opcode at `pos`: `(opcode, start of its argument, start of the next opcode)`.
 /// Every length is checked against the bytes present; refused opcodes are errors here.
 #[inline]
 fn read_op(b: &[u8], pos: usize) -> Result<(u8, usize, usize)> {
-    let op = *b
-        .get(pos)
-        .ok_or_else(|| Error::protocol(format!("pickle: truncated at offset {pos}, no STOP")))?;
+    let Some(&op) = b.get(pos) else {
+        return Err(Error::protocol(format!(
+            "pickle: truncated at offset {pos}, no STOP"
+        )));
+    };
+    let arg = pos + 1;
+    let class = ARGS[usize::from(op)];
+    let left = b.len() - arg;
+    if class <= 8 && usize::from(class) <= left {
+        return Ok((op, arg, arg + usize::from(class)));
+    }
+    if class == COUNTED | 1 && left >= 1 && usize::from(b[arg]) < left {
+        return Ok((op, arg, arg + 1 + usize::from(b[arg])));
+    }
+    read_op_rest(b, op, pos, class)
+}
+
+/// The rest of [`read_op`]: long arguments and every error.
+#[cold]
+#[inline(never)]
+fn read_op_rest(b: &[u8], op: u8, pos: usize, class: u8) -> Result<(u8, usize, usize)> {
     let arg = pos + 1;
     let fixed = |n: usize| -> Result<usize> {
         if b.len() - arg < n {
@@ -695,67 +854,57 @@ fn read_op(b: &[u8], pos: usize) -> Result<(u8, usize, usize)> {
             Ok(arg + n)
         }
     };
-    let counted = |w: usize| -> Result<usize> {
-        let head = fixed(w)?;
-        let raw = &b[arg..head];
-        let n: u64 = match w {
-            1 => u64::from(raw[0]),
-            4 if matches!(op, LONG4 | BINSTRING) => {
-                let n = i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-                u64::try_from(n).map_err(|_| fail_at(op, pos, "negative byte count"))?
-            }
-            4 => u64::from(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]])),
-            _ => u64::from_le_bytes(raw.try_into().unwrap_or_default()),
-        };
-        let left = (b.len() - head) as u64;
-        if n > left {
-            return Err(fail_at(
-                op,
-                pos,
-                format_args!("truncated: needs {n} bytes, {left} left"),
-            ));
-        }
-        Ok(head + n as usize)
-    };
-    let next = match op {
-        MARK | STOP | POP | POP_MARK | DUP | EMPTY_TUPLE | TUPLE | TUPLE1 | TUPLE2 | TUPLE3
-        | EMPTY_LIST | APPEND | APPENDS | EMPTY_DICT | SETITEM | SETITEMS | EMPTY_SET
-        | ADDITEMS | FROZENSET | NONE | NEWTRUE | NEWFALSE | REDUCE | NEWOBJ | NEWOBJ_EX
-        | BUILD | STACK_GLOBAL | MEMOIZE => arg,
-        PROTO | BININT1 | BINGET | BINPUT | EXT1 => fixed(1)?,
-        BININT2 | EXT2 => fixed(2)?,
-        BININT | LONG_BINGET | LONG_BINPUT | EXT4 => fixed(4)?,
-        BINFLOAT | FRAME => fixed(8)?,
-        LONG1 | SHORT_BINUNICODE | SHORT_BINBYTES | SHORT_BINSTRING => counted(1)?,
-        LONG4 | BINUNICODE | BINBYTES | BINSTRING => counted(4)?,
-        BINUNICODE8 | BINBYTES8 | BYTEARRAY8 => counted(8)?,
-        GLOBAL => {
+    let next = match class {
+        0..=8 => fixed(usize::from(class))?,
+        LINES => {
             let first = line_end(b, arg).ok_or_else(|| fail_at(op, pos, "truncated line"))?;
             line_end(b, first + 1).ok_or_else(|| fail_at(op, pos, "truncated line"))? + 1
         }
-        NEXT_BUFFER | READONLY_BUFFER => {
-            return Err(fail_at(
-                op,
-                pos,
-                "out-of-band buffers cannot travel over a manager connection (pickle them in band)",
-            ))
+        BAD => return Err(refused(op, pos)),
+        _ => {
+            let w = usize::from(class & 0x0f);
+            let head = fixed(w)?;
+            let n = le(b, arg, w);
+            let n = if class & SIGNED != 0 {
+                u64::try_from(n as u32 as i32)
+                    .map_err(|_| fail_at(op, pos, "negative byte count"))?
+            } else {
+                n
+            };
+            let left = (b.len() - head) as u64;
+            if n > left {
+                return Err(fail_at(
+                    op,
+                    pos,
+                    format_args!("truncated: needs {n} bytes, {left} left"),
+                ));
+            }
+            head + n as usize
         }
-        PERSID | BINPERSID => return Err(fail_at(
+    };
+    Ok((op, arg, next))
+}
+
+fn refused(op: u8, pos: usize) -> Error {
+    match op {
+        NEXT_BUFFER | READONLY_BUFFER => fail_at(
+            op,
+            pos,
+            "out-of-band buffers cannot travel over a manager connection (pickle them in band)",
+        ),
+        PERSID | BINPERSID => fail_at(
             op,
             pos,
             "persistent ids need the sender's persistent_load, which a queue server does not have",
-        )),
-        _ if op_is_text(op) => {
-            return Err(fail_at(
-                op,
-                pos,
-                "protocol 0/1 text opcodes are not supported; pickle with protocol 2 or higher \
-                 (every Python 3 manager client does)",
-            ))
-        }
-        _ => return Err(fail_at(op, pos, "unknown opcode")),
-    };
-    Ok((op, arg, next))
+        ),
+        _ if op_is_text(op) => fail_at(
+            op,
+            pos,
+            "protocol 0/1 text opcodes are not supported; pickle with protocol 2 or higher \
+             (every Python 3 manager client does)",
+        ),
+        _ => fail_at(op, pos, "unknown opcode"),
+    }
 }
 
 fn op_is_text(op: u8) -> bool {
@@ -796,88 +945,240 @@ fn python_utf8(mut b: &[u8]) -> (bool, bool) {
     }
 }
 
-fn close_defs(defs: &mut [Def], e: &Entry, end: u32) {
-    let mut d = e.def;
-    while d != 0 {
-        let def = &mut defs[d as usize - 1];
-        def.end = end;
-        d = def.prev;
+/// Reads a value's kind back from its opcode at `at` (which the scan has checked).
+fn decode_kind(b: &[u8], tag: Tag, at: u32) -> Kind {
+    match tag {
+        Tag::None => Kind::None,
+        Tag::True => Kind::Bool(true),
+        Tag::False => Kind::Bool(false),
+        Tag::Int => int_at(b, at as usize),
+        Tag::Float => Kind::Float(f64::from_bits(le(b, at as usize + 1, 8).swap_bytes())),
+        Tag::Str | Tag::StrSurrogates => {
+            let (at, len) = payload(b, at as usize);
+            Kind::Str {
+                at,
+                len,
+                utf8: tag == Tag::Str,
+            }
+        }
+        Tag::OldStr => {
+            let (at, len) = payload(b, at as usize);
+            Kind::OldStr { at, len }
+        }
+        Tag::Bytes => Kind::Bytes,
+        Tag::ByteArray => Kind::ByteArray,
+        Tag::Tuple => Kind::Tuple { hashable: true },
+        Tag::TupleUnhashable => Kind::Tuple { hashable: false },
+        Tag::List => Kind::List,
+        Tag::Dict => Kind::Dict,
+        Tag::Set => Kind::Set,
+        Tag::FrozenSet => Kind::FrozenSet,
+        Tag::Object => Kind::Object,
     }
 }
 
-/// The vectors of a scan, kept per thread between requests (a connection's thread scans
-/// one request after another), so that scanning a request allocates nothing.
+/// `(start, length)` of the payload of the counted opcode at `at`.
+fn payload(b: &[u8], at: usize) -> (u32, u32) {
+    let op = b.get(at).copied().unwrap_or(0);
+    let w = usize::from(ARGS[usize::from(op)] & 0x0f);
+    ((at + 1 + w) as u32, le(b, at + 1, w) as u32)
+}
+
+/// The int pushed by the opcode at `at`.
+fn int_at(b: &[u8], at: usize) -> Kind {
+    match b.get(at).copied().unwrap_or(0) {
+        BININT1 => Kind::Int(le(b, at + 1, 1) as i64),
+        BININT2 => Kind::Int(le(b, at + 1, 2) as i64),
+        BININT => Kind::Int(i64::from(le(b, at + 1, 4) as u32 as i32)),
+        _ => {
+            let (from, n) = payload(b, at);
+            let bytes = b
+                .get(from as usize..from as usize + n as usize)
+                .unwrap_or_default();
+            if bytes.len() > 8 {
+                return Kind::BigInt;
+            }
+            let fill = if bytes.last().is_some_and(|&x| x >= 0x80) {
+                0xff
+            } else {
+                0
+            };
+            let mut buf = [fill; 8];
+            buf[..bytes.len()].copy_from_slice(bytes);
+            Kind::Int(i64::from_le_bytes(buf))
+        }
+    }
+}
+
+/// The `w`-byte little-endian unsigned integer at `at` (0 past the end).
+fn le(b: &[u8], at: usize, w: usize) -> u64 {
+    let mut buf = [0u8; 8];
+    if let Some(raw) = b.get(at..at + w) {
+        buf[..w].copy_from_slice(raw);
+    }
+    u64::from_le_bytes(buf)
+}
+
+/// Where the opcode of binding `def`'s value is.
+fn def_opcode(defs: &[Def], carried: &[(u32, u32)], def: u32) -> u32 {
+    let d = &defs[def as usize - 1];
+    if !d.carried {
+        return d.start;
+    }
+    carried
+        .binary_search_by_key(&def, |&(k, _)| k)
+        .map_or(d.start, |i| carried[i].1)
+}
+
+fn memory_limit(len: usize) -> usize {
+    len.saturating_mul(SCAN_MEMORY_FACTOR)
+        .saturating_add(SCAN_MEMORY_SLACK)
+}
+
+/// What a scan's buffers hold, and the most they may.
+#[derive(Default)]
+struct Memory {
+    allocated: usize,
+    limit: usize,
+}
+
+/// Makes room for `extra` more elements in `v`: the one way scan buffers grow, so that
+/// their memory is checked against the limit before it is allocated. `later` bounds how
+/// many more elements the rest of the pickle can add (each needs a byte of it), so that
+/// growing by doubling never reserves more than the pickle can fill.
+#[inline]
+fn room<T>(v: &mut Vec<T>, extra: usize, later: usize, mem: &mut Memory) -> Result<()> {
+    if v.capacity() - v.len() >= extra {
+        return Ok(());
+    }
+    grow(v, extra, later, mem)
+}
+
+#[cold]
+#[inline(never)]
+fn grow<T>(v: &mut Vec<T>, extra: usize, later: usize, mem: &mut Memory) -> Result<()> {
+    let size = std::mem::size_of::<T>().max(1);
+    let cap = v.capacity();
+    let need = v.len().saturating_add(extra);
+    let affordable = cap.saturating_add(mem.limit.saturating_sub(mem.allocated) / size);
+    let useful = need.saturating_add(later);
+    let target = need
+        .max(cap.saturating_mul(2).max(8).min(useful))
+        .min(affordable);
+    if target < need {
+        return Err(too_much_memory(mem.limit));
+    }
+    v.reserve_exact(target - v.len());
+    mem.allocated += (v.capacity() - cap) * size;
+    Ok(())
+}
+
+/// Like [`room`] for the map of sparse memo indices; a bucket is charged 16 bytes.
+fn map_room(map: &mut HashMap<u32, u32>, mem: &mut Memory) -> Result<()> {
+    if map.len() < map.capacity() {
+        return Ok(());
+    }
+    let buckets = |cap: usize| (cap.max(3) * 8 / 7 + 1).next_power_of_two();
+    let want = map.capacity().max(3) * 2;
+    let extra = (buckets(want) - buckets(map.capacity())) * 16;
+    if mem.allocated.saturating_add(extra) > mem.limit {
+        return Err(too_much_memory(mem.limit));
+    }
+    map.reserve(want - map.len());
+    mem.allocated += extra;
+    Ok(())
+}
+
+fn too_much_memory(limit: usize) -> Error {
+    unforwardable(format!(
+        "scanning this pickle would take more than {limit} bytes of memory \
+         ({SCAN_MEMORY_FACTOR} times its size and {SCAN_MEMORY_SLACK} more); \
+         CPython's pickler never writes such a pickle"
+    ))
+}
+
+/// The vectors of a scan, reused from one scan to the next on a thread.
 #[derive(Default)]
 struct Buffers {
     stack: Vec<Entry>,
-    marks: Vec<(usize, u32)>,
+    /// `(stack height, start)` of each open MARK.
+    marks: Vec<(u32, u32)>,
     defs: Vec<Def>,
+    /// While set, memo index n is bound to binding n + 1 and `memo` is empty: what
+    /// Python's picklers write (each index bound once, in order), at no cost per binding.
+    identity: bool,
+    /// Memo index -> binding (1-based; 0 for none), for indices that are dense enough.
     memo: Vec<u32>,
+    sparse: HashMap<u32, u32>,
+    /// `(stack index, binding)` of bindings whose value is still on the stack, by stack
+    /// index: consuming a stack entry closes its bindings' regions.
+    open: Vec<(u32, u32)>,
+    /// `(binding, opcode position)` for bindings whose `Def::carried` is set, by binding.
+    carried: Vec<(u32, u32)>,
+    /// `(index, position, previous binding)` for PUTs that rebound an index, sorted.
+    rebinds: Vec<(u32, u32, u32)>,
+    lookups: Vec<Lookup>,
+    /// `(position, protocol)` of each PROTO opcode.
+    protos: Vec<(u32, u8)>,
+    /// `(binding, position)` of mutations applied through a memo reference.
+    alias_mutations: Vec<(u32, u32)>,
+    /// `(position of the object's PUT, position of the mutation)` for mutations applied
+    /// through a memo reference, by mutation position and by PUT position.
+    mutations_by_pos: Vec<(u32, u32)>,
+    mutations_by_put: Vec<(u32, u32)>,
     records: [Record; RECORDED],
+    mem: Memory,
 }
 
 thread_local! {
-    static SPARE: std::cell::Cell<Option<Buffers>> = const { std::cell::Cell::new(None) };
+    static SPARE: std::cell::Cell<Option<Box<Buffers>>> = const { std::cell::Cell::new(None) };
 }
 
-/// Buffers larger than this many entries go back to the allocator instead of being kept.
-const KEEP_UP_TO: usize = 4096;
+/// Buffers holding more than this go back to the allocator instead of being kept.
+const KEEP_UP_TO: usize = 64 * 1024;
 
 impl Buffers {
-    fn take() -> Buffers {
-        SPARE.with(|s| s.take()).unwrap_or_else(|| Buffers {
-            stack: Vec::with_capacity(16),
-            marks: Vec::with_capacity(4),
-            defs: Vec::with_capacity(8),
-            memo: Vec::with_capacity(8),
-            records: Default::default(),
-        })
+    /// The binding memo index `idx` has now (0 for none).
+    fn memo(&self, idx: u32) -> u32 {
+        let i = idx as usize;
+        if self.identity {
+            return if i < self.defs.len() { idx + 1 } else { 0 };
+        }
+        match self.memo.get(i) {
+            Some(&d) => d,
+            None => self.sparse.get(&idx).copied().unwrap_or(0),
+        }
     }
 
-    fn give_back(&mut self) {
-        let small = self
-            .stack
-            .capacity()
-            .max(self.defs.capacity())
-            .max(self.memo.capacity())
-            <= KEEP_UP_TO
-            && self
-                .records
-                .iter()
-                .all(|r| r.children.capacity() <= KEEP_UP_TO);
-        if self.stack.capacity() == 0 || !small {
-            return;
+    /// Empties the buffers for the next scan; `false` if they are too large to keep.
+    fn recycle(&mut self) -> bool {
+        if self.mem.allocated > KEEP_UP_TO {
+            return false;
         }
-        let mut b = std::mem::take(self);
-        b.stack.clear();
-        b.marks.clear();
-        b.defs.clear();
-        b.memo.clear();
-        for r in &mut b.records {
+        self.stack.clear();
+        self.marks.clear();
+        self.defs.clear();
+        self.memo.clear();
+        self.sparse.clear();
+        self.open.clear();
+        self.carried.clear();
+        self.rebinds.clear();
+        self.lookups.clear();
+        self.protos.clear();
+        self.alias_mutations.clear();
+        self.mutations_by_pos.clear();
+        self.mutations_by_put.clear();
+        for r in &mut self.records {
             r.serial = 0;
             r.full = false;
             r.children.clear();
         }
-        SPARE.with(|s| s.set(Some(b)));
-    }
-}
-
-impl Drop for Scan<'_> {
-    fn drop(&mut self) {
-        self.b.give_back();
-    }
-}
-
-impl Drop for Scanner<'_, '_> {
-    fn drop(&mut self) {
-        if self.outer.is_none() {
-            self.b.give_back();
-        }
+        true
     }
 }
 
 /// The stack machine over kinds.
-struct Scanner<'b, 'o> {
+struct Scanner<'b, 'o, 's> {
     bytes: &'b [u8],
     pos: usize,
     op: u8,
@@ -885,39 +1186,29 @@ struct Scanner<'b, 'o> {
     /// Set when re-scanning a region of an already scanned pickle: memo references are
     /// resolved there, and nothing is recorded but the region's own children.
     outer: Option<&'o Scan<'b>>,
-    b: Buffers,
+    b: &'s mut Buffers,
     carry: Option<u32>,
     serial: u32,
-    sparse: HashMap<u32, u32>,
+    /// The serial of the entry at each of the bottom stack positions, which are the
+    /// only ones with children records.
+    bottom: [u32; RECORDED],
     memo_len: u32,
-    rebinds: Vec<(u32, u32, u32)>,
-    lookups: Vec<Lookup>,
-    protos: Vec<(u32, u8)>,
-    alias_mutations: Vec<(u32, u32)>,
 }
 
-impl<'b, 'o> Scanner<'b, 'o> {
-    fn new(bytes: &'b [u8], pos: u32, outer: Option<&'o Scan<'b>>) -> Self {
+impl<'b, 'o, 's> Scanner<'b, 'o, 's> {
+    fn new(bytes: &'b [u8], pos: u32, outer: Option<&'o Scan<'b>>, b: &'s mut Buffers) -> Self {
         Scanner {
             bytes,
             pos: pos as usize,
             op: 0,
             op_pos: pos as usize,
             outer,
-            b: if outer.is_some() {
-                Buffers::default()
-            } else {
-                Buffers::take()
-            },
+            b,
             carry: None,
             // Regions from a re-scan must never match the whole scan's records.
             serial: if outer.is_some() { 1 << 31 } else { 0 },
-            sparse: HashMap::new(),
+            bottom: [0; RECORDED],
             memo_len: 0,
-            rebinds: Vec::new(),
-            lookups: Vec::new(),
-            protos: Vec::new(),
-            alias_mutations: Vec::new(),
         }
     }
 
@@ -926,7 +1217,7 @@ impl<'b, 'o> Scanner<'b, 'o> {
     }
 
     fn fence(&self) -> usize {
-        self.b.marks.last().map_or(0, |m| m.0)
+        self.b.marks.last().map_or(0, |m| m.0 as usize)
     }
 
     fn need(&self, n: usize) -> Result<usize> {
@@ -937,60 +1228,112 @@ impl<'b, 'o> Scanner<'b, 'o> {
         Ok(len - n)
     }
 
-    fn push(&mut self, kind: Kind) {
+    /// Pushes a value built by the current opcode.
+    fn push(&mut self, tag: Tag) -> Result<()> {
         let start = self.carry.take().unwrap_or(self.op_pos as u32);
-        self.push_at(start, kind);
-    }
-
-    fn push_at(&mut self, start: u32, kind: Kind) {
-        self.serial += 1;
-        self.b.stack.push(Entry {
+        self.push_entry(Entry {
             start,
-            kind,
-            serial: self.serial,
-            def: 0,
-            alias: 0,
-        });
+            aux: self.op_pos as u32,
+            tag,
+            alias: false,
+        })
     }
 
-    fn kind(&self, i: usize) -> Kind {
-        self.b.stack[i].kind
+    fn push_at(&mut self, start: u32, tag: Tag) -> Result<()> {
+        self.push_entry(Entry {
+            start,
+            aux: self.op_pos as u32,
+            tag,
+            alias: false,
+        })
+    }
+
+    fn push_entry(&mut self, e: Entry) -> Result<()> {
+        let later = self.bytes.len() - self.pos;
+        let b = &mut *self.b;
+        let i = b.stack.len();
+        if i < RECORDED {
+            self.serial += 1;
+            self.bottom[i] = self.serial;
+        }
+        room(&mut b.stack, 1, later, &mut b.mem)?;
+        b.stack.push(e);
+        Ok(())
+    }
+
+    fn tag(&self, i: usize) -> Tag {
+        self.b.stack[i].tag
+    }
+
+    /// The region of entry `e`, ending at `end`.
+    fn region(&self, e: Entry, end: u32, serial: u32) -> Region {
+        let at = match (e.alias, self.outer) {
+            (false, _) => e.aux,
+            (true, Some(o)) => def_opcode(&o.b.defs, &o.b.carried, e.aux),
+            (true, None) => def_opcode(&self.b.defs, &self.b.carried, e.aux),
+        };
+        Region {
+            start: e.start,
+            end,
+            tag: e.tag,
+            at,
+            serial,
+        }
+    }
+
+    /// Closes the regions of the bindings of `stack[from..]`; the top one ends at `end`.
+    fn close_open(&mut self, from: usize, end: u32) {
+        let b = &mut *self.b;
+        while let Some(&(i, d)) = b.open.last() {
+            let i = i as usize;
+            if i < from {
+                break;
+            }
+            b.defs[d as usize - 1].end = b.stack.get(i + 1).map_or(end, |n| n.start);
+            b.open.pop();
+        }
     }
 
     /// Pops `stack[from..]`, closing their regions; `into` names the record (stack
     /// index) that collects them as children.
-    fn consume(&mut self, from: usize, into: Option<usize>) {
+    fn consume(&mut self, from: usize, into: Option<usize>) -> Result<()> {
         self.carry = None;
         let end = self.op_pos as u32;
-        for i in from..self.b.stack.len() {
-            let e = self.b.stack[i];
-            let e_end = self.b.stack.get(i + 1).map_or(end, |n| n.start);
-            close_defs(&mut self.b.defs, &e, e_end);
-            if let Some(r) = into {
-                let cap = if r == 0 { usize::MAX } else { RECORD_CAP };
-                let rec = &mut self.b.records[r];
+        self.close_open(from, end);
+        if let Some(r) = into {
+            let cap = if r == 0 && self.outer.is_some() {
+                usize::MAX
+            } else {
+                RECORD_CAP
+            };
+            for i in from..self.b.stack.len() {
+                let rec = &self.b.records[r];
+                if rec.full {
+                    break;
+                }
                 if rec.children.len() >= cap {
+                    let rec = &mut self.b.records[r];
                     rec.full = true;
                     rec.children.clear();
+                    break;
                 }
-                if !rec.full {
-                    rec.children.push(Region {
-                        start: e.start,
-                        end: e_end,
-                        kind: e.kind,
-                        serial: e.serial,
-                    });
-                }
+                let e = self.b.stack[i];
+                let e_end = self.b.stack.get(i + 1).map_or(end, |n| n.start);
+                let serial = if i < RECORDED { self.bottom[i] } else { 0 };
+                let region = self.region(e, e_end, serial);
+                let later = self.b.stack.len() - i - 1;
+                let b = &mut *self.b;
+                room(&mut b.records[r].children, 1, later, &mut b.mem)?;
+                b.records[r].children.push(region);
             }
         }
         self.b.stack.truncate(from);
+        Ok(())
     }
 
     /// Whether the container at stack index `i` has a children record worth filling.
     fn recording(&self, i: usize) -> bool {
-        i < RECORDED
-            && self.b.records[i].serial == self.b.stack[i].serial
-            && !self.b.records[i].full
+        i < RECORDED && self.b.records[i].serial == self.bottom[i] && !self.b.records[i].full
     }
 
     /// Starts an empty children record at stack index `i` for the entry with `serial`.
@@ -1004,11 +1347,15 @@ impl<'b, 'o> Scanner<'b, 'o> {
 
     /// A mutation of the entry at `i`: through a memo reference it is noted, so that an
     /// extraction can refuse to split the object from its change.
-    fn mutate(&mut self, i: usize) {
+    fn mutate(&mut self, i: usize) -> Result<()> {
         let e = self.b.stack[i];
-        if e.alias != 0 {
-            self.alias_mutations.push((e.alias, self.op_pos as u32));
+        if e.alias && self.outer.is_none() {
+            let later = self.bytes.len() - self.pos;
+            let b = &mut *self.b;
+            room(&mut b.alias_mutations, 1, later, &mut b.mem)?;
+            b.alias_mutations.push((e.aux, self.op_pos as u32));
         }
+        Ok(())
     }
 
     fn bind(&mut self, idx: u32) -> Result<()> {
@@ -1021,96 +1368,119 @@ impl<'b, 'o> Scanner<'b, 'o> {
         if self.outer.is_some() {
             return Ok(());
         }
-        self.b.defs.push(Def {
-            put_pos: self.op_pos as u32,
-            start: top.start,
-            end: u32::MAX,
-            kind: top.kind,
-            prev: top.def,
-            alias: top.alias,
-        });
-        let id = self.b.defs.len() as u32;
-        if let Some(t) = self.b.stack.last_mut() {
-            t.def = id;
+        let op_pos = self.op_pos as u32;
+        let later = self.bytes.len() - self.pos;
+        let b = &mut *self.b;
+        // A memo reference memoized again names the same binding.
+        let id = if top.alias {
+            top.aux
+        } else {
+            room(&mut b.defs, 1, later, &mut b.mem)?;
+            room(&mut b.open, 1, later, &mut b.mem)?;
+            let carried = top.tag.scalar() && top.aux != top.start;
+            b.defs.push(Def {
+                put_pos: op_pos,
+                start: top.start,
+                end: u32::MAX,
+                tag: top.tag,
+                carried,
+            });
+            let id = b.defs.len() as u32;
+            b.open.push((b.stack.len() as u32 - 1, id));
+            if carried {
+                room(&mut b.carried, 1, later, &mut b.mem)?;
+                b.carried.push((id, top.aux));
+            }
+            id
+        };
+        let i = idx as usize;
+        if b.identity {
+            // The common case: index n bound to binding n + 1, nothing to store.
+            if !top.alias && i + 1 == b.defs.len() {
+                self.memo_len += 1;
+                return Ok(());
+            }
+            b.identity = false;
+            let n = b.defs.len() - usize::from(!top.alias);
+            room(&mut b.memo, n, later, &mut b.mem)?;
+            b.memo.extend(1..=n as u32);
         }
-        let len = self.b.memo.len();
-        let old = if (idx as usize) < len {
-            std::mem::replace(&mut self.b.memo[idx as usize], id)
-        } else if (idx as usize) <= 2 * len + 64 {
-            self.b.memo.resize(idx as usize + 1, 0);
-            self.b.memo[idx as usize] = id;
+        let len = b.memo.len();
+        let old = if i < len {
+            std::mem::replace(&mut b.memo[i], id)
+        } else if i <= 2 * len + 64 {
+            room(&mut b.memo, i + 1 - len, later, &mut b.mem)?;
+            b.memo.resize(i + 1, 0);
+            b.memo[i] = id;
             0
         } else {
-            self.sparse.insert(idx, id).unwrap_or(0)
+            map_room(&mut b.sparse, &mut b.mem)?;
+            b.sparse.insert(idx, id).unwrap_or(0)
         };
         if old == 0 {
             self.memo_len += 1;
         } else {
-            self.rebinds.push((idx, self.op_pos as u32, old));
+            room(&mut b.rebinds, 1, later, &mut b.mem)?;
+            b.rebinds.push((idx, op_pos, old));
         }
         Ok(())
     }
 
     fn get(&mut self, idx: u32) -> Result<()> {
-        let (def, kind) = match self.outer {
+        let (def, tag) = match self.outer {
             Some(outer) => {
                 let def = outer
                     .binding_at(idx, self.op_pos as u32)
                     .ok_or_else(|| self.fail("memo value not found"))?;
-                (def, outer.original(def).kind)
+                (def, outer.def(def).tag)
             }
             None => {
-                let def = match self.b.memo.get(idx as usize) {
-                    Some(&d) => d,
-                    None => self.sparse.get(&idx).copied().unwrap_or(0),
-                };
+                let def = self.b.memo(idx);
                 if def == 0 {
                     return Err(self.fail(format_args!("memo value not found at index {idx}")));
                 }
-                let mut d = def;
-                while self.b.defs[d as usize - 1].alias != 0 {
-                    d = self.b.defs[d as usize - 1].alias;
-                }
-                (def, self.b.defs[d as usize - 1].kind)
+                (def, self.b.defs[def as usize - 1].tag)
             }
         };
-        self.push(kind);
-        if let Some(t) = self.b.stack.last_mut() {
-            t.alias = def;
-        }
-        Ok(())
+        let start = self.carry.take().unwrap_or(self.op_pos as u32);
+        self.push_entry(Entry {
+            start,
+            aux: def,
+            tag,
+            alias: true,
+        })
     }
 
-    fn lookup(&mut self, module: (u32, u32), name: (u32, u32), code: Option<u32>) {
+    fn lookup(&mut self, module: (u32, u32), name: (u32, u32), code: Option<u32>) -> Result<()> {
         if self.outer.is_none() {
-            self.lookups.push(Lookup {
+            let later = self.bytes.len() - self.pos;
+            let b = &mut *self.b;
+            room(&mut b.lookups, 1, later, &mut b.mem)?;
+            b.lookups.push(Lookup {
                 pos: self.op_pos as u32,
                 module,
                 name,
                 code,
             });
         }
+        Ok(())
     }
 
-    fn str_kind(&self, at: usize, len: usize) -> Result<Kind> {
-        let (python, rust) = python_utf8(&self.bytes[at..at + len]);
-        if !python {
-            return Err(self.fail("str is not valid UTF-8 (even with surrogates)"));
-        }
-        Ok(Kind::Str {
-            at: at as u32,
-            len: len as u32,
-            utf8: rust,
-        })
+    fn push_str(&mut self, at: usize, len: usize) -> Result<()> {
+        let tag = match python_utf8(&self.bytes[at..at + len]) {
+            (true, true) => Tag::Str,
+            (true, false) => Tag::StrSurrogates,
+            _ => return Err(self.fail("str is not valid UTF-8 (even with surrogates)")),
+        };
+        self.push(tag)
     }
 
     /// Runs to STOP (`until` is `None`; returns STOP's offset) or to `until`.
     fn run(&mut self, until: Option<u32>) -> Result<u32> {
+        let end = until.map_or(usize::MAX, |u| u as usize);
         loop {
-            if let Some(u) = until {
-                if self.pos >= u as usize {
-                    return Ok(u);
-                }
+            if self.pos >= end {
+                return Ok(end as u32);
             }
             let (op, arg, next) = read_op(self.bytes, self.pos)?;
             self.op = op;
@@ -1132,7 +1502,10 @@ impl<'b, 'o> Scanner<'b, 'o> {
                         return Err(self.fail(format_args!("unsupported protocol {}", a[0])));
                     }
                     if self.outer.is_none() {
-                        self.protos.push((self.op_pos as u32, a[0]));
+                        let later = self.bytes.len() - self.pos;
+                        let b = &mut *self.b;
+                        room(&mut b.protos, 1, later, &mut b.mem)?;
+                        b.protos.push((self.op_pos as u32, a[0]));
                     }
                 }
                 FRAME => {}
@@ -1141,13 +1514,18 @@ impl<'b, 'o> Scanner<'b, 'o> {
                 BINGET | LONG_BINGET => self.get(memo_arg(op, a))?,
                 MARK => {
                     let start = self.carry.take().unwrap_or(self.op_pos as u32);
-                    self.b.marks.push((self.b.stack.len(), start));
+                    let later = self.bytes.len() - self.pos;
+                    let b = &mut *self.b;
+                    room(&mut b.marks, 1, later, &mut b.mem)?;
+                    b.marks.push((b.stack.len() as u32, start));
                 }
                 POP => {
-                    let above_fence = self.b.stack.len() > self.fence();
-                    if let Some(e) = above_fence.then(|| self.b.stack.pop()).flatten() {
-                        close_defs(&mut self.b.defs, &e, self.op_pos as u32);
-                        self.carry = Some(self.carry.map_or(e.start, |c| c.min(e.start)));
+                    let len = self.b.stack.len();
+                    if len > self.fence() {
+                        self.close_open(len - 1, self.op_pos as u32);
+                        if let Some(e) = self.b.stack.pop() {
+                            self.carry = Some(self.carry.map_or(e.start, |c| c.min(e.start)));
+                        }
                     } else {
                         let (_, start) = self
                             .b
@@ -1159,123 +1537,91 @@ impl<'b, 'o> Scanner<'b, 'o> {
                 }
                 POP_MARK => {
                     let (at, start) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
-                    self.consume(at, None);
+                    self.consume(at as usize, None)?;
                     self.carry = Some(start);
                 }
                 DUP => {
                     let i = self.need(1)?;
                     let e = self.b.stack[i];
-                    self.push(e.kind);
-                    if let Some(t) = self.b.stack.last_mut() {
-                        // The copy is the same object: mutating it is mutating the original.
-                        t.alias = e.alias;
-                        t.def = 0;
-                    }
+                    // The copy is the same object: mutating it is mutating the original.
+                    let start = self.carry.take().unwrap_or(self.op_pos as u32);
+                    self.push_entry(Entry { start, ..e })?;
                 }
-                NONE => self.push(Kind::None),
-                NEWTRUE => self.push(Kind::Bool(true)),
-                NEWFALSE => self.push(Kind::Bool(false)),
-                BININT1 => self.push(Kind::Int(i64::from(a[0]))),
-                BININT2 => self.push(Kind::Int(i64::from(u16::from_le_bytes([a[0], a[1]])))),
-                BININT => self.push(Kind::Int(i64::from(i32::from_le_bytes([
-                    a[0], a[1], a[2], a[3],
-                ])))),
-                LONG1 | LONG4 => {
-                    let w = if op == LONG1 { 1 } else { 4 };
-                    let payload = &a[w..];
-                    let kind = if payload.len() <= 8 {
-                        let fill = if payload.last().is_some_and(|&x| x >= 0x80) {
-                            0xff
-                        } else {
-                            0
-                        };
-                        let mut buf = [fill; 8];
-                        buf[..payload.len()].copy_from_slice(payload);
-                        Kind::Int(i64::from_le_bytes(buf))
-                    } else {
-                        Kind::BigInt
-                    };
-                    self.push(kind);
-                }
-                BINFLOAT => {
-                    let raw: [u8; 8] = a.try_into().unwrap_or_default();
-                    self.push(Kind::Float(f64::from_be_bytes(raw)));
-                }
+                NONE => self.push(Tag::None)?,
+                NEWTRUE => self.push(Tag::True)?,
+                NEWFALSE => self.push(Tag::False)?,
+                BININT1 | BININT2 | BININT | LONG1 | LONG4 => self.push(Tag::Int)?,
+                BINFLOAT => self.push(Tag::Float)?,
                 SHORT_BINUNICODE => self.push_str(arg + 1, a.len() - 1)?,
                 BINUNICODE => self.push_str(arg + 4, a.len() - 4)?,
                 BINUNICODE8 => self.push_str(arg + 8, a.len() - 8)?,
-                SHORT_BINSTRING => self.push(Kind::OldStr {
-                    at: (arg + 1) as u32,
-                    len: (a.len() - 1) as u32,
-                }),
-                BINSTRING => self.push(Kind::OldStr {
-                    at: (arg + 4) as u32,
-                    len: (a.len() - 4) as u32,
-                }),
-                SHORT_BINBYTES | BINBYTES | BINBYTES8 => self.push(Kind::Bytes),
-                BYTEARRAY8 => self.push(Kind::ByteArray),
+                SHORT_BINSTRING | BINSTRING => self.push(Tag::OldStr)?,
+                SHORT_BINBYTES | BINBYTES | BINBYTES8 => self.push(Tag::Bytes)?,
+                BYTEARRAY8 => self.push(Tag::ByteArray)?,
                 EMPTY_TUPLE | EMPTY_LIST | EMPTY_DICT => {
                     self.push(match op {
-                        EMPTY_TUPLE => Kind::Tuple { hashable: true },
-                        EMPTY_LIST => Kind::List,
-                        _ => Kind::Dict,
-                    });
+                        EMPTY_TUPLE => Tag::Tuple,
+                        EMPTY_LIST => Tag::List,
+                        _ => Tag::Dict,
+                    })?;
                     let i = self.b.stack.len() - 1;
                     self.record_new(i, self.serial);
                 }
-                EMPTY_SET => self.push(Kind::Set),
+                EMPTY_SET => self.push(Tag::Set)?,
                 TUPLE1 | TUPLE2 | TUPLE3 => {
                     let n = usize::from(op - TUPLE1 + 1);
                     let from = self.need(n)?;
-                    self.tuple(from, None);
+                    self.tuple(from, None)?;
                 }
                 TUPLE => {
                     let (at, start) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
-                    self.tuple(at, Some(start));
+                    self.tuple(at as usize, Some(start))?;
                 }
                 FROZENSET => {
                     let (at, start) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
-                    if let Some(i) = (at..self.b.stack.len()).find(|&i| self.kind(i).unhashable()) {
+                    let at = at as usize;
+                    if let Some(i) = (at..self.b.stack.len()).find(|&i| self.tag(i).unhashable()) {
                         return Err(self.fail(format_args!(
                             "frozenset element is {} (unhashable)",
-                            self.kind(i).name()
+                            self.tag(i).name()
                         )));
                     }
-                    self.consume(at, None);
-                    self.push_at(start, Kind::FrozenSet);
+                    self.consume(at, None)?;
+                    self.push_at(start, Tag::FrozenSet)?;
                 }
                 APPEND => {
                     let from = self.need(2)?;
-                    self.check_target(from, &[Kind::List, Kind::Object], "list")?;
-                    self.fill(from, 1, true);
+                    self.check_target(from, &[Tag::List, Tag::Object], "list")?;
+                    self.fill(from, 1, true)?;
                 }
                 APPENDS | SETITEMS | ADDITEMS => {
                     let (at, _) = self.b.marks.pop().ok_or_else(|| self.fail("no MARK"))?;
+                    let at = at as usize;
                     if at == 0 || at <= self.fence() {
                         return Err(self.fail("no target below the MARK"));
                     }
                     let t = at - 1;
                     match op {
-                        APPENDS => self.check_target(t, &[Kind::List, Kind::Object], "list")?,
+                        APPENDS => self.check_target(t, &[Tag::List, Tag::Object], "list")?,
                         SETITEMS => self.setitems(t, at)?,
                         _ => {
-                            self.check_target(t, &[Kind::Set, Kind::Object], "set")?;
+                            self.check_target(t, &[Tag::Set, Tag::Object], "set")?;
                             if let Some(i) =
-                                (at..self.b.stack.len()).find(|&i| self.kind(i).unhashable())
+                                (at..self.b.stack.len()).find(|&i| self.tag(i).unhashable())
                             {
                                 return Err(self.fail(format_args!(
                                     "set element is {} (unhashable)",
-                                    self.kind(i).name()
+                                    self.tag(i).name()
                                 )));
                             }
                         }
                     }
-                    self.fill(t, at - t, op != ADDITEMS);
+                    self.fill(t, at - t, op != ADDITEMS)?;
                 }
                 SETITEM => {
                     let from = self.need(3)?;
                     self.setitems(from, from + 1)?;
-                    self.fill(from, 1, true);
+                    self.fill(from, 1, true)?;
                 }
                 GLOBAL => {
                     let m_end = line_end(self.bytes, arg).unwrap_or(arg);
@@ -1288,21 +1634,25 @@ impl<'b, 'o> Scanner<'b, 'o> {
                             return Err(self.fail("global name is not valid UTF-8"));
                         }
                     }
-                    self.lookup(module, name, None);
-                    self.push(Kind::Object);
+                    self.lookup(module, name, None)?;
+                    self.push(Tag::Object)?;
                 }
                 STACK_GLOBAL => {
                     let from = self.need(2)?;
-                    let (m, n) = (self.kind(from), self.kind(from + 1));
+                    let (m, n) = (self.tag(from), self.tag(from + 1));
                     if !m.str_like() || !n.str_like() {
                         return Err(self.fail("STACK_GLOBAL requires str"));
                     }
-                    let span = |k: Kind| match k {
-                        Kind::Str { at, len, .. } | Kind::OldStr { at, len } => (at, len),
-                        _ => (0, 0),
+                    let span = |i: usize| {
+                        let e = self.b.stack[i];
+                        match self.kind_of(e) {
+                            Kind::Str { at, len, .. } | Kind::OldStr { at, len } => (at, len),
+                            _ => (0, 0),
+                        }
                     };
-                    self.lookup(span(m), span(n), None);
-                    self.call(from, Kind::Object);
+                    let (module, name) = (span(from), span(from + 1));
+                    self.lookup(module, name, None)?;
+                    self.call(from, Tag::Object)?;
                 }
                 EXT1 | EXT2 | EXT4 => {
                     let mut buf = [0u8; 4];
@@ -1311,51 +1661,43 @@ impl<'b, 'o> Scanner<'b, 'o> {
                     if code == 0 {
                         return Err(self.fail("EXT specifies code <= 0"));
                     }
-                    self.lookup((0, 0), (0, 0), Some(code));
-                    self.push(Kind::Object);
+                    self.lookup((0, 0), (0, 0), Some(code))?;
+                    self.push(Tag::Object)?;
                 }
                 REDUCE => {
                     let from = self.need(2)?;
-                    self.operand(from, &[Kind::Object], "callable")?;
-                    self.operand(
-                        from + 1,
-                        &[Kind::Tuple { hashable: true }, Kind::Object],
-                        "argument tuple",
-                    )?;
-                    self.call(from, Kind::Object);
+                    self.operand(from, &[Tag::Object], "callable")?;
+                    self.operand(from + 1, &[Tag::Tuple, Tag::Object], "argument tuple")?;
+                    self.call(from, Tag::Object)?;
                 }
                 NEWOBJ | NEWOBJ_EX => {
                     let n = if op == NEWOBJ { 2 } else { 3 };
                     let from = self.need(n)?;
-                    self.operand(from, &[Kind::Object], "class")?;
-                    self.operand(
-                        from + 1,
-                        &[Kind::Tuple { hashable: true }, Kind::Object],
-                        "argument tuple",
-                    )?;
+                    self.operand(from, &[Tag::Object], "class")?;
+                    self.operand(from + 1, &[Tag::Tuple, Tag::Object], "argument tuple")?;
                     if op == NEWOBJ_EX {
-                        self.operand(from + 2, &[Kind::Dict, Kind::Object], "keyword arguments")?;
+                        self.operand(from + 2, &[Tag::Dict, Tag::Object], "keyword arguments")?;
                     }
-                    self.call(from, Kind::Object);
+                    self.call(from, Tag::Object)?;
                 }
                 BUILD => {
                     let from = self.need(2)?;
-                    self.check_target(from, &[Kind::Object], "object")?;
-                    self.fill(from, 1, false);
+                    self.check_target(from, &[Tag::Object], "object")?;
+                    self.fill(from, 1, false)?;
                 }
                 _ => return Err(self.fail("unexpected opcode")),
             }
         }
     }
 
-    fn push_str(&mut self, at: usize, len: usize) -> Result<()> {
-        let kind = self.str_kind(at, len)?;
-        self.push(kind);
-        Ok(())
+    /// The decoded kind of a stack entry.
+    fn kind_of(&self, e: Entry) -> Kind {
+        let r = self.region(e, e.start, 0);
+        decode_kind(self.bytes, r.tag, r.at)
     }
 
-    fn tuple(&mut self, from: usize, mark_start: Option<u32>) {
-        let hashable = (from..self.b.stack.len()).all(|i| !self.kind(i).unhashable());
+    fn tuple(&mut self, from: usize, mark_start: Option<u32>) -> Result<()> {
+        let hashable = self.b.stack[from..].iter().all(|e| !e.tag.unhashable());
         let start = mark_start.unwrap_or_else(|| {
             self.b
                 .stack
@@ -1364,51 +1706,54 @@ impl<'b, 'o> Scanner<'b, 'o> {
         });
         // The tuple takes the next serial: its record is keyed by it.
         let into = self.record_new(from, self.serial + 1);
-        self.consume(from, into);
-        self.push_at(start, Kind::Tuple { hashable });
+        self.consume(from, into)?;
+        let tag = if hashable {
+            Tag::Tuple
+        } else {
+            Tag::TupleUnhashable
+        };
+        self.push_at(start, tag)
     }
 
     /// Replaces `stack[from..]` (a callable and its arguments) with the call's result.
-    fn call(&mut self, from: usize, kind: Kind) {
+    fn call(&mut self, from: usize, tag: Tag) -> Result<()> {
         let start = self.b.stack[from].start;
-        self.consume(from, None);
-        self.push_at(start, kind);
+        self.consume(from, None)?;
+        self.push_at(start, tag)
     }
 
     /// Consumes the values above the target at `t` (`skip` entries between are the
     /// target itself), recording them as its children if it is recorded.
-    fn fill(&mut self, t: usize, skip: usize, may_record: bool) {
-        self.mutate(t);
+    fn fill(&mut self, t: usize, skip: usize, may_record: bool) -> Result<()> {
+        self.mutate(t)?;
         let into = (may_record && self.recording(t)).then_some(t);
-        self.consume(t + skip, into);
+        self.consume(t + skip, into)
     }
 
-    fn check_target(&self, t: usize, ok: &[Kind], what: &str) -> Result<()> {
-        let k = self.kind(t);
+    fn check_target(&self, t: usize, ok: &[Tag], what: &str) -> Result<()> {
+        let k = self.tag(t);
         if ok.contains(&k) {
             return Ok(());
         }
         Err(self.fail(format_args!("target is {}, not a {what}", k.name())))
     }
 
-    fn operand(&self, i: usize, ok: &[Kind], what: &str) -> Result<()> {
-        let k = self.kind(i);
-        let fits = ok.iter().any(|o| match (o, k) {
-            (Kind::Tuple { .. }, Kind::Tuple { .. }) => true,
-            _ => *o == k,
-        });
-        if fits {
+    fn operand(&self, i: usize, ok: &[Tag], what: &str) -> Result<()> {
+        let k = self.tag(i);
+        let k = if k == Tag::TupleUnhashable {
+            Tag::Tuple
+        } else {
+            k
+        };
+        if ok.contains(&k) {
             return Ok(());
         }
         Err(self.fail(format_args!("the {what} is {}", k.name())))
     }
 
     fn setitems(&self, t: usize, from: usize) -> Result<()> {
-        let target = self.kind(t);
-        if !matches!(
-            target,
-            Kind::Dict | Kind::List | Kind::ByteArray | Kind::Object
-        ) {
+        let target = self.tag(t);
+        if !matches!(target, Tag::Dict | Tag::List | Tag::ByteArray | Tag::Object) {
             return Err(self.fail(format_args!(
                 "target is {}, which does not support item assignment",
                 target.name()
@@ -1417,14 +1762,14 @@ impl<'b, 'o> Scanner<'b, 'o> {
         if (self.b.stack.len() - from) % 2 != 0 {
             return Err(self.fail("odd number of items for SETITEMS"));
         }
-        if target == Kind::Dict {
+        if target == Tag::Dict {
             if let Some(i) = (from..self.b.stack.len())
                 .step_by(2)
-                .find(|&i| self.kind(i).unhashable())
+                .find(|&i| self.tag(i).unhashable())
             {
                 return Err(self.fail(format_args!(
                     "dict key is {} (unhashable)",
-                    self.kind(i).name()
+                    self.tag(i).name()
                 )));
             }
         }
@@ -1488,19 +1833,20 @@ mod tests {
         // (L, L) where the second element is GET 0 followed by APPEND: cutting out the
         // first element alone would lose the append.
         let pickle = b"\x80\x04(]q\x00h\x00K\x01at.";
-        let scan = Scan::new(pickle).unwrap();
-        let children = scan.children(&scan.root()).unwrap().unwrap();
-        let err = scan.extract(&children[0]).unwrap_err().to_string();
-        assert!(err.contains("changes a memoized object"), "{err}");
-        let err = scan.extract(&children[1]).unwrap_err().to_string();
-        assert!(err.contains("changes a memoized object"), "{err}");
-        assert!(scan.extract(&scan.root()).is_ok());
+        Scan::with(pickle, |scan| {
+            let children = scan.children(&scan.root()).unwrap().unwrap();
+            let err = scan.extract(&children[0]).unwrap_err().to_string();
+            assert!(err.contains("changes a memoized object"), "{err}");
+            let err = scan.extract(&children[1]).unwrap_err().to_string();
+            assert!(err.contains("changes a memoized object"), "{err}");
+            assert!(scan.extract(&scan.root()).is_ok());
+            Ok(())
+        })
+        .unwrap();
     }
 
     fn item_of(pickle: &[u8]) -> Result<Pickled> {
-        let scan = Scan::new(pickle)?;
-        let root = scan.root();
-        scan.extract(&root)
+        Scan::with(pickle, |scan| scan.extract(&scan.root()))
     }
 
     #[test]
