@@ -819,7 +819,7 @@ impl Shared {
             }
             let started = Instant::now();
             let outcome = match conn.parse_request() {
-                Ok(req) => {
+                Ok(mut req) => {
                     log_at!(
                         Debug,
                         "{}: {}.{}",
@@ -827,7 +827,7 @@ impl Shared {
                         req.ident.as_deref().unwrap_or("-"),
                         req.method
                     );
-                    dispatch::method(&self.queues, &req, session)
+                    dispatch::method(&self.queues, &mut req, session)
                 }
                 Err(e) => {
                     log_at!(Warn, "{}: bad request: {e}", conn.peer());

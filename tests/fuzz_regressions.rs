@@ -166,8 +166,8 @@ fn request(method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>) -> Reques
 #[test]
 fn blocking_calls_are_tamed() {
     let tamed = |method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>| {
-        let req = request(method, args, kwargs);
-        let mut call = QueueCall::bind(&req, &Policy::default())
+        let mut req = request(method, args, kwargs);
+        let mut call = QueueCall::bind(method, &mut req, &Policy::default())
             .unwrap_or_else(|e| panic!("{method}: {e:?}"))
             .unwrap_or_else(|| panic!("{method} is a queue method"));
         harness::tame(&mut call);

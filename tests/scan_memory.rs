@@ -1,13 +1,17 @@
-//! The memory a request takes to parse, measured by a counting allocator (in a test
-//! binary of its own, so that nothing else allocates through it): the scan's working
-//! memory is bounded by a small multiple of the frame, and a pickle that would need more
-//! is refused before the memory is allocated.
+//! The memory a request takes to parse and to store, measured by a counting allocator
+//! (in a test binary of its own, so that nothing else allocates through it): the scan's
+//! working memory is bounded by a small multiple of the frame, a pickle that would need
+//! more is refused before the memory is allocated, and a put's item is not copied on its
+//! way into the queue.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::AtomicUsize;
 
+use distq::dispatch::{self, Session};
 use distq::pickle::{SCAN_MEMORY_FACTOR, SCAN_MEMORY_SLACK};
 use distq::protocol::{Arg, Request};
+use distq::queues::QueueMap;
 use distq::Error;
 
 /// Counts this thread's live bytes and their peak.
@@ -161,4 +165,29 @@ fn a_tuple_of_memoized_containers_is_within_the_bound() {
     let bound = SCAN_MEMORY_FACTOR * frame.len() + SCAN_MEMORY_SLACK;
     // Beyond the buffers the bound counts: the buffers' own struct and the error.
     assert!(peak <= bound + 4096, "peak {peak} above the bound {bound}");
+}
+
+#[test]
+fn a_put_stores_its_item_without_a_third_copy() {
+    // The frame holds the item once and the queue's store once more; binding the put
+    // moves the item out of the request instead of copying it.
+    let map = QueueMap::new();
+    let q = map.create("q").unwrap();
+    let mut req = Request::parse(&put_request(&list_of(2_000_000, b"N"))).unwrap();
+    req.ident = Some(q.ident().to_string());
+    let item = item_len(&req);
+    let alive = || true;
+    let connections = AtomicUsize::new(1);
+    let session = Session::new(1, &alive, &connections);
+    let before = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(before));
+    let outcome = dispatch::method(&map, &mut req, &session);
+    let peak = PEAK.with(Cell::get) - before;
+    assert!(!outcome.hang_up, "{:?}", outcome.reply);
+    assert_eq!(q.len().unwrap(), 1);
+    eprintln!("a put of a {item}-byte item: peak {peak} bytes beyond the request");
+    assert!(
+        peak <= item + item / 2,
+        "peak {peak} for a {item}-byte item"
+    );
 }

@@ -392,12 +392,12 @@ pub fn dispatch(data: &[u8]) {
     while frame::read_frame(&mut cur, DISPATCH_MAX_FRAME, &mut frame_buf).is_ok() {
         let reply = match Request::parse(&frame_buf) {
             Err(e) => Reply::traceback("UnpicklingError", &e.to_string()),
-            Ok(req) => match req.ident {
+            Ok(mut req) => match req.ident {
                 None => match dispatch::public(&map, &req, &connections) {
                     Public::Reply(reply) => reply,
                     Public::AcceptConnection | Public::Shutdown => Reply::Return(Value::None),
                 },
-                Some(_) => match dispatch::bind(&map, &req) {
+                Some(_) => match dispatch::bind(&map, &mut req) {
                     Ok((queue, mut call)) => {
                         tame(&mut call);
                         let alive = || true;

@@ -27,15 +27,21 @@ pub(super) struct Signature {
 /// The parameters of one request, checked against the method's signature as CPython's
 /// call machinery checks them, then bound one at a time.
 pub(super) struct Args<'a> {
-    req: &'a Request,
+    method: &'a str,
+    req: &'a mut Request,
 }
 
 impl<'a> Args<'a> {
     /// Refuses what CPython refuses before the method runs, in its words (3.10 and
     /// later) and its order: an unknown keyword or a parameter given twice (keywords in
     /// the order sent), then too many positional arguments, then missing ones.
-    pub(super) fn bind(req: &'a Request, sig: &Signature) -> Result<Args<'a>, Value> {
-        let args = Args { req };
+    pub(super) fn bind(
+        method: &'a str,
+        req: &'a mut Request,
+        sig: &Signature,
+    ) -> Result<Args<'a>, Value> {
+        let args = Args { method, req };
+        let req = &*args.req;
         let given = req.args.len();
         for (name, _) in &req.kwargs {
             match sig.params.iter().position(|p| p == name) {
@@ -68,11 +74,11 @@ impl<'a> Args<'a> {
             .filter(|&(at, name)| at >= given && !req.kwargs.iter().any(|(k, _)| k == name))
             .map(|(_, name)| format!("'{name}'"))
             .collect();
-        if !missing.is_empty() {
-            let names = match &missing[..] {
-                [one] => one.clone(),
-                [init @ .., last] => format!("{} and {last}", init.join(", ")),
-                [] => unreachable!("not empty"),
+        if let Some((last, init)) = missing.split_last() {
+            let names = if init.is_empty() {
+                last.clone()
+            } else {
+                format!("{} and {last}", init.join(", "))
             };
             return Err(args.type_error(&format!(
                 "missing {} required positional argument{}: {names}",
@@ -86,7 +92,7 @@ impl<'a> Args<'a> {
     /// `class` raised with the method's name in front, as CPython words its binding
     /// errors (`Queue.get() ...`).
     fn error(&self, class: &str, msg: &str) -> Value {
-        exceptions::builtin(class, &format!("Queue.{}() {msg}", self.req.method))
+        exceptions::builtin(class, &format!("Queue.{}() {msg}", self.method))
     }
 
     pub(super) fn type_error(&self, msg: &str) -> Value {
@@ -95,7 +101,7 @@ impl<'a> Args<'a> {
 
     /// The argument for the parameter at `pos` (`usize::MAX`: keyword-only), if given;
     /// [`Args::bind`] has made sure it was not given twice.
-    fn optional_arg(&self, pos: usize, name: &str) -> Option<&'a Arg> {
+    fn optional_arg(&self, pos: usize, name: &str) -> Option<&Arg> {
         self.req.args.get(pos).or_else(|| {
             self.req
                 .kwargs
@@ -105,10 +111,20 @@ impl<'a> Args<'a> {
         })
     }
 
-    /// A required parameter's argument; [`Args::bind`] has made sure it was given.
-    pub(super) fn required_arg(&self, pos: usize, name: &str) -> Result<&'a Arg, Value> {
-        self.optional_arg(pos, name)
-            .ok_or_else(|| self.type_error(&format!("missing required argument '{name}'")))
+    /// A required parameter's argument, moved out of the request (items are large:
+    /// they are not copied); [`Args::bind`] has made sure it was given.
+    pub(super) fn take_required(&mut self, pos: usize, name: &str) -> Result<Arg, Value> {
+        let placeholder = || Arg::Value(Value::None);
+        let req = &mut *self.req;
+        let arg = match req.args.get_mut(pos) {
+            Some(arg) => Some(std::mem::replace(arg, placeholder())),
+            None => req
+                .kwargs
+                .iter_mut()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| std::mem::replace(v, placeholder())),
+        };
+        arg.ok_or_else(|| self.type_error(&format!("missing required argument '{name}'")))
     }
 
     /// A parameter that is a plain value (a flag, a number), decoded if it was sent as
@@ -129,8 +145,8 @@ impl<'a> Args<'a> {
     }
 
     /// The `item` parameter at `pos`, admitted for storage.
-    pub(super) fn item(&self, pos: usize, policy: &Policy) -> Result<Item, Value> {
-        Item::admit(policy, self.required_arg(pos, "item")?)
+    pub(super) fn item(&mut self, pos: usize, policy: &Policy) -> Result<Item, Value> {
+        Item::admit(policy, self.take_required(pos, "item")?)
     }
 
     /// Binds `block` at `pos` and `timeout` at `pos + 1` the way `queue.Queue` reads them.

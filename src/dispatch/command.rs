@@ -163,19 +163,24 @@ fn signature(method: &str) -> Option<Signature> {
 }
 
 impl QueueCall {
-    /// Binds `req` to the method it names. The arguments are first checked against the
+    /// Binds the arguments of `req` to `method`, taking its items out of it (they are
+    /// stored as they are, not copied); the caller has taken the method's name out of
+    /// `req` to keep it for its own replies. The arguments are first checked against the
     /// method's signature as CPython checks a call (too many, unknown, twice, missing),
     /// then each parameter is read, left to right, its fault reported before the next.
     ///
-    /// `Ok(None)` means `req` names no method of a queue (nor `__str__`/`__repr__`),
+    /// `Ok(None)` means `method` is no method of a queue (nor `__str__`/`__repr__`),
     /// which is not the method's fault but the caller's: Python answers it with a
     /// `#TRACEBACK`, not an exception.
     ///
     /// # Errors
     /// The exception the method raises for its arguments (`TypeError`, `ValueError`);
     /// for the signature checks, in CPython's words.
-    pub fn bind(req: &Request, policy: &Policy) -> Result<Option<QueueCall>, Value> {
-        let method = req.method.as_str();
+    pub fn bind(
+        method: &str,
+        req: &mut Request,
+        policy: &Policy,
+    ) -> Result<Option<QueueCall>, Value> {
         if matches!(method, "__str__" | "__repr__") {
             // Python's fallbacks take whatever arguments come and ignore them.
             return Ok(Some(QueueCall::Describe));
@@ -183,7 +188,7 @@ impl QueueCall {
         let Some(sig) = signature(method) else {
             return Ok(None);
         };
-        let args = Args::bind(req, &sig)?;
+        let mut args = Args::bind(method, req, &sig)?;
         let call = match method {
             "put" => QueueCall::Put {
                 item: args.item(0, policy)?,
@@ -194,11 +199,11 @@ impl QueueCall {
                 wait: Wait::No,
             },
             "put_many" => QueueCall::PutMany {
-                items: match args.required_arg(0, "items")? {
+                items: match args.take_required(0, "items")? {
                     Arg::Items(items) => Item::admit_each(policy, items)?,
                     Arg::Value(Value::List(items) | Value::Tuple(items)) => items
                         .iter()
-                        .map(|v| Item::admit(policy, &Arg::Value(v.clone())))
+                        .map(|v| Item::admit(policy, Arg::Value(v.clone())))
                         .collect::<Result<_, _>>()?,
                     other => {
                         return Err(args.type_error(&format!(
@@ -237,7 +242,7 @@ impl QueueCall {
             },
             "ack_put_many" => {
                 let leases = args.leases()?;
-                let items = match args.required_arg(1, "items")? {
+                let items = match args.take_required(1, "items")? {
                     Arg::Items(items) => Item::admit_each(policy, items)?,
                     _ => return Err(args.type_error("items must be a list of results")),
                 };
@@ -344,7 +349,9 @@ mod tests {
         args: Vec<Value>,
         kwargs: Vec<(&str, Value)>,
     ) -> Result<Option<QueueCall>, Value> {
-        QueueCall::bind(&req(method, args, kwargs), policy)
+        let mut req = req(method, args, kwargs);
+        let method = std::mem::take(&mut req.method);
+        QueueCall::bind(&method, &mut req, policy)
     }
 
     fn bound(method: &str, args: Vec<Value>, kwargs: Vec<(&str, Value)>) -> QueueCall {

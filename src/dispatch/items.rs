@@ -24,7 +24,7 @@ impl Item {
     /// # Errors
     /// The exception to raise: `TypeError` for an item `--no-code-items` refuses or a
     /// list where one item belongs, `ValueError` for a value that cannot be pickled.
-    pub(super) fn admit(policy: &Policy, arg: &Arg) -> Result<Item, Value> {
+    pub(super) fn admit(policy: &Policy, arg: Arg) -> Result<Item, Value> {
         let value = match arg {
             Arg::Pickled(p) => return Item::admit_pickled(policy, p),
             Arg::Value(v) => v,
@@ -36,33 +36,34 @@ impl Item {
             }
         };
         if policy.no_code_items {
-            if let Some(g) = first_global(value, 0, &mut HashSet::new()) {
+            if let Some(g) = first_global(&value, 0, &mut HashSet::new()) {
                 return Err(refused_code(&format!("{}.{}", g.module, g.name)));
             }
         }
-        let fragment = Fragment::encode(value)
+        let fragment = Fragment::encode(&value)
             .map_err(|e| exceptions::builtin("ValueError", &e.to_string()))?;
         Ok(Item {
             fragment,
-            names_code: first_global(value, 0, &mut HashSet::new()).is_some(),
+            names_code: first_global(&value, 0, &mut HashSet::new()).is_some(),
         })
     }
 
-    /// An item as the client pickled it.
-    pub(super) fn admit_pickled(policy: &Policy, item: &Pickled) -> Result<Item, Value> {
-        match &item.names {
-            Some(name) if policy.no_code_items => Err(refused_code(name)),
-            _ => Ok(Item {
-                fragment: item.fragment.clone(),
-                names_code: item.names.is_some(),
+    /// An item as the client pickled it, its opcodes moved, not copied: a large put
+    /// then costs the frame and the queue's copy, no third one.
+    pub(super) fn admit_pickled(policy: &Policy, item: Pickled) -> Result<Item, Value> {
+        match item.names {
+            Some(name) if policy.no_code_items => Err(refused_code(&name)),
+            names => Ok(Item {
+                fragment: item.fragment,
+                names_code: names.is_some(),
             }),
         }
     }
 
     /// Each element of a `put_many`-style list, admitted; the first refusal wins.
-    pub(super) fn admit_each(policy: &Policy, items: &[Pickled]) -> Result<Vec<Item>, Value> {
+    pub(super) fn admit_each(policy: &Policy, items: Vec<Pickled>) -> Result<Vec<Item>, Value> {
         items
-            .iter()
+            .into_iter()
             .map(|p| Item::admit_pickled(policy, p))
             .collect()
     }

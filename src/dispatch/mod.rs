@@ -159,7 +159,7 @@ impl<'a> Session<'a> {
 }
 
 /// Handles a method call on the object `req.ident` (a method-channel request).
-pub fn method(map: &QueueMap, req: &Request, session: &Session<'_>) -> Outcome {
+pub fn method(map: &QueueMap, req: &mut Request, session: &Session<'_>) -> Outcome {
     match bind(map, req) {
         Ok((queue, call)) => call.apply(map, &queue, session),
         Err(reply) => Outcome::reply(reply),
@@ -174,7 +174,7 @@ pub fn method(map: &QueueMap, req: &Request, session: &Session<'_>) -> Outcome {
 /// unknown ident or a method the queue does not expose, `#UNSERIALIZABLE` for
 /// `#GETVALUE`, an `#ERROR` for the `TypeError`/`ValueError` the method raises for its
 /// arguments.
-pub fn bind(map: &QueueMap, req: &Request) -> Result<(Arc<Queue>, QueueCall), Reply> {
+pub fn bind(map: &QueueMap, req: &mut Request) -> Result<(Arc<Queue>, QueueCall), Reply> {
     let Some(ident) = req.ident.as_deref() else {
         return Err(Reply::traceback(
             "TypeError",
@@ -184,19 +184,18 @@ pub fn bind(map: &QueueMap, req: &Request) -> Result<(Arc<Queue>, QueueCall), Re
     let Some(queue) = map.by_ident(ident) else {
         return Err(Reply::traceback("KeyError", &format!("{ident:?}")));
     };
-    match QueueCall::bind(req, &map.policy()) {
+    let method = std::mem::take(&mut req.method);
+    match QueueCall::bind(&method, req, &map.policy()) {
         Ok(Some(call)) => Ok((queue, call)),
         Err(exc) => Err(Reply::Error(exc)),
-        Ok(None) if req.method == "#GETVALUE" => Err(Reply::Unserializable(
+        Ok(None) if method == "#GETVALUE" => Err(Reply::Unserializable(
             "TypeError: a distq queue cannot be pickled; call its methods instead\n".into(),
         )),
         Ok(None) => Err(Reply::traceback(
             "AttributeError",
             &format!(
-                "method {:?} of queue {:?} is not in exposed={:?}",
-                req.method,
+                "method {method:?} of queue {:?} is not in exposed={QUEUE_METHODS:?}",
                 queue.name(),
-                QUEUE_METHODS
             ),
         )),
     }
@@ -220,7 +219,12 @@ mod tests {
 
     fn call(map: &QueueMap, r: &Request) -> Reply {
         let alive = || true;
-        method(map, r, &Session::new(1, &alive, &AtomicUsize::new(1))).reply
+        method(
+            map,
+            &mut r.clone(),
+            &Session::new(1, &alive, &AtomicUsize::new(1)),
+        )
+        .reply
     }
 
     fn setup() -> (QueueMap, String) {
