@@ -494,6 +494,7 @@ fn both_handshakes_against_real_python() {
             stream,
             distq::conn::Role::Client,
             &AuthKey::new(KEY),
+            distq::auth::LegacyAuth::Allowed,
             1 << 20,
             Duration::from_secs(5),
         )
