@@ -12,7 +12,6 @@ use lexopt::ValueExt;
 
 /// Shared by the binaries; each uses a part of it.
 #[path = "cli.rs"]
-#[allow(dead_code)]
 pub(crate) mod cli;
 use cli::CommonFlags;
 
