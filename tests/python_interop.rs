@@ -400,9 +400,7 @@ fn a_master_without_legacy_auth_refuses_md5_peers() {
     assert!(out.starts_with("AUTHFAIL "), "{out}");
 
     let out = against_python_server(&py, "distq-master", &["--tasks", "1", "--no-legacy-auth"]);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("asks for HMAC-MD5"), "{stderr}");
+    assert_refused_md5_server(&out);
 }
 
 /// `distq-worker --no-legacy-auth` against Python's own server: a Python <= 3.11 one, whose
@@ -426,12 +424,7 @@ fn a_worker_without_legacy_auth_refuses_md5_servers() {
         against_python_server(py, "distq-worker", &args)
     };
     let out = worker(&legacy, true);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("asks for HMAC-MD5") && stderr.contains("legacy authentication is off"),
-        "{stderr}"
-    );
+    assert_refused_md5_server(&out);
     for (py, strict) in [(&modern, true), (&legacy, false)] {
         let out = worker(py, strict);
         assert!(
@@ -456,12 +449,7 @@ fn stat_without_legacy_auth_refuses_md5_servers() {
         against_python_server(py, "distq-stat", args)
     };
     let out = stat(&legacy, true);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("asks for HMAC-MD5") && stderr.contains("legacy authentication is off"),
-        "{stderr}"
-    );
+    assert_refused_md5_server(&out);
     for (py, strict) in [(&modern, true), (&legacy, false)] {
         let out = stat(py, strict);
         let stderr = text(&out.stderr);
@@ -473,6 +461,17 @@ fn stat_without_legacy_auth_refuses_md5_servers() {
         );
         assert!(stderr.contains("is not a distq server"), "{stderr}");
     }
+}
+
+/// That a binary refused a server whose challenge asks for HMAC-MD5: exit 3 (an
+/// authentication failure), saying it was MD5, not the key.
+fn assert_refused_md5_server(out: &std::process::Output) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("asks for HMAC-MD5") && stderr.contains("legacy authentication is off"),
+        "{stderr}"
+    );
 }
 
 /// Runs one of the binaries with `args` against Python's own server on `py`, connecting
