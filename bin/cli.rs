@@ -18,8 +18,8 @@ use distq::{AuthKey, Error};
 
 /// The exit statuses of every binary, so scripts can tell failures apart without
 /// parsing messages. Documented in the README ("Exit codes").
-// One table for all, as the README has it: `distq-master` uses every code, the others
-// a part (`distq-server` neither `OK`, `AUTH` nor `CONNECTION`).
+// One table for all, as the README has it: `distq-master` uses every code; distq-server,
+// distq-worker and distq-stat a part (only the master has `MISSING` and `TASKS_FAILED`).
 #[allow(dead_code)]
 pub mod exit {
     /// Everything worked (for `distq-master`: every task has a successful result).
