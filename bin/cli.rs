@@ -1,22 +1,26 @@
 //! What the binaries share: where the authkey comes from, `--help`/`--version`, the
-//! exit codes, the warning about a key on the command line, the progress line, and
-//! turning errors into one clear line on stderr.
+//! exit codes, the warning about a key on the command line, and turning errors into one
+//! clear line on stderr.
 //!
 //! It exits the process and parses flags, which no library caller wants, so it lives
 //! with the binaries: each includes this file as its `cli` module (`distq-master`
-//! through the worker it compiles in) and uses the part it needs.
+//! through the worker it compiles in). What only the master needs, the progress line,
+//! is its own module (bin/master/progress.rs); the few items here that some binaries
+//! leave unused say which use them, each under its own `allow(dead_code)`.
 
 use std::ffi::OsString;
-use std::io::{IsTerminal, Write};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use distq::log::{self, Level};
 use distq::{AuthKey, Error};
 
 /// The exit statuses of every binary, so scripts can tell failures apart without
 /// parsing messages. Documented in the README ("Exit codes").
+// One table for all, as the README has it: `distq-master` uses every code; distq-server,
+// distq-worker and distq-stat a part (only the master has `MISSING` and `TASKS_FAILED`).
+#[allow(dead_code)]
 pub mod exit {
     /// Everything worked (for `distq-master`: every task has a successful result).
     pub const OK: i32 = 0;
@@ -36,6 +40,8 @@ pub mod exit {
 
 /// The exit status for a client-side error: authentication and connection problems
 /// get their own codes, anything else is [`exit::FAILURE`].
+// For the clients: distq-worker, distq-stat and distq-master, not distq-server.
+#[allow(dead_code)]
 pub fn status_for(e: &Error) -> i32 {
     match e {
         Error::AuthFailed(_) => exit::AUTH,
@@ -120,6 +126,8 @@ impl CommonFlags {
     }
 
     /// `-v` count minus `-q` count: 0 by default, negative when asked to be quiet.
+    // Read by distq-worker and distq-master; the others only log (`init_logging`).
+    #[allow(dead_code)]
     pub fn verbosity(&self) -> i8 {
         self.verbosity
     }
@@ -226,6 +234,8 @@ pub fn address(flag: &str, value: OsString) -> Result<String, lexopt::Error> {
 }
 
 /// Parses a count for `flag` (`--tasks 10`), naming the flag when the value is not one.
+// Used by distq-server, distq-worker and distq-master, not distq-stat.
+#[allow(dead_code)]
 pub fn count<T: std::str::FromStr>(flag: &str, value: OsString) -> Result<T, lexopt::Error> {
     let text = value.to_string_lossy().into_owned();
     text.parse()
@@ -247,101 +257,9 @@ pub fn fail(msg: impl std::fmt::Display, status: i32) -> ! {
     std::process::exit(status)
 }
 
-/// A progress report on stderr for a known number of tasks.
-///
-/// On a terminal it is one line rewritten in place (`\r`, at most every 0.2 s) so it
-/// never scrolls the results away; elsewhere (a log file, CI) it is a plain line every
-/// `every`, because carriage returns make logs unreadable.
-#[derive(Debug)]
-pub struct Progress {
-    total: usize,
-    start: Instant,
-    last: Option<Instant>,
-    tty: bool,
-    every: Duration,
-    enabled: bool,
-    /// Whether the in-place line is on the terminal now (drawn and not cleared).
-    shown: bool,
-}
-
-impl Progress {
-    /// A report for `total` tasks; `enabled: false` (for `-q`) makes every call a no-op.
-    pub fn new(total: usize, every: Duration, enabled: bool) -> Progress {
-        let tty = std::io::stderr().is_terminal();
-        Progress {
-            total,
-            start: Instant::now(),
-            last: None,
-            tty,
-            every: if tty {
-                Duration::from_millis(200)
-            } else {
-                every
-            },
-            enabled,
-            shown: false,
-        }
-    }
-
-    /// Reports `done` successes and `failed` failures if the last report is old enough.
-    pub fn update(&mut self, done: usize, failed: usize) {
-        let now = Instant::now();
-        let recent = self.last.is_some_and(|t| now - t < self.every);
-        if !self.enabled || (recent && (self.shown || !self.tty)) {
-            return;
-        }
-        self.shown = self.tty;
-        self.last = Some(now);
-        let line = progress_line(done, failed, self.total, self.start.elapsed());
-        let mut err = std::io::stderr().lock();
-        let _ = if self.tty {
-            // \x1b[K clears what a longer previous line left behind.
-            write!(err, "\r{line}\x1b[K")
-        } else {
-            writeln!(err, "progress: {line}")
-        };
-        let _ = err.flush();
-    }
-
-    /// Takes the in-place line off the terminal before something else is written there
-    /// (results on a stdout that is the same terminal), so the two never share a line;
-    /// the next [`Progress::update`] draws it again.
-    pub fn clear(&mut self) {
-        if std::mem::take(&mut self.shown) {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[K");
-            let _ = err.flush();
-        }
-    }
-
-    /// Ends the in-place line so that what follows starts on a fresh line.
-    pub fn finish(&mut self) {
-        if std::mem::take(&mut self.shown) {
-            eprintln!();
-        }
-    }
-}
-
-/// `12/100 done, 1 failed, 3.4/s, ETA 26s`: results so far, the rate since the start,
-/// and the time left at that rate (unknown until the first result).
-pub fn progress_line(done: usize, failed: usize, total: usize, elapsed: Duration) -> String {
-    let finished = done + failed;
-    let secs = elapsed.as_secs_f64();
-    let rate = if secs > 0.0 {
-        finished as f64 / secs
-    } else {
-        0.0
-    };
-    let eta = if finished == 0 || rate <= 0.0 {
-        "ETA ?".to_string()
-    } else {
-        let left = total.saturating_sub(finished) as f64 / rate;
-        format!("ETA {}", human_duration(Duration::from_secs_f64(left)))
-    };
-    format!("{finished}/{total} done, {failed} failed, {rate:.1}/s, {eta}")
-}
-
 /// `850ms`, `42s`, `3m05s`, `2h07m`: short enough for a status line.
+// For distq-stat (the uptime) and distq-master (the progress line's ETA).
+#[allow(dead_code)]
 pub fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
@@ -378,15 +296,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn progress_lines_show_rate_and_eta() {
-        assert_eq!(
-            progress_line(0, 0, 10, Duration::from_secs(1)),
-            "0/10 done, 0 failed, 0.0/s, ETA ?"
-        );
-        assert_eq!(
-            progress_line(4, 1, 10, Duration::from_secs(2)),
-            "5/10 done, 1 failed, 2.5/s, ETA 2s"
-        );
+    fn durations_are_short() {
         assert_eq!(human_duration(Duration::from_millis(850)), "850ms");
         assert_eq!(human_duration(Duration::from_secs(185)), "3m05s");
         assert_eq!(human_duration(Duration::from_secs(7620)), "2h07m");

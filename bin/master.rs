@@ -3,8 +3,8 @@
 //!
 //! This file holds the flags and picks the mode; the rest is in bin/master/:
 //! `classic.rs` and `lines.rs` (the two modes), `collector.rs` (line mode's results),
-//! `backend.rs` (the server, hosted or connected, and the end of a job) and `workers.rs`
-//! (local workers and their stop).
+//! `progress.rs` (the progress line), `backend.rs` (the server, hosted or connected, and
+//! the end of a job) and `workers.rs` (local workers and their stop).
 
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
@@ -36,6 +36,8 @@ mod classic;
 mod collector;
 #[path = "master/lines.rs"]
 mod lines;
+#[path = "master/progress.rs"]
+mod progress;
 #[path = "master/workers.rs"]
 mod workers;
 

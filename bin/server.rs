@@ -7,7 +7,6 @@ use lexopt::ValueExt;
 
 /// Shared by the binaries; each uses a part of it.
 #[path = "cli.rs"]
-#[allow(dead_code)]
 mod cli;
 use cli::{exit, CommonFlags};
 

@@ -9,7 +9,6 @@ use lexopt::ValueExt;
 
 /// Shared by the binaries; each uses a part of it.
 #[path = "cli.rs"]
-#[allow(dead_code)]
 mod cli;
 use cli::{exit, CommonFlags};
 
@@ -25,6 +24,8 @@ OPTIONS:
     --watch SECS          refresh every SECS seconds until interrupted
     --count N             with --watch: stop after N reports
     --json                one JSON object per report instead of a table
+    --no-legacy-auth      refuse a server that uses HMAC-MD5 in the handshake (Python
+                          <= 3.11's own manager), as if its key were wrong (exit 3)
     --authkey KEY         shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH   read the shared secret from a file (or set DISTQ_AUTHKEY)
     -v, -q                more / less logging on stderr
@@ -63,6 +64,7 @@ fn main() {
     let mut watch: Option<Duration> = None;
     let mut count: Option<u64> = None;
     let mut json = false;
+    let mut client = ClientConfig::default();
     let parsed: Result<(), lexopt::Error> = (|| {
         let mut parser = lexopt::Parser::from_env();
         while let Some(flag) = cli::next(&mut parser)? {
@@ -74,6 +76,7 @@ fn main() {
                 ("--watch", _) => watch = Some(cli::seconds(parser.value()?)?),
                 ("--count", _) => count = Some(parser.value()?.parse()?),
                 ("--json", _) => json = true,
+                ("--no-legacy-auth", _) => client.legacy_auth = false,
                 ("", cli::Flag::Value(v)) => addr = cli::address("HOST:PORT", v)?,
                 (_, flag) => return Err(flag.unexpected()),
             }
@@ -94,7 +97,7 @@ fn main() {
         .authkey()
         .unwrap_or_else(|e| cli::fail(e, exit::USAGE));
     common.warn_if_key_exposed(&addr);
-    let manager = Manager::connect_to(&Address::parse(&addr), authkey, ClientConfig::default())
+    let manager = Manager::connect_to(&Address::parse(&addr), authkey, client)
         .unwrap_or_else(|e| cli::fail(&e, cli::status_for(&e)));
     // Redraw in place on a terminal; append reports otherwise (a log stays readable).
     let redraw = watch.is_some() && !json && std::io::stdout().is_terminal();

@@ -12,7 +12,6 @@ use lexopt::ValueExt;
 
 /// Shared by the binaries; each uses a part of it.
 #[path = "cli.rs"]
-#[allow(dead_code)]
 pub(crate) mod cli;
 use cli::CommonFlags;
 
@@ -39,6 +38,8 @@ OPTIONS:
     --reconnect-for SECS  wait this long for a server that is not up yet, and after
                           losing it keep retrying this long [default: 300]
     --no-leases           take tasks with plain get instead of reserve/ack
+    --no-legacy-auth      refuse a server that uses HMAC-MD5 in the handshake (Python
+                          <= 3.11's own manager), as if its key were wrong (exit 3)
     --authkey KEY         shared secret (visible in `ps`; prefer the next two)
     --authkey-file PATH   read the shared secret from a file (or set DISTQ_AUTHKEY)
     -v, -q                more / less logging on stderr
@@ -87,6 +88,8 @@ struct Flags {
     sleep: Duration,
     reconnect_for: Duration,
     leases: bool,
+    /// `false` with `--no-legacy-auth`: no MD5 in our handshakes.
+    legacy_auth: bool,
     exec: Option<ExecConfig>,
     concurrency: usize,
     retries: u32,
@@ -112,6 +115,7 @@ pub(crate) fn main() {
         sleep: Duration::ZERO,
         reconnect_for: Duration::from_secs(300),
         leases: true,
+        legacy_auth: true,
         exec: None,
         concurrency: 1,
         retries: 0,
@@ -135,6 +139,7 @@ pub(crate) fn main() {
                 "--sleep" => flags.sleep = cli::seconds(parser.value()?)?,
                 "--reconnect-for" => flags.reconnect_for = cli::seconds(parser.value()?)?,
                 "--no-leases" => flags.leases = false,
+                "--no-legacy-auth" => flags.legacy_auth = false,
                 "--exec" => exec.command = parser.value()?.string()?,
                 "--concurrency" | "--task-timeout" | "--kill-after" | "--retries"
                 | "--retry-delay" | "--max-output" => {
@@ -325,6 +330,7 @@ fn report(event: &Event, classic: bool, chatty: bool) {
 fn first_connect(flags: &Flags, authkey: distq::AuthKey) -> distq::Result<Manager> {
     let mut config = ClientConfig::default();
     config.reconnect_for = flags.reconnect_for;
+    config.legacy_auth = flags.legacy_auth;
     config.keep_reconnecting = || !STOP.requested();
     let start = std::time::Instant::now();
     let mut pause = Duration::from_millis(50);

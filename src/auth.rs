@@ -19,8 +19,9 @@
 //! clear error, since no Python sends them unless explicitly told to.
 //!
 //! MD5 can be refused, for deployments whose policy forbids it: at run time
-//! (`ServerConfig::legacy_auth`, `ClientConfig::legacy_auth`, which reach the handshake inside
-//! the key) or at build time (without the `legacy-md5` feature the `md-5` crate is left out).
+//! (`ServerConfig::legacy_auth`, `ClientConfig::legacy_auth`, which reach the handshake as a
+//! [`LegacyAuth`] beside the key) or at build time (without the `legacy-md5` feature the
+//! `md-5` crate is left out).
 //! A refused MD5 answer gets `#FAILURE#`, as a wrong key does; a refused MD5 challenge is not
 //! answered. Either way the error says MD5 was refused, not that the key was wrong.
 //!
@@ -67,19 +68,12 @@ const SAME_KEY: &str = " (check that both sides use the same authkey)";
 #[derive(Clone)]
 pub struct AuthKey {
     bytes: Vec<u8>,
-    /// Whether MD5 may prove this key. It travels with the key because the handshake
-    /// (`conn::Connection::handshake`) takes only the key; the server and client set it from
-    /// their configs' `legacy_auth` ([`AuthKey::with_legacy`]).
-    legacy: bool,
 }
 
 impl AuthKey {
     /// Wraps the key bytes, e.g. `AuthKey::new(*b"abc")` or `AuthKey::new("abc")`.
     pub fn new(key: impl Into<Vec<u8>>) -> AuthKey {
-        AuthKey {
-            bytes: key.into(),
-            legacy: true,
-        }
+        AuthKey { bytes: key.into() }
     }
 
     /// The raw key: for computing MACs, or for handing to a child process through its
@@ -87,31 +81,49 @@ impl AuthKey {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
-
-    /// The same key, with HMAC-MD5 (Python 3.8–3.11's handshake) allowed or refused.
-    pub(crate) fn with_legacy(&self, allowed: bool) -> AuthKey {
-        AuthKey {
-            bytes: self.bytes.clone(),
-            legacy: allowed,
-        }
-    }
-
-    /// What computes `digest` for this key, or why it is refused.
-    fn hash(&self, digest: Digest) -> std::result::Result<Hash, &'static str> {
-        match digest {
-            Digest::Sha256 => Ok(Hash::Sha256),
-            Digest::Md5 if !self.legacy => Err("legacy authentication is off"),
-            #[cfg(feature = "legacy-md5")]
-            Digest::Md5 => Ok(Hash::Md5),
-            #[cfg(not(feature = "legacy-md5"))]
-            Digest::Md5 => Err("this build has no MD5 (the legacy-md5 feature is off)"),
-        }
-    }
 }
 
 impl fmt::Debug for AuthKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AuthKey(<redacted>)")
+    }
+}
+
+/// Whether HMAC-MD5, the only digest of Python 3.8–3.11's handshake, may prove a key.
+///
+/// A deployment's policy, not part of the secret, so it is an argument of every handshake
+/// beside the key rather than something the key carries: one key serves under either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LegacyAuth {
+    /// MD5 answers are checked and MD5 challenges answered, as Python does (if this build
+    /// has MD5 at all: without the `legacy-md5` feature it is refused either way).
+    Allowed,
+    /// MD5 is refused: an MD5 answer fails as a wrong one does, an MD5 challenge is not
+    /// answered, and the error says why.
+    Refused,
+}
+
+impl LegacyAuth {
+    /// From a config's `legacy_auth` (`false`: `--no-legacy-auth`), which stays a `bool` so
+    /// that the configs' public fields read as the flags do.
+    pub fn from_flag(legacy_auth: bool) -> LegacyAuth {
+        if legacy_auth {
+            LegacyAuth::Allowed
+        } else {
+            LegacyAuth::Refused
+        }
+    }
+
+    /// What computes `digest` under this policy, or why it is refused.
+    fn hash(self, digest: Digest) -> std::result::Result<Hash, &'static str> {
+        match digest {
+            Digest::Sha256 => Ok(Hash::Sha256),
+            Digest::Md5 if self == LegacyAuth::Refused => Err("legacy authentication is off"),
+            #[cfg(feature = "legacy-md5")]
+            Digest::Md5 => Ok(Hash::Md5),
+            #[cfg(not(feature = "legacy-md5"))]
+            Digest::Md5 => Err("this build has no MD5 (the legacy-md5 feature is off)"),
+        }
     }
 }
 
@@ -132,8 +144,8 @@ impl Digest {
     }
 }
 
-/// A digest this build computes, obtained only through [`AuthKey::hash`], so no MD5 is
-/// computed for a key that refuses it and none exists without the `legacy-md5` feature.
+/// A digest this build computes, obtained only through [`LegacyAuth::hash`], so no MD5 is
+/// computed where the policy refuses it and none exists without the `legacy-md5` feature.
 #[derive(Clone, Copy, Debug)]
 enum Hash {
     #[cfg(feature = "legacy-md5")]
@@ -258,10 +270,14 @@ fn is_tls_record_header(len: u64) -> bool {
 /// (what Python 3.8–3.11 send) or `{md5|sha256}` plus the matching HMAC of the whole
 /// body (Python 3.12+), and replies `#WELCOME#` or `#FAILURE#`.
 ///
-/// Returns [`Error::AuthFailed`] if the answer was wrong, or MD5 and refused by `key` (after
-/// sending `#FAILURE#`), and propagates [`Error::Timeout`], [`Error::Closed`] and I/O errors
-/// unchanged.
-pub fn deliver_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()> {
+/// Returns [`Error::AuthFailed`] if the answer was wrong, or MD5 and refused by `legacy`
+/// (after sending `#FAILURE#`), and propagates [`Error::Timeout`], [`Error::Closed`] and I/O
+/// errors unchanged.
+pub fn deliver_challenge<S: Read + Write>(
+    s: &mut S,
+    key: &AuthKey,
+    legacy: LegacyAuth,
+) -> Result<()> {
     let mut frame = Vec::with_capacity(CHALLENGE.len() + 8 + CHALLENGE_RANDOM_LEN);
     frame.extend_from_slice(CHALLENGE);
     frame.push(b'{');
@@ -280,7 +296,7 @@ pub fn deliver_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()
     let failure = match parse_form(&response) {
         Ok(form) => {
             let (Form::Legacy(mac) | Form::Prefixed(_, mac)) = form;
-            match key.hash(form.digest()) {
+            match legacy.hash(form.digest()) {
                 Ok(hash) if hash.verify(key, body, mac) => None,
                 Ok(_) => Some(format!(
                     "the peer's answer to our challenge was wrong{SAME_KEY}"
@@ -310,9 +326,13 @@ pub fn deliver_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()
 /// A 20-byte body gets a raw 16-byte HMAC-MD5 (legacy peers); a `{name}` body gets `{name}` plus
 /// HMAC-*name* over the whole body. Returns [`Error::Protocol`] if the peer sent no challenge, a
 /// body shorter than 20 bytes or a digest we do not know, and [`Error::AuthFailed`] if it asks
-/// for MD5 and `key` refuses it (sending nothing) or the verdict is anything but `#WELCOME#`.
-/// Timeouts and closes propagate unchanged.
-pub fn answer_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()> {
+/// for MD5 and `legacy` refuses it (sending nothing) or the verdict is anything but
+/// `#WELCOME#`. Timeouts and closes propagate unchanged.
+pub fn answer_challenge<S: Read + Write>(
+    s: &mut S,
+    key: &AuthKey,
+    legacy: LegacyAuth,
+) -> Result<()> {
     let mut frame = Vec::new();
     read_handshake_frame(s, &mut frame, "the peer's challenge")?;
     let Some(body) = frame.strip_prefix(CHALLENGE) else {
@@ -329,7 +349,7 @@ pub fn answer_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()>
     }
     let form = parse_form(body)
         .map_err(|why| Error::protocol(format!("cannot answer the peer's challenge: {why}")))?;
-    let hash = key.hash(form.digest()).map_err(|refused| {
+    let hash = legacy.hash(form.digest()).map_err(|refused| {
         Error::AuthFailed(format!(
             "the peer's challenge asks for HMAC-MD5 (Python <= 3.11), refused: {refused}"
         ))
@@ -365,16 +385,24 @@ pub fn answer_challenge<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()>
 
 /// The server side of the handshake: challenge first, then answer, as a Python manager
 /// `Server` does for every accepted connection.
-pub fn server_handshake<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()> {
-    deliver_challenge(s, key)?;
-    answer_challenge(s, key)
+pub fn server_handshake<S: Read + Write>(
+    s: &mut S,
+    key: &AuthKey,
+    legacy: LegacyAuth,
+) -> Result<()> {
+    deliver_challenge(s, key, legacy)?;
+    answer_challenge(s, key, legacy)
 }
 
 /// The client side of the handshake: answer first, then challenge, as Python's
 /// `multiprocessing.connection.Client` does.
-pub fn client_handshake<S: Read + Write>(s: &mut S, key: &AuthKey) -> Result<()> {
-    answer_challenge(s, key)?;
-    deliver_challenge(s, key)
+pub fn client_handshake<S: Read + Write>(
+    s: &mut S,
+    key: &AuthKey,
+    legacy: LegacyAuth,
+) -> Result<()> {
+    answer_challenge(s, key, legacy)?;
+    deliver_challenge(s, key, legacy)
 }
 
 #[cfg(test)]
@@ -442,9 +470,9 @@ mod tests {
         }
     }
 
-    /// The HMAC `key` computes for `digest` (which it must not refuse).
+    /// The HMAC `key` computes for `digest` (which this build must have).
     fn mac(digest: Digest, key: &AuthKey, msg: &[u8]) -> Vec<u8> {
-        key.hash(digest).unwrap().mac(key, msg)
+        LegacyAuth::Allowed.hash(digest).unwrap().mac(key, msg)
     }
 
     fn md5_body() -> Vec<u8> {
@@ -476,15 +504,15 @@ mod tests {
     }
 
     fn answer_to(body: &[u8]) -> Result<Vec<u8>> {
-        answer_with(&key(), body)
+        answer_with(LegacyAuth::Allowed, body)
     }
 
-    /// What `key` answers to a challenge of `body`, followed by `#WELCOME#`.
-    fn answer_with(key: &AuthKey, body: &[u8]) -> Result<Vec<u8>> {
+    /// What we answer under `legacy` to a challenge of `body`, followed by `#WELCOME#`.
+    fn answer_with(legacy: LegacyAuth, body: &[u8]) -> Result<Vec<u8>> {
         let mut challenge = CHALLENGE.to_vec();
         challenge.extend_from_slice(body);
         let mut peer = Script::new(&[&challenge, WELCOME]);
-        answer_challenge(&mut peer, key)?;
+        answer_challenge(&mut peer, &key(), legacy)?;
         Ok(peer.sent().remove(0))
     }
 
@@ -521,27 +549,27 @@ mod tests {
         assert_eq!(answer[5..], mac(Digest::Md5, &key(), &md5)[..]);
     }
 
-    /// Keys that refuse MD5, each with the reason it gives: one with legacy authentication
-    /// off and, in a build without the `legacy-md5` feature, the default one too.
-    fn refusing_md5() -> Vec<(AuthKey, &'static str)> {
-        let strict = (key().with_legacy(false), "legacy authentication is off");
+    /// The policies that refuse MD5, each with the reason it gives: `Refused` and, in a build
+    /// without the `legacy-md5` feature, `Allowed` too.
+    fn refusing_md5() -> Vec<(LegacyAuth, &'static str)> {
+        let strict = (LegacyAuth::Refused, "legacy authentication is off");
         if cfg!(feature = "legacy-md5") {
             vec![strict]
         } else {
-            vec![strict, (key(), "the legacy-md5 feature is off")]
+            vec![strict, (LegacyAuth::Allowed, "the legacy-md5 feature is off")]
         }
     }
 
-    /// A key refusing MD5 answers no MD5 challenge, raw or `{md5}`: nothing is sent and the
+    /// A policy refusing MD5 answers no MD5 challenge, raw or `{md5}`: nothing is sent and the
     /// error says why. A SHA-256 challenge is still answered.
     #[test]
     fn md5_challenges_are_not_answered_when_refused() {
-        for (key, reason) in &refusing_md5() {
+        for &(legacy, reason) in &refusing_md5() {
             for body in [(0u8..20).collect(), md5_body()] {
                 let mut challenge = CHALLENGE.to_vec();
                 challenge.extend_from_slice(&body);
                 let mut peer = Script::new(&[&challenge, WELCOME]);
-                match answer_challenge(&mut peer, key) {
+                match answer_challenge(&mut peer, &key(), legacy) {
                     Err(Error::AuthFailed(why)) => {
                         assert!(why.contains("HMAC-MD5") && why.contains(reason), "{why}")
                     }
@@ -549,7 +577,7 @@ mod tests {
                 }
                 assert!(peer.sent().is_empty(), "answered {:?}", peer.sent());
             }
-            assert_eq!(answer_with(key, &modern_body()).unwrap()[..8], *b"{sha256}");
+            assert_eq!(answer_with(legacy, &modern_body()).unwrap()[..8], *b"{sha256}");
         }
     }
 
@@ -570,17 +598,17 @@ mod tests {
 
         let mut peer = Script::new(&[b"#WELCOME#"]);
         assert!(matches!(
-            answer_challenge(&mut peer, &key()),
+            answer_challenge(&mut peer, &key(), LegacyAuth::Allowed),
             Err(Error::Protocol(_))
         ));
         let mut peer = Script::new(&[]);
         assert!(matches!(
-            answer_challenge(&mut peer, &key()),
+            answer_challenge(&mut peer, &key(), LegacyAuth::Allowed),
             Err(Error::Closed)
         ));
         let mut peer = Script::new(&[&[b'#'; 257]]);
         assert!(matches!(
-            answer_challenge(&mut peer, &key()),
+            answer_challenge(&mut peer, &key(), LegacyAuth::Allowed),
             Err(Error::Protocol(_))
         ));
     }
@@ -592,7 +620,7 @@ mod tests {
         for verdict in [FAILURE, b"#WELCOME", b""] {
             let mut peer = Script::new(&[&challenge, verdict]);
             assert!(matches!(
-                answer_challenge(&mut peer, &key()),
+                answer_challenge(&mut peer, &key(), LegacyAuth::Allowed),
                 Err(Error::AuthFailed(_))
             ));
         }
@@ -604,11 +632,11 @@ mod tests {
     /// Runs `deliver_challenge` against a peer that answers with `respond(body)`, returning the
     /// outcome and the verdict frame sent.
     fn deliver_with(respond: Responder) -> (Result<()>, Vec<u8>) {
-        deliver_as(&key(), respond)
+        deliver_as(LegacyAuth::Allowed, respond)
     }
 
-    /// [`deliver_with`], challenging with `key`.
-    fn deliver_as(key: &AuthKey, respond: Responder) -> (Result<()>, Vec<u8>) {
+    /// [`deliver_with`], checking the answer under `legacy`.
+    fn deliver_as(legacy: LegacyAuth, respond: Responder) -> (Result<()>, Vec<u8>) {
         let (mut ours, mut theirs) = UnixStream::pair().unwrap();
         let peer = thread::spawn(move || {
             let mut buf = Vec::new();
@@ -619,7 +647,7 @@ mod tests {
             read_frame(&mut theirs, 256, &mut buf).unwrap();
             buf
         });
-        let result = deliver_challenge(&mut ours, key);
+        let result = deliver_challenge(&mut ours, &key(), legacy);
         (result, peer.join().unwrap())
     }
 
@@ -652,7 +680,7 @@ mod tests {
         }
     }
 
-    /// A key refusing MD5 refuses an MD5 answer, raw or `{md5}`, as it refuses a wrong one
+    /// A policy refusing MD5 refuses an MD5 answer, raw or `{md5}`, as it refuses a wrong one
     /// (`#FAILURE#`), even when its MAC is right, and the error says why; a SHA-256 answer
     /// still passes.
     #[test]
@@ -672,9 +700,9 @@ mod tests {
                 a
             },
         ];
-        for (key, reason) in &refusing_md5() {
+        for &(legacy, reason) in &refusing_md5() {
             for respond in md5_answers {
-                let (result, verdict) = deliver_as(key, respond);
+                let (result, verdict) = deliver_as(legacy, respond);
                 match result {
                     Err(Error::AuthFailed(why)) => {
                         assert!(why.contains("HMAC-MD5") && why.contains(reason), "{why}")
@@ -683,7 +711,7 @@ mod tests {
                 }
                 assert_eq!(verdict, FAILURE);
             }
-            let (result, verdict) = deliver_as(key, |b| prefixed(Digest::Sha256, b));
+            let (result, verdict) = deliver_as(legacy, |b| prefixed(Digest::Sha256, b));
             assert!(result.is_ok(), "{result:?}");
             assert_eq!(verdict, WELCOME);
         }
@@ -742,9 +770,22 @@ mod tests {
     }
 
     fn handshake(server_key: AuthKey, client_key: AuthKey) -> (Result<()>, Result<()>) {
+        handshake_under(
+            (server_key, LegacyAuth::Allowed),
+            (client_key, LegacyAuth::Allowed),
+        )
+    }
+
+    /// A whole handshake between a server and a client, each with its key and policy.
+    fn handshake_under(
+        (server_key, server_legacy): (AuthKey, LegacyAuth),
+        (client_key, client_legacy): (AuthKey, LegacyAuth),
+    ) -> (Result<()>, Result<()>) {
         let (mut server_end, mut client_end) = UnixStream::pair().unwrap();
-        let server = thread::spawn(move || server_handshake(&mut server_end, &server_key));
-        let client = client_handshake(&mut client_end, &client_key);
+        let server = thread::spawn(move || {
+            server_handshake(&mut server_end, &server_key, server_legacy)
+        });
+        let client = client_handshake(&mut client_end, &client_key, client_legacy);
         (server.join().unwrap(), client)
     }
 
@@ -760,9 +801,11 @@ mod tests {
     /// A server refusing MD5 and a client that allows it agree on SHA-256 both ways.
     #[test]
     fn a_strict_side_and_a_lenient_one_speak_sha256() {
-        let (server, client) = handshake(key().with_legacy(false), key());
+        let strict = (key(), LegacyAuth::Refused);
+        let lenient = (key(), LegacyAuth::Allowed);
+        let (server, client) = handshake_under(strict.clone(), lenient.clone());
         assert!(server.is_ok() && client.is_ok(), "{server:?} {client:?}");
-        let (server, client) = handshake(key(), key().with_legacy(false));
+        let (server, client) = handshake_under(lenient, strict);
         assert!(server.is_ok() && client.is_ok(), "{server:?} {client:?}");
     }
 
@@ -779,11 +822,11 @@ mod tests {
         ours.set_read_timeout(Some(std::time::Duration::from_millis(20)))
             .unwrap();
         assert!(matches!(
-            answer_challenge(&mut ours, &key()),
+            answer_challenge(&mut ours, &key(), LegacyAuth::Allowed),
             Err(Error::Timeout(_))
         ));
         assert!(matches!(
-            deliver_challenge(&mut ours, &key()),
+            deliver_challenge(&mut ours, &key(), LegacyAuth::Allowed),
             Err(Error::Timeout(_))
         ));
     }

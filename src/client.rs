@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth::AuthKey;
+use crate::auth::{AuthKey, LegacyAuth};
 use crate::conn::{Connection, Role};
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::log::log_at;
@@ -241,7 +241,8 @@ impl Manager {
                     return Connection::handshake(
                         stream,
                         Role::Client,
-                        &self.inner.authkey.with_legacy(cfg.legacy_auth),
+                        &self.inner.authkey,
+                        LegacyAuth::from_flag(cfg.legacy_auth),
                         cfg.max_frame,
                         cfg.handshake_timeout,
                     )
@@ -265,7 +266,8 @@ impl Manager {
             Ok(stream) => Connection::handshake(
                 stream,
                 Role::Client,
-                &self.inner.authkey.with_legacy(cfg.legacy_auth),
+                &self.inner.authkey,
+                LegacyAuth::from_flag(cfg.legacy_auth),
                 cfg.max_frame,
                 cfg.handshake_timeout,
             ),

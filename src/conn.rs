@@ -23,7 +23,7 @@ use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, AuthKey};
+use crate::auth::{self, AuthKey, LegacyAuth};
 use crate::frame;
 use crate::net::{Peer, Stream};
 use crate::pickle::{self, Value};
@@ -114,12 +114,14 @@ impl Connection {
     /// authenticates it within `deadline`.
     ///
     /// # Errors
-    /// [`Error::AuthFailed`] for a wrong authkey, [`Error::Timeout`] if the peer did not
-    /// finish the handshake in time, [`Error::Protocol`] for a malformed handshake.
+    /// [`Error::AuthFailed`] for a wrong authkey or an HMAC-MD5 peer that `legacy` refuses,
+    /// [`Error::Timeout`] if the peer did not finish the handshake in time,
+    /// [`Error::Protocol`] for a malformed handshake.
     pub fn handshake(
         stream: impl Into<Stream>,
         role: Role,
         key: &AuthKey,
+        legacy: LegacyAuth,
         max_frame: usize,
         timeout: Duration,
     ) -> Result<Connection> {
@@ -137,8 +139,8 @@ impl Connection {
             quickack: role == Role::Server,
         };
         match role {
-            Role::Server => auth::server_handshake(&mut timed, key)?,
-            Role::Client => auth::client_handshake(&mut timed, key)?,
+            Role::Server => auth::server_handshake(&mut timed, key, legacy)?,
+            Role::Client => auth::client_handshake(&mut timed, key, legacy)?,
         }
         Ok(Connection {
             stream,
@@ -566,7 +568,7 @@ mod tests {
         let client = std::thread::spawn(move || {
             let stream = TcpStream::connect(addr).unwrap();
             let mut c =
-                Connection::handshake(stream, Role::Client, &AuthKey::new("k"), 1 << 26, timeout)
+                Connection::handshake(stream, Role::Client, &AuthKey::new("k"), LegacyAuth::Allowed, 1 << 26, timeout)
                     .unwrap();
             let item = Value::list(vec![Value::None; 2_000_000]);
             let args = Value::tuple(vec![item]);
@@ -581,7 +583,7 @@ mod tests {
         });
         let (stream, _) = listener.accept().unwrap();
         let mut conn =
-            Connection::handshake(stream, Role::Server, &AuthKey::new("k"), 1 << 26, timeout)
+            Connection::handshake(stream, Role::Server, &AuthKey::new("k"), LegacyAuth::Allowed, 1 << 26, timeout)
                 .unwrap();
         conn.read_frame().unwrap();
         assert!(conn.read_buf.capacity() > frame::KEEP_CAPACITY);
@@ -601,13 +603,13 @@ mod tests {
         let client = std::thread::spawn(move || {
             let stream = TcpStream::connect(addr).unwrap();
             let mut c =
-                Connection::handshake(stream, Role::Client, &AuthKey::new("k"), 1 << 26, timeout)
+                Connection::handshake(stream, Role::Client, &AuthKey::new("k"), LegacyAuth::Allowed, 1 << 26, timeout)
                     .unwrap();
             Reply::from_value(&c.read_value().unwrap()).unwrap()
         });
         let (stream, _) = listener.accept().unwrap();
         let mut conn =
-            Connection::handshake(stream, Role::Server, &AuthKey::new("k"), 1 << 26, timeout)
+            Connection::handshake(stream, Role::Server, &AuthKey::new("k"), LegacyAuth::Allowed, 1 << 26, timeout)
                 .unwrap();
         conn.set_write_timeout(Some(timeout)).unwrap();
         let reply = Reply::Item(crate::pickle::Fragment::encode(&item).unwrap());

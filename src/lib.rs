@@ -30,8 +30,8 @@
 //! budget), `dispatch` (what each request does) and `conn` (one authenticated socket).
 //! The `internals` feature makes them public, undocumented and unstable, for the crate's
 //! own tests, benches and fuzz targets. ARCHITECTURE.md maps them. The binaries' flags,
-//! exit codes and progress line are theirs (bin/cli.rs): nothing here parses a command
-//! line or exits the process.
+//! exit codes and progress line are theirs (bin/cli.rs, bin/master/progress.rs): nothing
+//! here parses a command line or exits the process.
 //!
 //! ```
 //! use distq::{AuthKey, Manager, Server, ServerConfig};

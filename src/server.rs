@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::auth::AuthKey;
+use crate::auth::{AuthKey, LegacyAuth};
 use crate::conn::{Connection, Role};
 use crate::dispatch::{self, Public};
 use crate::frame::DEFAULT_MAX_FRAME;
@@ -687,7 +687,8 @@ impl Shared {
         let handshake = Connection::handshake(
             stream,
             Role::Server,
-            &self.config.authkey.with_legacy(self.config.legacy_auth),
+            &self.config.authkey,
+            LegacyAuth::from_flag(self.config.legacy_auth),
             self.config.max_frame,
             self.config.handshake_timeout,
         );

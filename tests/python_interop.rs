@@ -399,17 +399,93 @@ fn a_master_without_legacy_auth_refuses_md5_peers() {
     let _ = (master.kill(), master.wait());
     assert!(out.starts_with("AUTHFAIL "), "{out}");
 
+    let out = against_python_server(&py, "distq-master", &["--tasks", "1", "--no-legacy-auth"]);
+    assert_refused_md5_server(&out);
+}
+
+/// `distq-worker --no-legacy-auth` against Python's own server: a Python <= 3.11 one, whose
+/// challenge asks for HMAC-MD5, is refused (exit 3, saying why); a Python >= 3.12 one is
+/// served, and so is the old one without the flag.
+#[test]
+fn a_worker_without_legacy_auth_refuses_md5_servers() {
+    let (Some(legacy), Some(modern)) = legacy_and_modern() else {
+        return;
+    };
+    let worker = |py: &Python, strict: bool| {
+        let mut args = vec![
+            "--tasks",
+            "1",
+            "--get-timeout",
+            "0.1",
+            "--reconnect-for",
+            "0",
+        ];
+        args.extend(strict.then_some("--no-legacy-auth"));
+        against_python_server(py, "distq-worker", &args)
+    };
+    let out = worker(&legacy, true);
+    assert_refused_md5_server(&out);
+    for (py, strict) in [(&modern, true), (&legacy, false)] {
+        let out = worker(py, strict);
+        assert!(
+            out.status.success(),
+            "python {:?}, strict {strict}: {}",
+            py.version,
+            text(&out.stderr)
+        );
+    }
+}
+
+/// `distq-stat --no-legacy-auth` against Python's own server: a Python <= 3.11 one is
+/// refused in the handshake (exit 3, saying why); past the handshake, which a Python >= 3.12
+/// one (or the old one without the flag) passes, stat finds no `stats` (exit 1).
+#[test]
+fn stat_without_legacy_auth_refuses_md5_servers() {
+    let (Some(legacy), Some(modern)) = legacy_and_modern() else {
+        return;
+    };
+    let stat = |py: &Python, strict: bool| {
+        let args: &[&str] = if strict { &["--no-legacy-auth"] } else { &[] };
+        against_python_server(py, "distq-stat", args)
+    };
+    let out = stat(&legacy, true);
+    assert_refused_md5_server(&out);
+    for (py, strict) in [(&modern, true), (&legacy, false)] {
+        let out = stat(py, strict);
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "python {:?}: {stderr}",
+            py.version
+        );
+        assert!(stderr.contains("is not a distq server"), "{stderr}");
+    }
+}
+
+/// That a binary refused a server whose challenge asks for HMAC-MD5: exit 3 (an
+/// authentication failure), saying it was MD5, not the key.
+fn assert_refused_md5_server(out: &std::process::Output) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("asks for HMAC-MD5") && stderr.contains("legacy authentication is off"),
+        "{stderr}"
+    );
+}
+
+/// Runs one of the binaries with `args` against Python's own server on `py`, connecting
+/// with the key, and returns what it did.
+fn against_python_server(py: &Python, binary: &str, args: &[&str]) -> std::process::Output {
     let mut server = py.spawn(PY_SERVER, &[KEY]);
     let addr = read_line_starting(&mut server, "ADDRESS ").replace(' ', ":");
-    let out = bin("distq-master")
-        .args(["--connect", &addr, "--tasks", "1", "--authkey", KEY])
-        .arg("--no-legacy-auth")
+    let out = bin(binary)
+        .args(["--connect", &addr, "--authkey", KEY])
+        .args(args)
         .output()
         .unwrap();
     let _ = (server.kill(), server.wait());
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("asks for HMAC-MD5"), "{stderr}");
+    out
 }
 
 /// distq's client against Python's own BaseManager server, on every version: queue calls,
@@ -494,6 +570,7 @@ fn both_handshakes_against_real_python() {
             stream,
             distq::conn::Role::Client,
             &AuthKey::new(KEY),
+            distq::auth::LegacyAuth::Allowed,
             1 << 20,
             Duration::from_secs(5),
         )

@@ -546,6 +546,7 @@ fn an_authenticated_silent_peer_is_closed_at_the_idle_timeout() {
         stream,
         Role::Client,
         &AuthKey::new(KEY),
+        distq::auth::LegacyAuth::Allowed,
         1 << 20,
         Duration::from_secs(5),
     )
@@ -924,7 +925,8 @@ fn a_trickling_reader_cannot_hold_a_reply() {
     let big = Value::Bytes(vec![7u8; 48 << 20].into());
     q.put(big.clone()).unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
-    distq::auth::client_handshake(&mut s, &AuthKey::new(KEY)).unwrap();
+    distq::auth::client_handshake(&mut s, &AuthKey::new(KEY), distq::auth::LegacyAuth::Allowed)
+        .unwrap();
     let send = |s: &mut TcpStream, req: Request| {
         let bytes = distq::pickle::encode(&req.to_value().unwrap()).unwrap();
         distq::frame::write_frame(s, &bytes).unwrap();

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use distq::auth::{self, AuthKey};
+use distq::auth::{self, AuthKey, LegacyAuth};
 use distq::frame;
 use distq::pickle;
 use distq::protocol::{Reply, Request};
@@ -25,7 +25,7 @@ fn still_serving(addr: SocketAddr) {
 fn raw(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    auth::client_handshake(&mut s, &AuthKey::new(KEY)).unwrap();
+    auth::client_handshake(&mut s, &AuthKey::new(KEY), LegacyAuth::Allowed).unwrap();
     s
 }
 

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
-use distq::auth::{self, AuthKey};
+use distq::auth::{self, AuthKey, LegacyAuth};
 use distq::{frame, xmlrpc, Manager, RunningServer, Value};
 
 const CLIENT: &str = include_str!("python/xmlrpc_client.py");
@@ -19,7 +19,7 @@ const CLIENT: &str = include_str!("python/xmlrpc_client.py");
 fn raw(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    auth::client_handshake(&mut s, &AuthKey::new(KEY)).unwrap();
+    auth::client_handshake(&mut s, &AuthKey::new(KEY), LegacyAuth::Allowed).unwrap();
     s
 }
 

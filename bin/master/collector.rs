@@ -9,7 +9,7 @@ use std::time::Instant;
 use distq::{text, Error, QueueProxy, Value};
 
 use super::backend::{is_failure, FOREIGN_BACKOFF, STOP_CHECK};
-use super::cli::Progress;
+use super::progress::Progress;
 use super::run_state::RunState;
 use super::signals;
 use super::workers::Workers;

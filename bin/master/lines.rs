@@ -7,8 +7,9 @@ use std::time::Duration;
 use distq::{text, AuthKey, Error, QueueProxy, Value};
 
 use super::backend::{end_of_job, Backend, RESULTS, TASKS};
-use super::cli::{self, exit, Progress};
+use super::cli::{self, exit};
 use super::collector::Collector;
+use super::progress::Progress;
 use super::run_state::RunState;
 use super::signals;
 use super::workers::Workers;

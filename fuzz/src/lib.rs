@@ -32,7 +32,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use distq::auth::{self, AuthKey};
+use distq::auth::{self, AuthKey, LegacyAuth};
 use distq::dispatch::{self, Public, QueueCall};
 use distq::frame::{self, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
 use distq::pickle::{self, Value};
@@ -214,18 +214,18 @@ pub fn handshake_server(data: &[u8]) {
     let Some((mut peer, _)) = Peer::new(data) else {
         return;
     };
-    let delivered = auth::deliver_challenge(&mut peer, &key());
+    let delivered = auth::deliver_challenge(&mut peer, &key(), LegacyAuth::Allowed);
     assert!(
         delivered.is_err(),
         "a peer answered a random challenge without the key"
     );
     if let Err(Error::AuthFailed(_)) = delivered {
-        let _ = auth::answer_challenge(&mut peer, &key());
+        let _ = auth::answer_challenge(&mut peer, &key(), LegacyAuth::Allowed);
     }
     peer.sent_frames(HANDSHAKE_MAX_FRAME);
 
     let (mut peer, _) = Peer::new(data).expect("not empty");
-    let whole = auth::server_handshake(&mut peer, &key());
+    let whole = auth::server_handshake(&mut peer, &key(), LegacyAuth::Allowed);
     assert!(whole.is_err(), "server handshake succeeded without the key");
     peer.sent_frames(HANDSHAKE_MAX_FRAME);
 }
@@ -237,7 +237,7 @@ pub fn handshake_client(data: &[u8]) {
     let Some((mut peer, _)) = Peer::new(data) else {
         return;
     };
-    let result = auth::client_handshake(&mut peer, &key());
+    let result = auth::client_handshake(&mut peer, &key(), LegacyAuth::Allowed);
     assert!(
         result.is_err(),
         "client handshake succeeded against a peer without the key"
