@@ -47,7 +47,7 @@ pub(crate) struct Atom<'b> {
 impl<'b> Atom<'b> {
     /// The scalar. Read from the opcode when asked for, so that an atom is two words
     /// while it is checked and carried.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn scalar(&self) -> Scalar<'b> {
         let b = self.opcodes;
         match b[0] {
