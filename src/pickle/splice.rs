@@ -260,11 +260,21 @@ mod tests {
             .map(|v| Fragment::encode(v).unwrap())
             .collect();
         let tag = Value::str("tag");
-        for items in [&frags[..2], &frags[..], &frags[1..], &[][..]] {
+        // The last list has two fragments that use the memo: the second is shifted.
+        let twice = [frags[2].clone(), frags[0].clone(), frags[2].clone()];
+        for items in [&frags[..2], &frags[..], &frags[1..], &[][..], &twice[..]] {
             let want = Value::list(items.iter().map(|f| f.decode().unwrap()).collect());
             let got = decode(&pair("tag", Second::List(items)).unwrap()).unwrap();
             assert_eq!(got, Value::tuple(vec![tag.clone(), want]));
         }
+        // Decoded, an unshifted copy would read the same (its PUT rebinds index 0), so
+        // the shift is pinned as bytes.
+        let spliced = b"](]q\x00K\x01ah\x00\x86K\x07]q\x01K\x01ah\x01\x86e";
+        let bytes = pair("tag", Second::List(&twice)).unwrap();
+        assert!(
+            bytes.windows(spliced.len()).any(|w| w == spliced),
+            "{bytes:02x?}"
+        );
         for (f, v) in frags.iter().zip(&values) {
             let got = decode(&pair("tag", Second::Fragment(f)).unwrap()).unwrap();
             assert_eq!(got, Value::tuple(vec![tag.clone(), v.clone()]));
