@@ -65,21 +65,28 @@ impl Fragment {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    #[test]
-    fn fragments_round_trip() {
+    /// A value of each kind a fragment can be: an int, a str (no memo), and a tuple
+    /// sharing a list (memo), with their fragments.
+    pub(in crate::pickle) fn samples() -> ([Value; 3], Vec<Fragment>) {
         let shared = Value::list(vec![Value::from(1)]);
         let values = [
             Value::from(7),
             Value::from("x"),
             Value::tuple(vec![shared.clone(), shared]),
         ];
-        let frags: Vec<_> = values
+        let frags = values
             .iter()
             .map(|v| Fragment::encode(v).unwrap())
             .collect();
+        (values, frags)
+    }
+
+    #[test]
+    fn fragments_round_trip() {
+        let (values, frags) = samples();
         assert!(!frags[0].uses_memo() && frags[2].uses_memo());
         for (f, v) in frags.iter().zip(&values) {
             assert_eq!(&f.decode().unwrap(), v);

@@ -249,16 +249,7 @@ mod tests {
 
     #[test]
     fn fragments_splice_into_lists_and_pairs() {
-        let shared = Value::list(vec![Value::from(1)]);
-        let values = [
-            Value::from(7),
-            Value::from("x"),
-            Value::tuple(vec![shared.clone(), shared]),
-        ];
-        let frags: Vec<_> = values
-            .iter()
-            .map(|v| Fragment::encode(v).unwrap())
-            .collect();
+        let (values, frags) = crate::pickle::fragment::tests::samples();
         let tag = Value::str("tag");
         // The last list has two fragments that use the memo: the second is shifted.
         let twice = [frags[2].clone(), frags[0].clone(), frags[2].clone()];
