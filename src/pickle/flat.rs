@@ -46,7 +46,8 @@ pub(crate) struct Atom<'b> {
 
 impl<'b> Atom<'b> {
     /// The scalar. Read from the opcode when asked for, so that an atom is two words
-    /// while it is checked and carried.
+    /// while it is checked and carried. (Always inlined: left out of line, as LLVM
+    /// leaves it, it costs a request on the server's hot path ~60 instructions.)
     #[inline(always)]
     pub(crate) fn scalar(&self) -> Scalar<'b> {
         let b = self.opcodes;
@@ -116,6 +117,9 @@ impl<'b> Iterator for Entries<'b> {
 
 /// A flat pickle being read, element by element, the caller saying what each must be:
 /// a pickle that is not what the caller wants fails at the first opcode that differs.
+///
+/// Its methods are `#[inline]`: a request is a handful of calls of a few instructions
+/// each, and without the hints a request costs up to ~80 instructions more.
 pub(crate) struct Flat<'b> {
     c: Cursor<'b>,
 }

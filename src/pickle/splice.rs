@@ -44,7 +44,8 @@ pub(crate) enum Second<'a> {
 /// partial pickle and must be discarded.
 #[inline]
 pub(crate) fn write_pair(first: &str, second: Second<'_>, out: &mut Vec<u8>) -> Result<()> {
-    // What `encode_str` writes, in two copies for the short str every reply starts with.
+    // `encode_str` unrolled for the short str every reply starts with: ~30 instructions
+    // a reply.
     match u8::try_from(first.len()) {
         Ok(len) => {
             out.extend_from_slice(&[PROTO, 4, SHORT_BINUNICODE, len]);
