@@ -14,8 +14,8 @@
 //! ```
 
 use crate::frame;
-use crate::pickle::op::*;
-use crate::pickle::{self, Fragment, Kind, Pickled, Region, Scan, Value};
+use crate::pickle::flat::{Atom, Flat, Scalar};
+use crate::pickle::{self, Fragment, Kind, PairHead, Pickled, Region, Scan, Second, Value};
 use crate::{Error, Result};
 
 /// One call: a public function (`ident` is `None`) or a method on an object.
@@ -83,8 +83,9 @@ impl Arg {
     }
 }
 
-/// The start of every `#RETURN` reply's pickle: the protocol and the kind string.
-const RETURN_HEAD: &[u8] = b"\x80\x04\x8c\x07#RETURN";
+/// The pickle of a `#RETURN` reply up to its result (11 is `#RETURN`'s length plus 4,
+/// checked when compiling).
+const RETURN_HEAD: PairHead<11> = PairHead::new("#RETURN");
 
 /// The longest str argument read as a value; longer ones stay pickled.
 const SCALAR_STR_MAX: u32 = 256;
@@ -121,7 +122,7 @@ impl Request {
     /// `(None|str, str, tuple, dict[str, ...])`; [`Error::Value`] for the few pickles
     /// distq cannot forward faithfully.
     pub fn parse(bytes: &[u8]) -> Result<Request> {
-        if let Some(req) = parse_common(bytes) {
+        if let Some(req) = parse_flat(bytes) {
             return Ok(req);
         }
         Scan::with(bytes, parse_scanned)
@@ -148,189 +149,67 @@ impl Request {
 
 /// The requests Python's manager clients send most, read straight off their bytes.
 ///
-/// A queue call from Python (protocol 4 or 5) is a few opcodes in a fixed order:
-/// `PROTO FRAME MARK ident method args kwds TUPLE STOP`, the ident `None` or a str, args
-/// an empty tuple or one to three scalars, strs or bytes, kwds an empty dict or str keys
-/// with such values, each str and container followed by its MEMOIZE. Every pickle of that
-/// shape is one CPython loads, so this reads it without the scanner's bookkeeping and
-/// returns what [`parse_scanned`] would (`tests` compares the two on generated and
-/// mutated requests); anything else, or anything unsure (a str that is not Rust UTF-8,
-/// bytes after STOP), is `None` and goes to the scanner.
-fn parse_common(b: &[u8]) -> Option<Request> {
-    let mut c = Cursor { b, pos: 0 };
-    if c.byte()? != PROTO || !matches!(c.byte()?, 4 | 5) {
-        return None;
-    }
-    if c.peek()? == FRAME {
-        c.take(8 + 1)?;
-    }
-    if c.byte()? != MARK {
-        return None;
-    }
-    let ident = match c.peek()? {
-        NONE => {
-            c.pos += 1;
-            None
-        }
-        _ => Some(c.short_str()?.to_string()),
+/// A queue call from Python is a flat pickle (`pickle/flat.rs`): the ident `None` or a
+/// str, the method a str, args a tuple of scalars, strs or bytes, kwds a dict of them
+/// with str keys. This maps it as [`parse_scanned`] maps the scan (`tests` compares the
+/// two on generated and mutated requests); anything else, or anything unsure (a str
+/// that is not Rust UTF-8), is `None` and goes to the scanner.
+fn parse_flat(bytes: &[u8]) -> Option<Request> {
+    let mut flat = Flat::open(bytes)?;
+    let (ident, method, args, kwds) = (flat.atom()?, flat.atom()?, flat.tuple()?, flat.dict()?);
+    flat.close()?;
+    let ident = match ident.scalar() {
+        Scalar::None => None,
+        Scalar::Str(s) => Some(std::str::from_utf8(s).ok()?.to_string()),
+        _ => return None,
     };
-    c.memoize();
-    let method = c.short_str()?.to_string();
-    c.memoize();
-    let mut args = Vec::new();
-    if c.peek()? == EMPTY_TUPLE {
-        c.pos += 1;
-    } else {
-        while !matches!(c.peek()?, TUPLE1 | TUPLE2 | TUPLE3) {
-            if args.len() == 3 {
-                return None;
-            }
-            let i = args.len();
-            args.push(c.value(is_items(&method, Some(i), None))?);
-        }
-        if usize::from(c.byte()? - TUPLE1) + 1 != args.len() {
-            return None;
-        }
-    }
-    c.memoize();
-    if c.byte()? != EMPTY_DICT {
+    let Scalar::Str(method) = method.scalar() else {
         return None;
+    };
+    let method = std::str::from_utf8(method).ok()?.to_string();
+    // Loops rather than `collect::<Option<Vec<_>>>()`, which costs a request on this
+    // path a tenth more.
+    let mut request_args = Vec::new();
+    for (i, a) in args.enumerate() {
+        request_args.push(flat_arg(&a, is_items(&method, Some(i), None))?);
     }
-    c.memoize();
     let mut kwargs = Vec::new();
-    let mut pair = |c: &mut Cursor<'_>| -> Option<()> {
-        let name = c.short_str()?.to_string();
-        c.memoize();
-        let items = is_items(&method, None, Some(&name));
-        kwargs.push((name, c.value(items)?));
-        Some(())
-    };
-    loop {
-        match c.peek()? {
-            TUPLE => break,
-            MARK => {
-                c.pos += 1;
-                while c.peek()? != SETITEMS {
-                    pair(&mut c)?;
-                }
-                c.pos += 1;
-            }
-            _ => {
-                pair(&mut c)?;
-                if c.byte()? != SETITEM {
-                    return None;
-                }
-            }
-        }
-    }
-    c.pos += 1;
-    c.memoize();
-    if c.byte()? != STOP || c.pos != b.len() {
-        return None;
+    for (name, a) in kwds {
+        let name = std::str::from_utf8(name).ok()?;
+        let items = is_items(&method, None, Some(name));
+        kwargs.push((name.to_string(), flat_arg(&a, items)?));
     }
     Some(Request {
         ident,
         method,
-        args,
+        args: request_args,
         kwargs,
     })
 }
 
-/// A position in a request [`parse_common`] is reading.
-struct Cursor<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.pos).copied()
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        let c = self.peek()?;
-        self.pos += 1;
-        Some(c)
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let raw = self.b.get(self.pos..end)?;
-        self.pos = end;
-        Some(raw)
-    }
-
-    fn memoize(&mut self) {
-        if self.peek() == Some(MEMOIZE) {
-            self.pos += 1;
-        }
-    }
-
-    fn short_str(&mut self) -> Option<&'a str> {
-        if self.byte()? != SHORT_BINUNICODE {
-            return None;
-        }
-        let n = usize::from(self.byte()?);
-        std::str::from_utf8(self.take(n)?).ok()
-    }
-
-    /// The payload of a counted opcode whose `w`-byte length is next.
-    fn counted(&mut self, w: usize) -> Option<&'a [u8]> {
-        let mut len = [0u8; 4];
-        len[..w].copy_from_slice(self.take(w)?);
-        self.take(u32::from_le_bytes(len) as usize)
-    }
-
-    /// One argument value and its MEMOIZE, as [`arg`] would make it.
-    fn value(&mut self, items: bool) -> Option<Arg> {
-        let start = self.pos;
-        let value = match self.byte()? {
-            NONE => Value::None,
-            NEWTRUE => Value::Bool(true),
-            NEWFALSE => Value::Bool(false),
-            BININT1 => Value::Int(i64::from(self.byte()?)),
-            BININT2 => {
-                let raw = self.take(2)?;
-                Value::Int(i64::from(u16::from_le_bytes([raw[0], raw[1]])))
-            }
-            BININT => {
-                let raw = self.take(4)?;
-                Value::Int(i64::from(i32::from_le_bytes([
-                    raw[0], raw[1], raw[2], raw[3],
-                ])))
-            }
-            BINFLOAT => {
-                let mut raw = [0u8; 8];
-                raw.copy_from_slice(self.take(8)?);
-                Value::Float(f64::from_be_bytes(raw))
-            }
-            op @ (SHORT_BINUNICODE | BINUNICODE) => {
-                let s = std::str::from_utf8(self.counted(if op == BINUNICODE { 4 } else { 1 })?)
-                    .ok()?;
-                if items || s.len() > SCALAR_STR_MAX as usize {
-                    return Some(self.pickled(start));
-                }
-                Value::str(s)
-            }
-            op @ (SHORT_BINBYTES | BINBYTES) => {
-                self.counted(if op == BINBYTES { 4 } else { 1 })?;
-                return Some(self.pickled(start));
-            }
-            _ => return None,
-        };
-        self.memoize();
-        Some(Arg::Value(value))
-    }
-
-    /// The opcodes from `start` as an item, its MEMOIZE dropped (nothing reads it).
-    fn pickled(&mut self, start: usize) -> Arg {
-        let fragment = Fragment::from_parts(self.b[start..self.pos].to_vec(), false);
-        self.memoize();
+/// One argument of a flat request, as [`arg`] makes it from the scan.
+fn flat_arg(a: &Atom<'_>, items: bool) -> Option<Arg> {
+    let pickled = || {
         Arg::Pickled(Pickled {
-            fragment,
+            fragment: a.fragment(),
             names: None,
         })
-    }
+    };
+    Some(match a.scalar() {
+        Scalar::None => Arg::Value(Value::None),
+        Scalar::Bool(b) => Arg::Value(Value::Bool(b)),
+        Scalar::Int(n) => Arg::Value(Value::Int(n)),
+        Scalar::Float(f) => Arg::Value(Value::Float(f)),
+        Scalar::Str(s) => {
+            let s = std::str::from_utf8(s).ok()?;
+            if items || s.len() > SCALAR_STR_MAX as usize {
+                pickled()
+            } else {
+                Arg::Value(Value::str(s))
+            }
+        }
+        Scalar::Bytes(_) => pickled(),
+    })
 }
 
 /// [`Request::parse`] on the scanned pickle.
@@ -456,43 +335,29 @@ impl Reply {
     /// it is instead of copied into the frame ([`frame::write_parts`]).
     pub fn item_parts(&self) -> Option<[&[u8]; 3]> {
         match self {
-            Reply::Item(item) => Some([RETURN_HEAD, item.bytes(), &[TUPLE2, STOP]]),
+            Reply::Item(item) => Some(RETURN_HEAD.parts(item)),
             _ => None,
         }
     }
 
     /// Appends the reply's pickle, the 2-tuple `(kind, result)`, to `out`.
     ///
-    /// Written by hand rather than by building a tuple `Value`: the kind string is never
-    /// memoized, so a stored item's fragment (whose memo indices count from 0) can be
-    /// copied in as it is.
+    /// Written around the result rather than by building a tuple `Value`, so a stored
+    /// item goes in as the opcodes it is (see `pickle/splice.rs`).
     ///
     /// # Errors
-    /// [`Error::Value`] if the result cannot be pickled; `out` may then hold a partial
-    /// pickle and must be discarded.
+    /// [`Error::Value`] if the result cannot be pickled, [`Error::Internal`] for a stored
+    /// item that breaks the memo rule; `out` may then hold a partial pickle and must be
+    /// discarded.
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<()> {
-        let kind = self.kind();
-        out.extend_from_slice(&[PROTO, 4, SHORT_BINUNICODE, kind.len() as u8]);
-        out.extend_from_slice(kind.as_bytes());
-        match self {
-            Reply::Return(v) | Reply::Error(v) | Reply::Proxy(v) => {
-                pickle::encode_fragment(v, out)?;
-            }
-            Reply::Traceback(text) | Reply::Unserializable(text) => {
-                pickle::encode_fragment(&Value::str(text), out)?;
-            }
-            Reply::Item(item) => out.extend_from_slice(item.bytes()),
-            Reply::Items(items) => pickle::write_list(items, out)?,
-            Reply::Lease(lease, item) => {
-                // Nothing before the item is memoized (an int never is), so the item's
-                // memo indices stay valid.
-                pickle::encode_fragment(&Value::Int(*lease as i64), out)?;
-                out.extend_from_slice(item.bytes());
-                out.push(TUPLE2);
-            }
-        }
-        out.extend_from_slice(&[TUPLE2, STOP]);
-        Ok(())
+        let result = match self {
+            Reply::Return(v) | Reply::Error(v) | Reply::Proxy(v) => Second::Value(v),
+            Reply::Traceback(text) | Reply::Unserializable(text) => Second::Str(text),
+            Reply::Item(item) => Second::Fragment(item),
+            Reply::Items(items) => Second::List(items),
+            Reply::Lease(lease, item) => Second::Paired(*lease as i64, item),
+        };
+        pickle::write_pair(self.kind(), result, out)
     }
 
     /// Reads a reply from a decoded pickle.
@@ -622,6 +487,7 @@ pub fn encode_reply_frame(reply: &Reply, buf: &mut Vec<u8>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pickle::op::*;
 
     #[test]
     fn request_round_trip() {
@@ -906,7 +772,7 @@ mod tests {
                     _ => p.truncate(i),
                 }
             }
-            if let Some(fast) = parse_common(&p) {
+            if let Some(fast) = parse_flat(&p) {
                 direct += 1;
                 let scanned = Scan::with(&p, parse_scanned);
                 assert_eq!(scanned.as_ref().ok(), Some(&fast), "{p:02x?}: {scanned:?}");
@@ -925,7 +791,7 @@ mod tests {
             "8004953000000000000000288c0c376632613363346235643630948c0367657494297d948c0774696d656f757494473ff80000000000007374942e",
         ] {
             let bytes = hex(pickle);
-            let fast = parse_common(&bytes).unwrap_or_else(|| panic!("{pickle}"));
+            let fast = parse_flat(&bytes).unwrap_or_else(|| panic!("{pickle}"));
             assert_eq!(Scan::with(&bytes, parse_scanned).unwrap(), fast);
         }
     }

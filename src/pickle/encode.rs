@@ -50,9 +50,8 @@ pub fn encode_into(value: &Value, out: &mut Vec<u8>) -> Result<()> {
 /// whether they use the memo.
 ///
 /// A fragment can be spliced into a larger pickle as one element: that is how the server
-/// stores queue items (encoded once on `put`, copied on `get`, never re-encoded). Memo
-/// indices in a fragment count from 0, so a fragment that uses the memo may only be
-/// spliced where nothing before it was memoized; one that does not can go anywhere.
+/// stores queue items (encoded once on `put`, copied on `get`, never re-encoded). Its
+/// memo indices count from 0, as `splice.rs` requires of every fragment.
 ///
 /// # Errors
 /// As [`encode_into`]; `out` is then left as it was.
@@ -365,26 +364,11 @@ impl Encoder<'_> {
     }
 
     fn str(&mut self, s: &str) {
-        self.sized(s.as_bytes(), [SHORT_BINUNICODE, BINUNICODE, BINUNICODE8]);
+        encode_str(s, self.out);
     }
 
     fn bytes(&mut self, b: &[u8]) {
-        self.sized(b, [SHORT_BINBYTES, BINBYTES, BINBYTES8]);
-    }
-
-    /// Writes a payload with the smallest of the u8/u32/u64-length opcodes.
-    fn sized(&mut self, payload: &[u8], [short, long, huge]: [u8; 3]) {
-        if let Ok(len) = u8::try_from(payload.len()) {
-            self.out.extend_from_slice(&[short, len]);
-        } else if let Ok(len) = u32::try_from(payload.len()) {
-            self.out.push(long);
-            self.out.extend_from_slice(&len.to_le_bytes());
-        } else {
-            self.out.push(huge);
-            self.out
-                .extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        }
-        self.out.extend_from_slice(payload);
+        sized(b, [SHORT_BINBYTES, BINBYTES, BINBYTES8], self.out);
     }
 
     fn global(&mut self, module: &str, name: &str) {
@@ -392,6 +376,30 @@ impl Encoder<'_> {
         self.str(name);
         self.out.push(STACK_GLOBAL);
     }
+}
+
+/// Appends the opcodes of the str `s`, unmemoized: what [`encode_fragment`] writes for
+/// `Value::str(s)`, without making the value.
+pub(super) fn encode_str(s: &str, out: &mut Vec<u8>) {
+    sized(
+        s.as_bytes(),
+        [SHORT_BINUNICODE, BINUNICODE, BINUNICODE8],
+        out,
+    );
+}
+
+/// Writes a payload with the smallest of the u8/u32/u64-length opcodes.
+fn sized(payload: &[u8], [short, long, huge]: [u8; 3], out: &mut Vec<u8>) {
+    if let Ok(len) = u8::try_from(payload.len()) {
+        out.extend_from_slice(&[short, len]);
+    } else if let Ok(len) = u32::try_from(payload.len()) {
+        out.push(long);
+        out.extend_from_slice(&len.to_le_bytes());
+    } else {
+        out.push(huge);
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    }
+    out.extend_from_slice(payload);
 }
 
 /// The depth of a container's children, or an error if the container is one too many.

@@ -33,13 +33,10 @@ impl Fragment {
         Fragment { bytes, uses_memo }
     }
 
-    /// The 2-tuple `(n, item)`, e.g. a lease and its item for `reserve_many`. An int is
-    /// never memoized, so the item's memo indices stay valid where they are.
+    /// The 2-tuple `(n, item)`, e.g. a lease and its item for `reserve_many`.
     pub(crate) fn paired(n: i64, item: &Fragment) -> Result<Fragment> {
         let mut bytes = Vec::with_capacity(item.bytes.len() + 10);
-        encode_fragment(&Value::Int(n), &mut bytes)?;
-        bytes.extend_from_slice(&item.bytes);
-        bytes.push(TUPLE2);
+        super::splice::write_paired(n, item, &mut bytes)?;
         Ok(Fragment {
             bytes,
             uses_memo: item.uses_memo,
@@ -51,8 +48,8 @@ impl Fragment {
         &self.bytes
     }
 
-    /// Whether the opcodes use memo indices (which count from 0), so the fragment may
-    /// only be spliced where nothing was memoized before it.
+    /// Whether the opcodes use memo indices (counting from 0, as `splice.rs` says), so
+    /// that splicing it after other fragments means shifting them.
     pub fn uses_memo(&self) -> bool {
         self.uses_memo
     }
@@ -67,49 +64,36 @@ impl Fragment {
     }
 }
 
-/// Appends a list of fragments to `out` as one list value.
-///
-/// Each fragment numbers its memo entries from 0; spliced one after another, each is
-/// shifted past the entries of those before it.
-pub fn write_list(items: &[Fragment], out: &mut Vec<u8>) -> Result<()> {
-    out.push(EMPTY_LIST);
-    let mut memo = 0;
-    for batch in items.chunks(BATCH) {
-        out.push(MARK);
-        for item in batch {
-            memo += super::scan::splice(item, memo, out)?;
-        }
-        out.push(APPENDS);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    #[test]
-    fn fragments_round_trip_and_splice_into_lists() {
+    /// A value of each kind a fragment can be: an int, a str (no memo), and a tuple
+    /// sharing a list (memo), with their fragments.
+    pub(in crate::pickle) fn samples() -> ([Value; 3], Vec<Fragment>) {
         let shared = Value::list(vec![Value::from(1)]);
         let values = [
             Value::from(7),
             Value::from("x"),
             Value::tuple(vec![shared.clone(), shared]),
         ];
-        let frags: Vec<_> = values
+        let frags = values
             .iter()
             .map(|v| Fragment::encode(v).unwrap())
             .collect();
+        (values, frags)
+    }
+
+    #[test]
+    fn fragments_round_trip() {
+        let (values, frags) = samples();
         assert!(!frags[0].uses_memo() && frags[2].uses_memo());
         for (f, v) in frags.iter().zip(&values) {
             assert_eq!(&f.decode().unwrap(), v);
         }
-        for items in [&frags[..2], &frags[..], &[][..]] {
-            let mut out = vec![PROTO, 4];
-            write_list(items, &mut out).unwrap();
-            out.push(STOP);
-            let want: Vec<Value> = items.iter().map(|f| f.decode().unwrap()).collect();
-            assert_eq!(decode(&out).unwrap(), Value::list(want));
-        }
+        let paired = Fragment::paired(9, &frags[2]).unwrap();
+        assert!(paired.uses_memo());
+        let want = Value::tuple(vec![Value::from(9), values[2].clone()]);
+        assert_eq!(paired.decode().unwrap(), want);
     }
 }

@@ -8,17 +8,20 @@
 
 mod decode;
 mod encode;
+pub(crate) mod flat;
 mod fragment;
 pub mod op;
 mod repr;
 mod scan;
+mod splice;
 mod value;
 
 pub use decode::decode;
 pub use encode::{encode, encode_fragment, encode_into};
-pub use fragment::{write_list, Fragment};
+pub use fragment::Fragment;
 pub(crate) use scan::{Kind, Region, Scan};
 pub use scan::{Pickled, SCAN_MEMORY_FACTOR, SCAN_MEMORY_SLACK};
+pub(crate) use splice::{write_pair, PairHead, Second};
 pub use value::{Construct, Global, Object, Value};
 
 /// The deepest nesting of containers the codec accepts. Python's own pickler gives up

@@ -1,5 +1,5 @@
-//! Pickle opcodes, named as in CPython's `pickletools`; shared by the decoder, the
-//! encoder and the reply writer in `protocol.rs`.
+//! Pickle opcodes, named as in CPython's `pickletools`; shared by the files of
+//! `pickle/`, the only layer that writes or reads them.
 
 #![allow(missing_docs)]
 

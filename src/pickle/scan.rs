@@ -10,7 +10,8 @@
 //! `args` and `kwds`). An item is then cut out of the request as its own opcodes
 //! ([`Scan::extract`]): memo indices renumbered from 0, writes nobody reads dropped,
 //! references to memo entries outside the item (a memoized method name that the item
-//! happens to share) replaced by a copy of what they refer to.
+//! happens to share) replaced by a copy of what they refer to: a fragment as
+//! `splice.rs` requires them.
 //!
 //! Forwarding Python's own opcodes is what makes the server faithful: a list subclass
 //! that was APPENDed to, a dict that contains itself, a `__getnewargs_ex__` class, a
@@ -41,6 +42,7 @@
 
 use super::decode::{fail_at, OpName};
 use super::op::*;
+use super::splice::{get_op, memo_arg, put_op};
 use super::Fragment;
 use crate::{Error, Result};
 use std::borrow::Cow;
@@ -660,50 +662,6 @@ struct Emit {
     names: Option<Lookup>,
 }
 
-/// A memo opcode for index `n`: the one-byte form when it fits.
-struct MemoOp {
-    bytes: [u8; 5],
-    len: usize,
-}
-
-impl std::ops::Deref for MemoOp {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-fn memo_op([short, long]: [u8; 2], n: u32) -> MemoOp {
-    match u8::try_from(n) {
-        Ok(small) => MemoOp {
-            bytes: [short, small, 0, 0, 0],
-            len: 2,
-        },
-        Err(_) => {
-            let [a, b, c, d] = n.to_le_bytes();
-            MemoOp {
-                bytes: [long, a, b, c, d],
-                len: 5,
-            }
-        }
-    }
-}
-
-fn put_op(n: u32) -> MemoOp {
-    memo_op([BINPUT, LONG_BINPUT], n)
-}
-
-fn get_op(n: u32) -> MemoOp {
-    memo_op([BINGET, LONG_BINGET], n)
-}
-
-fn memo_arg(op: u8, arg: &[u8]) -> u32 {
-    match op {
-        BINGET | BINPUT => u32::from(arg[0]),
-        _ => u32::from_le_bytes([arg[0], arg[1], arg[2], arg[3]]),
-    }
-}
-
 /// What an opcode takes off the stack.
 #[derive(Clone, Copy)]
 enum Pops {
@@ -820,7 +778,7 @@ const fn arg_table() -> [u8; 256] {
 /// Reads the opcode at `pos`: `(opcode, start of its argument, start of the next opcode)`.
 /// Every length is checked against the bytes present; refused opcodes are errors here.
 #[inline]
-fn read_op(b: &[u8], pos: usize) -> Result<(u8, usize, usize)> {
+pub(super) fn read_op(b: &[u8], pos: usize) -> Result<(u8, usize, usize)> {
     let Some(&op) = b.get(pos) else {
         return Err(Error::protocol(format!(
             "pickle: truncated at offset {pos}, no STOP"
@@ -1777,45 +1735,6 @@ impl<'b, 'o, 's> Scanner<'b, 'o, 's> {
     }
 }
 
-/// Appends `frag` to `out` as if the memo already held `offset` entries, and returns
-/// how many entries it adds. Fragments number their memo entries densely from 0, so
-/// shifting every index by `offset` is all splicing several of them into one pickle
-/// takes.
-pub(crate) fn splice(frag: &Fragment, offset: u32, out: &mut Vec<u8>) -> Result<u32> {
-    let bytes = frag.bytes();
-    if !frag.uses_memo() {
-        out.extend_from_slice(bytes);
-        return Ok(0);
-    }
-    let mut added = 0;
-    let mut pos = 0;
-    while pos < bytes.len() {
-        let (op, arg, next) = read_op(bytes, pos)?;
-        match op {
-            MEMOIZE | BINPUT | LONG_BINPUT => {
-                let idx = if op == MEMOIZE {
-                    added
-                } else {
-                    memo_arg(op, &bytes[arg..next])
-                };
-                out.extend_from_slice(&put_op(idx + offset));
-                added += 1;
-            }
-            BINGET | LONG_BINGET => {
-                out.extend_from_slice(&get_op(shifted(memo_arg(op, &bytes[arg..next]), offset)?))
-            }
-            _ => out.extend_from_slice(&bytes[pos..next]),
-        }
-        pos = next;
-    }
-    Ok(added)
-}
-
-fn shifted(idx: u32, offset: u32) -> Result<u32> {
-    idx.checked_add(offset)
-        .ok_or_else(|| Error::Value("more than 2^32 memo entries in one reply".into()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1892,13 +1811,5 @@ mod tests {
         assert_eq!(python_utf8(b"a\xed\xa0\x80b"), (true, false));
         assert_eq!(python_utf8("é".as_bytes()), (true, true));
         assert_eq!(python_utf8(b"\xc0\x80"), (false, false));
-    }
-
-    #[test]
-    fn splicing_shifts_memo_indices() {
-        let f = Fragment::from_parts(b"]\x94h\x00a".to_vec(), true);
-        let mut out = Vec::new();
-        assert_eq!(splice(&f, 300, &mut out).unwrap(), 1);
-        assert_eq!(out, b"]r\x2c\x01\x00\x00j\x2c\x01\x00\x00a");
     }
 }
