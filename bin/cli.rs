@@ -38,6 +38,22 @@ pub mod exit {
     pub const TASKS_FAILED: i32 = 6;
 }
 
+/// A failure to start a server, as the binaries say it: the library's message, which
+/// names what went wrong, and the flag that changes it (the library knows its config
+/// fields, not the flags that set them).
+#[allow(dead_code)] // distq-server and distq-master, which host servers
+pub fn with_flag_hint(e: &Error) -> String {
+    match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+            format!("{e}; pick another with --bind")
+        }
+        Error::Journal(_) => {
+            format!("{e}: start distq-server with --journal-repair to make it")
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// The exit status for a client-side error: authentication and connection problems
 /// get their own codes, anything else is [`exit::FAILURE`].
 // For the clients: distq-worker, distq-stat and distq-master, not distq-server.

@@ -28,7 +28,10 @@ impl JournalFlags {
     ) -> Result<bool, lexopt::Error> {
         match name {
             "--journal" => self.dir = Some(parser.value()?.into()),
-            "--fsync" => self.fsync = Some(Fsync::parse(&parser.value()?.string()?)?),
+            "--fsync" => {
+                let policy = parser.value()?.string()?;
+                self.fsync = Some(Fsync::parse(&policy).map_err(|e| format!("--fsync {e}"))?);
+            }
             _ => return Ok(false),
         }
         Ok(true)

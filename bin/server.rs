@@ -141,7 +141,7 @@ fn main() {
     }
     config.journal = journal.config();
     let server = Server::bind_to(&Address::parse(&bind), config)
-        .unwrap_or_else(|e| cli::fail(e, exit::FAILURE));
+        .unwrap_or_else(|e| cli::fail(cli::with_flag_hint(&e), exit::FAILURE));
     for (name, max) in &queues {
         if let Err(e) = server.declare(name, *max) {
             cli::fail(e, exit::FAILURE);

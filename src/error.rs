@@ -57,6 +57,11 @@ pub enum Error {
     /// A value or request that cannot be taken: a pickle nesting deeper than the limit,
     /// an item over a size limit, a lease the server does not hold (Python's `ValueError`).
     Value(String),
+    /// The journal on disk cannot be replayed as it is: damage with valid records after
+    /// it, or a record of a queue no record declared. Opening it with
+    /// [`JournalConfig::repair`](crate::journal::JournalConfig::repair) set skips what is
+    /// damaged (the items in it are lost).
+    Journal(String),
     /// A bug in distq rather than anything the caller did: a lock poisoned by a panicking
     /// thread, a thread that panicked. Reaches a Python client as `RuntimeError`.
     Internal(String),
@@ -104,6 +109,7 @@ impl fmt::Display for Error {
             Error::Traceback(text) => write!(f, "remote error: {}", text.trim_end()),
             Error::Closed => write!(f, "connection closed by peer"),
             Error::Value(msg) => write!(f, "{msg}"),
+            Error::Journal(msg) => write!(f, "{msg}"),
             Error::Internal(msg) => write!(f, "internal error: {msg} (a bug in distq; please report it)"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }

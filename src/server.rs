@@ -181,9 +181,7 @@ impl Server {
     ) -> Result<Server> {
         let listener = TcpListener::bind(&addr).map_err(|e| {
             let hint = match e.kind() {
-                std::io::ErrorKind::AddrInUse => {
-                    " (another server is using this port; pick another with --bind)"
-                }
+                std::io::ErrorKind::AddrInUse => " (another server is using this port)",
                 std::io::ErrorKind::AddrNotAvailable => " (this machine has no such address)",
                 std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
                 _ => "",

@@ -245,7 +245,7 @@ fn port_in_use_and_unreachable_server_are_one_clear_line() {
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("cannot listen") && err.contains("in use"),
+        err.contains("cannot listen") && err.contains("in use") && err.contains("--bind"),
         "{err}"
     );
 

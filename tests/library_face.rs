@@ -18,3 +18,20 @@ fn the_library_is_silent_until_a_level_is_set() {
     assert!(enabled(Level::Warn) && !enabled(Level::Info));
     server.shutdown().unwrap();
 }
+
+/// The library's errors say what happened in its own terms; flags are the binaries'
+/// to add (distq-server adds "pick another with --bind" to this one).
+#[test]
+fn library_errors_name_no_flags() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = Server::bind(addr, ServerConfig::new(AuthKey::new("k")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in use") && !err.contains("--"), "{err}");
+    let err = distq::journal::Fsync::parse("sometimes").unwrap_err();
+    assert!(
+        err.contains("always, never or every=MS") && !err.contains("--"),
+        "{err}"
+    );
+}

@@ -31,7 +31,7 @@ impl Backend {
                 // Nothing has started yet: "cannot listen" ends the master with README's
                 // status for it (1), not the connection status a later failure gets.
                 let server = Server::bind_to(&Address::parse(&bind_addr(flags)), config)
-                    .unwrap_or_else(|e| cli::fail(&e, exit::FAILURE));
+                    .unwrap_or_else(|e| cli::fail(cli::with_flag_hint(&e), exit::FAILURE));
                 if announce {
                     println!("Listening on {}", server.address());
                 }

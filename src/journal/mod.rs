@@ -79,7 +79,7 @@ impl Fsync {
                 .and_then(every)
                 .map(Fsync::Every)
                 .ok_or_else(|| {
-                    format!("--fsync {t:?}: expected always, never or every=MS (e.g. every=50ms)")
+                    format!("{t:?}: expected always, never or every=MS (e.g. every=50ms)")
                 }),
         }
     }

@@ -219,9 +219,9 @@ pub(super) fn replay<R: Read + Seek>(
                 match state.apply(payload) {
                     Some(Applied::Ok) => {}
                     Some(Applied::Undeclared(qnum)) if !repair => {
-                        return Ok(Err(Error::Value(format!(
+                        return Ok(Err(Error::Journal(format!(
                             "journal record at byte {pos} is for queue number {qnum}, which no \
-                             record declared; start with --journal-repair to skip such records"
+                             record declared; a repair skips such records"
                         ))));
                     }
                     Some(Applied::Undeclared(qnum)) => {
@@ -247,9 +247,9 @@ pub(super) fn replay<R: Read + Seek>(
                     break;
                 };
                 if !repair {
-                    return Ok(Err(Error::Value(format!(
+                    return Ok(Err(Error::Journal(format!(
                         "journal is corrupt at byte {pos} of {end} with valid data after it; \
-                         start with --journal-repair to skip damaged records (their items are lost)"
+                         a repair skips damaged records (their items are lost)"
                     ))));
                 }
                 // Skip forward to the next offset where a valid record starts.
@@ -390,7 +390,7 @@ pub(super) mod tests {
         all[at] ^= 0xff;
         let err = replay(&all, false).unwrap_err().to_string();
         assert!(
-            err.contains("corrupt") && err.contains("--journal-repair"),
+            err.contains("corrupt") && err.contains("a repair skips"),
             "{err}"
         );
         let repaired = replay(&all, true).unwrap();
