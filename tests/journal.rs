@@ -18,6 +18,8 @@ use distq::journal::{FileWrapper, Fsync, Journal, JournalConfig, JournalFile};
 use distq::pickle::Fragment;
 use distq::queues::{always_alive, Event, EventSink, Policy, QueueMap, Taken, Wait};
 use distq::{AuthKey, Error, Manager, Value};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("distq-jtest-{tag}-{}", std::process::id()));
@@ -611,13 +613,8 @@ fn model_run(seed: u64, steps: usize) {
     let refuse = Arc::new(AtomicBool::new(false));
     let cfg = faulty_config(&dir, &faults);
     let (mut map, mut journal) = open_map(&cfg, &refuse);
-    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut next = move |n: u64| rng.gen_range(0..n);
     let mut model: HashMap<i64, At> = HashMap::new();
     let mut refused: Vec<i64> = Vec::new();
     let mut leases: Vec<(u64, u64, i64)> = Vec::new(); // (owner, lease, item)

@@ -229,15 +229,20 @@ mod tests {
 
     fn setup() -> (QueueMap, String) {
         let map = QueueMap::new();
+        let ident = create_q(&map);
+        (map, ident)
+    }
+
+    /// `create('q')` as a client sends it; returns the queue's ident.
+    fn create_q(map: &QueueMap) -> String {
         let Public::Reply(Reply::Return(v)) = public(
-            &map,
+            map,
             &Request::new(None, "create", vec![Value::str("q")]),
             &AtomicUsize::new(1),
         ) else {
             panic!("create failed")
         };
-        let ident = v.as_tuple().unwrap()[0].as_str().unwrap().to_string();
-        (map, ident)
+        v.as_tuple().unwrap()[0].as_str().unwrap().to_string()
     }
 
     #[test]
@@ -284,35 +289,15 @@ mod tests {
         let items = Value::list((0..10).map(Value::from).collect());
         let put = call(&map, &req(&id, "put_many", vec![items], vec![]));
         assert_eq!(put, Reply::Return(Value::None));
-        let get = call(&map, &req(&id, "get_many", vec![Value::from(4)], vec![]));
-        assert_eq!(
-            get.into_result().unwrap(),
-            Value::list((0..4).map(Value::from).collect())
-        );
-        let get = call(
-            &map,
-            &req(
-                &id,
-                "get_many",
-                vec![],
-                vec![("timeout", Value::Float(0.1))],
-            ),
-        );
-        assert_eq!(
-            get.into_result().unwrap(),
-            Value::list((4..10).map(Value::from).collect())
-        );
-        let get = call(
-            &map,
-            &req(
-                &id,
-                "get_many",
-                vec![Value::from(5), Value::Bool(false)],
-                vec![],
-            ),
-        );
-        assert_eq!(get, Reply::Error(exceptions::empty()));
-        let bad = call(&map, &req(&id, "get_many", vec![Value::from(0)], vec![]));
+        let get_many = |args, kwargs| call(&map, &req(&id, "get_many", args, kwargs));
+        let ints = |r: std::ops::Range<i64>| Value::list(r.map(Value::from).collect());
+        let got = get_many(vec![Value::from(4)], vec![]);
+        assert_eq!(got.into_result().unwrap(), ints(0..4));
+        let got = get_many(vec![], vec![("timeout", Value::Float(0.1))]);
+        assert_eq!(got.into_result().unwrap(), ints(4..10));
+        let got = get_many(vec![Value::from(5), Value::Bool(false)], vec![]);
+        assert_eq!(got, Reply::Error(exceptions::empty()));
+        let bad = get_many(vec![Value::from(0)], vec![]);
         assert!(
             matches!(bad, Reply::Error(e) if e.class_name() == Some(("builtins", "ValueError")))
         );
@@ -324,14 +309,7 @@ mod tests {
             no_code_items: true,
             ..Default::default()
         });
-        let Public::Reply(Reply::Return(v)) = public(
-            &map,
-            &Request::new(None, "create", vec![Value::str("q")]),
-            &AtomicUsize::new(1),
-        ) else {
-            panic!("create failed")
-        };
-        let id = v.as_tuple().unwrap()[0].as_str().unwrap().to_string();
+        let id = create_q(&map);
         // 2**40 leaves as a tree: a tree walk would never finish.
         let chain = |leaf: Value| {
             (0..40).fold(Value::list(vec![leaf]), |v, _| {

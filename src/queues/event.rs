@@ -189,6 +189,9 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
     use crate::journal::{Recovered, RecoveredQueue};
     use crate::queues::{always_alive, Policy, QueueMap, Wait};
@@ -603,13 +606,8 @@ mod tests {
             max_deliveries: 2,
             ..Policy::default()
         });
-        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut next = move |n: u64| rng.gen_range(0..n);
         let names = ["a", "b"];
         let queues = names.map(|name| map.create(name).unwrap());
         let mut model = Model::default();
