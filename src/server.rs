@@ -719,7 +719,7 @@ impl Shared {
         log_at!(
             Debug,
             "{peer}: {}({})",
-            req.method,
+            dispatch::shown(&req.method),
             req.args
                 .iter()
                 .map(|a| a.brief(60))
@@ -823,8 +823,10 @@ impl Shared {
                         Debug,
                         "{}: {}.{}",
                         conn.peer(),
-                        req.ident.as_deref().unwrap_or("-"),
-                        req.method
+                        req.ident
+                            .as_deref()
+                            .map_or_else(|| "-".into(), dispatch::shown),
+                        dispatch::shown(&req.method)
                     );
                     dispatch::method(&self.queues, &mut req, session)
                 }

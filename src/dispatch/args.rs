@@ -53,9 +53,10 @@ impl<'a> Args<'a> {
                 Some(_) => {}
                 None if sig.keyword_only.contains(&name.as_str()) => {}
                 None => {
-                    return Err(
-                        args.type_error(&format!("got an unexpected keyword argument '{name}'"))
-                    )
+                    return Err(args.type_error(&format!(
+                        "got an unexpected keyword argument {}",
+                        super::shown(name)
+                    )))
                 }
             }
         }

@@ -129,6 +129,13 @@ fn stats(map: &QueueMap, connections: &AtomicUsize) -> crate::Result<Value> {
     ]))
 }
 
+/// A name the client sent (a method, an ident, a keyword), as an error or a log line
+/// shows it: its Python repr, cut off after about 60 bytes, since the peer decides how
+/// long it is.
+pub(crate) fn shown(name: &str) -> String {
+    Value::str(name).brief(60)
+}
+
 fn exposed() -> Value {
     Value::tuple(QUEUE_METHODS.iter().map(|m| Value::str(m)).collect())
 }
@@ -182,7 +189,7 @@ pub fn bind(map: &QueueMap, req: &mut Request) -> Result<(Arc<Queue>, QueueCall)
         ));
     };
     let Some(queue) = map.by_ident(ident) else {
-        return Err(Reply::traceback("KeyError", &format!("{ident:?}")));
+        return Err(Reply::traceback("KeyError", &shown(ident)));
     };
     let method = std::mem::take(&mut req.method);
     match QueueCall::bind(&method, req, &map.policy()) {
@@ -194,7 +201,8 @@ pub fn bind(map: &QueueMap, req: &mut Request) -> Result<(Arc<Queue>, QueueCall)
         Ok(None) => Err(Reply::traceback(
             "AttributeError",
             &format!(
-                "method {method:?} of queue {:?} is not in exposed={QUEUE_METHODS:?}",
+                "method {} of queue {:?} is not in exposed={QUEUE_METHODS:?}",
+                shown(&method),
                 queue.name(),
             ),
         )),
@@ -281,6 +289,27 @@ mod tests {
             call(&map, &req(&id, "qsize", vec![], vec![])),
             Reply::Return(Value::Int(0))
         );
+    }
+
+    /// Names a client sends come back in errors cut short: the peer decides their size.
+    #[test]
+    fn errors_show_client_names_bounded() {
+        let (map, id) = setup();
+        let long = "n".repeat(100_000);
+        let replies = [
+            call(&map, &req(&id, "get", vec![], vec![(&long, Value::None)])),
+            call(&map, &req(&id, &long, vec![], vec![])),
+            call(&map, &req(&long, "get", vec![], vec![])),
+            public::PublicCall::bind(&Request::new(None, "decref", vec![Value::str(&long)]))
+                .map_or_else(|r| r, |c| match c.apply(&map, &AtomicUsize::new(1)) {
+                    Public::Reply(r) => r,
+                    other => panic!("{other:?}"),
+                }),
+        ];
+        for reply in replies {
+            let text = format!("{reply:?}");
+            assert!(text.len() < 1_000, "{} bytes: {}", text.len(), &text[..200]);
+        }
     }
 
     #[test]

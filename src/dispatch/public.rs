@@ -106,7 +106,7 @@ impl PublicCall {
         let runtime_error = |e: crate::Error| Reply::traceback("RuntimeError", &e.to_string());
         let refcounted = |done: crate::Result<()>, ident: &str| match done {
             Ok(()) => Reply::Return(Value::None),
-            Err(_) => Reply::traceback("KeyError", &format!("{ident:?}")),
+            Err(_) => Reply::traceback("KeyError", &super::shown(ident)),
         };
         Public::Reply(match self {
             PublicCall::AcceptConnection => return Public::AcceptConnection,
